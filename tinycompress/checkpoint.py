@@ -1,0 +1,354 @@
+"""The checkpoint directory format. Only this module writes or reads checkpoint folders.
+
+Layout of a workspace (default ``./runs``)::
+
+    runs/<task>/<stage>-v<N>/
+        config.json, model.safetensors, tokenizer files   (HF format; or model.onnx for ONNX stages)
+        README.md                                         (model card with HF front matter)
+        tinycompress.yaml                                 (manifest, written last)
+
+The manifest records the format version, stage, version, parent folder and the sha256 of the
+parent's manifest, the resolved config, metrics, the sha256 of every file, library versions and
+the seed. Folders are written under a hidden temporary name and renamed into place, so a killed
+process never leaves a folder that looks complete; versions are never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .errors import TinycompressError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "tinycompress.yaml"
+STAGES = ("finetune", "prune", "quantize", "export")
+# The stage whose newest checkpoint a stage takes when given no input path.
+PARENT_STAGE = {"prune": ("finetune",), "quantize": ("prune",), "export": ("quantize", "prune", "finetune")}
+_STAGE_DIR = re.compile(r"^(?P<stage>[a-z]+)-v(?P<version>\d+)$")
+
+
+def producing_command(stage: str, task: str | None) -> str:
+    task_flag = f" --task {task}" if task else ""
+    return {
+        "finetune": f"tinycompress finetune{task_flag}",
+        "prune": f"tinycompress prune{task_flag} --ratio 0.5",
+        "quantize": f"tinycompress quantize{task_flag}",
+        "export": f"tinycompress export{task_flag}",
+    }.get(stage, f"tinycompress {stage}{task_flag}")
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint folder and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def stage(self) -> str:
+        return self.manifest["stage"]
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics") or {}
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return self.manifest.get("details") or {}
+
+    @property
+    def config(self):
+        from .config import config_from_dict
+
+        return config_from_dict(self.manifest["config"])
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def parent(self) -> "Checkpoint | None":
+        parent = self.manifest.get("parent")
+        if not parent:
+            return None
+        # Stored relative to the task folder, so a workspace can be moved or copied whole.
+        return read_checkpoint((self.path.parent / parent["path"]).resolve())
+
+
+# ------------------------------------------------------------------------------ hashing & sizes
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+
+
+def size_bytes(paths: list[Path]) -> int:
+    return sum(p.stat().st_size for p in paths)
+
+
+def library_versions() -> dict[str, str]:
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("tinycompress", "torch", "transformers", "onnx", "onnxruntime"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+# ------------------------------------------------------------------------------ the workspace
+
+
+def task_dir(workdir: str | Path, task: str) -> Path:
+    return Path(workdir) / task
+
+
+def stage_versions(workdir: str | Path, task: str, stage: str) -> list[tuple[int, Path]]:
+    """Completed ``<stage>-v<N>`` folders of a task, oldest first (temporary folders skipped)."""
+    root = task_dir(workdir, task)
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = _STAGE_DIR.match(child.name)
+            if match and match["stage"] == stage and (child / MANIFEST_NAME).is_file():
+                found.append((int(match["version"]), child))
+    return sorted(found)
+
+
+def latest_task(workdir: str | Path) -> str | None:
+    """The task whose newest checkpoint was written last."""
+    newest: tuple[float, str] | None = None
+    root = Path(workdir)
+    if not root.is_dir():
+        return None
+    for manifest in root.glob(f"*/*/{MANIFEST_NAME}"):
+        if _STAGE_DIR.match(manifest.parent.name):
+            stamp = manifest.stat().st_mtime
+            if newest is None or stamp > newest[0]:
+                newest = (stamp, manifest.parent.parent.name)
+    return newest[1] if newest else None
+
+
+def resolve_input(explicit: str | Path | None, *, workdir: str | Path, task: str | None, stage: str) -> Checkpoint:
+    """The checkpoint a stage starts from: the explicit path, else the newest parent-stage folder."""
+    if explicit is not None:
+        return read_checkpoint(explicit)
+    wanted = PARENT_STAGE[stage]
+    task = task or latest_task(workdir)
+    if task is None:
+        raise TinycompressError(
+            f"no checkpoints in workspace '{workdir}'",
+            f"run `{producing_command(wanted[-1] if stage == 'export' else wanted[0], None)} --task sst2` first, or pass a checkpoint path",
+        )
+    for parent_stage in wanted:
+        versions = stage_versions(workdir, task, parent_stage)
+        if versions:
+            return read_checkpoint(versions[-1][1])
+    raise TinycompressError(
+        f"no {' or '.join(wanted)} checkpoint for task {task} in '{workdir}'",
+        f"run `{producing_command(wanted[0], task)}` first, or pass a checkpoint path",
+    )
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def read_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
+    """A checkpoint with its manifest checked (format version, files and their sha256)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TinycompressError(f"checkpoint folder not found: {path}", "pass an existing checkpoint folder (see `ls runs/<task>/`)")
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise TinycompressError(
+            f"{path} is not a tinycompress checkpoint (no {MANIFEST_NAME})",
+            "pass a folder written by a tinycompress stage, e.g. runs/sst2/finetune-v1",
+        )
+    try:
+        manifest = yaml.safe_load(manifest_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        manifest = None
+    required = ("format_version", "stage", "task", "version", "files", "config")
+    if not isinstance(manifest, dict) or any(k not in manifest for k in required):
+        raise TinycompressError(f"{manifest_path} is corrupt (not a valid manifest)", "delete the folder and re-run the stage that wrote it")
+    task, stage = manifest["task"], manifest["stage"]
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise TinycompressError(
+            f"{path} has checkpoint format {manifest['format_version']}; this tinycompress reads format {FORMAT_VERSION}",
+            f"re-run `{producing_command(stage, task)}` with this version",
+        )
+    if verify:
+        for name, digest in manifest["files"].items():
+            file = path / name
+            if not file.is_file():
+                raise TinycompressError(
+                    f"{path}: file {name} listed in the manifest is missing",
+                    f"re-run `{producing_command(stage, task)}` to write a new checkpoint",
+                )
+            if sha256_file(file) != digest:
+                raise TinycompressError(
+                    f"{path}: {name} is corrupt (sha256 differs from the manifest)",
+                    f"re-run `{producing_command(stage, task)}` to write a new checkpoint",
+                )
+    return Checkpoint(path, manifest)
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def _model_card(task: str, stage: str, version: int, base_model: str, metrics: dict[str, Any]) -> str:
+    metric_names = sorted({k.split("/")[-1] for k in metrics if k.startswith("test/")})
+    front = {
+        "base_model": base_model,
+        "datasets": ["nyu-mll/glue"],
+        "metrics": metric_names,
+        "pipeline_tag": "text-classification",
+        "library_name": "transformers",
+        "tags": ["tinycompress", stage, task],
+    }
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {task} · {stage}-v{version}", "",
+             f"Written by `tinycompress {stage}`. Test metrics are on the GLUE validation set "
+             "(GLUE test labels are hidden).", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+    lines += ["", f"Provenance, config and file checksums: `{MANIFEST_NAME}`.", ""]
+    return "\n".join(lines)
+
+
+def write_checkpoint(
+    workdir: str | Path,
+    task: str,
+    stage: str,
+    write_files: Callable[[Path], None],
+    *,
+    config,
+    metrics: dict[str, Any],
+    seed: int,
+    parent: Checkpoint | None = None,
+    base_model: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> Checkpoint:
+    """Write a new ``<stage>-v<N>`` folder atomically and return it, verified.
+
+    ``write_files(tmp_dir)`` puts the model files in a temporary folder; the model card and
+    manifest are added, then the folder is renamed into place. Any failure or Ctrl-C removes
+    the temporary folder and leaves earlier versions as they were.
+    """
+    root = task_dir(workdir, task)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{stage}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write_files(tmp)
+        base = base_model or (parent.manifest.get("base_model") if parent else None) or "unknown"
+        manifest: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "stage": stage,
+            "task": task,
+            "version": 0,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "base_model": base,
+            "parent": None,
+            "seed": seed,
+            "metrics": metrics,
+            "details": details or {},
+            "config": config.to_dict(),
+            "versions": library_versions(),
+        }
+        if parent is not None:
+            parent_rel = os.path.relpath(parent.path.resolve(), root.resolve())
+            manifest["parent"] = {"path": parent_rel, "stage": parent.stage, "manifest_sha256": sha256_file(parent.path / MANIFEST_NAME)}
+        while True:
+            version = (stage_versions(workdir, task, stage)[-1][0] if stage_versions(workdir, task, stage) else 0) + 1
+            manifest["version"] = version
+            (tmp / "README.md").write_text(_model_card(task, stage, version, base, metrics), encoding="utf-8")
+            manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in _files_under(tmp)}
+            manifest["size_bytes"] = size_bytes(_files_under(tmp))
+            (tmp / MANIFEST_NAME).write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True), encoding="utf-8")
+            final = root / f"{stage}-v{version}"
+            try:
+                # rename refuses to replace a non-empty folder: another process took this version.
+                os.rename(tmp, final)
+                break
+            except OSError:
+                if not final.exists():
+                    raise
+                time.sleep(0.01)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return read_checkpoint(final)
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def save_hf_model(directory: Path, model, tokenizer) -> None:
+    """HF-format weights (safetensors), config and tokenizer files."""
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def load_hf_model(checkpoint: Checkpoint):
+    """(model, tokenizer) from a PyTorch checkpoint, in eval mode, shapes rebuilt if pruned.
+
+    Weights come from safetensors only; never from pickles.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = checkpoint.path
+    if not (path / "model.safetensors").is_file():
+        raise TinycompressError(
+            f"{path} holds no PyTorch weights (model.safetensors); it is a {checkpoint.stage} checkpoint",
+            "pass a finetune or prune checkpoint",
+        )
+    config = AutoConfig.from_pretrained(path)
+    structure = getattr(config, "tinycompress_pruning", None)
+    if structure:
+        # Pruned layers have shapes config.json alone cannot express: build the full model,
+        # shrink it to the recorded structure, then load the weights strictly.
+        from safetensors.torch import load_file
+
+        from .pruning import apply_structure_
+
+        model = AutoModelForSequenceClassification.from_config(config)
+        apply_structure_(model, structure)
+        state = load_file(path / "model.safetensors")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        persistent_missing = [k for k in missing if not k.endswith("position_ids")]
+        if persistent_missing or unexpected:
+            raise TinycompressError(f"{path}: weights do not match the recorded structure ({(persistent_missing + unexpected)[:3]})", "re-run the prune stage")
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)

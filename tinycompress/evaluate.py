@@ -1,0 +1,64 @@
+"""Measure any model on a task's test set (the GLUE validation split).
+
+    tinycompress evaluate default --task sst2          # the "original" model
+    tinycompress evaluate runs/sst2/prune-v1
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import MANIFEST_NAME, read_checkpoint
+from .config import load_config
+from .data import encode
+from .errors import TinycompressError
+
+
+def evaluate_predictor(predictor, config, spec) -> dict[str, float]:
+    """Test metrics of a :class:`~tinycompress.runtime.Predictor` on ``config``'s data."""
+    from .finetune import load_data
+    from .training import evaluate
+
+    data = load_data(config, spec)
+    encoded = encode(predictor.tokenizer, data.test, config.model.max_length)
+    pad_id = predictor.tokenizer.pad_token_id or 0
+    metrics = evaluate(None, encoded, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad_id, forward=predictor.forward)
+    return {f"test/{k}": v for k, v in metrics.items()}
+
+
+def _looks_like_path(target: str) -> bool:
+    """True for paths (absolute, ./, ../, ~, or under an existing folder); False for hub ids."""
+    path = Path(target).expanduser()
+    return path.is_absolute() or target.startswith((".", "~")) or (len(path.parts) > 1 and path.parent.is_dir())
+
+
+def evaluate_target(target: str, *, config_file=None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics of a checkpoint / export folder, or of a pretrained model with a fresh head."""
+    from .finetune import prepare
+    from .modeling import count_parameters, load_pretrained_classifier
+    from .runtime import load_predictor, torch_predictor
+
+    path = Path(target).expanduser()
+    base = None
+    if not path.exists() and _looks_like_path(target):
+        raise TinycompressError(f"model or checkpoint folder not found: {target}", "pass an existing folder, 'default' or an HF model id")
+    if (path / MANIFEST_NAME).is_file():
+        base = read_checkpoint(path).manifest["config"]
+    elif path.is_dir() and not (path / "config.json").is_file() and not (path / "model.onnx").is_file():
+        raise TinycompressError(f"{path} holds no model", "pass a checkpoint folder, 'default', an HF id or a model folder")
+    config = load_config(config_file, overrides, base=base)
+    spec, _, _ = prepare(config)
+    if base is not None and config.task != read_checkpoint(path, verify=False).task:
+        raise TinycompressError(f"{path} was trained for task {read_checkpoint(path, verify=False).task}, not {config.task}", "drop --task or pass a checkpoint of that task")
+    if base is not None or (path / "model.onnx").is_file():
+        predictor = load_predictor(path)
+        parameters = count_parameters(predictor.model) if predictor.model is not None else None
+    else:
+        model, tokenizer, _ = load_pretrained_classifier(target, spec, config.seed)
+        predictor = torch_predictor(model, tokenizer)
+        parameters = count_parameters(model)
+    metrics: dict[str, Any] = evaluate_predictor(predictor, config, spec)
+    if parameters is not None:
+        metrics["parameters"] = parameters
+    return metrics

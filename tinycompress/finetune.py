@@ -1,0 +1,84 @@
+"""Stage 1: fine-tune a pretrained encoder on a GLUE task.
+
+    tinycompress finetune --task sst2 --data-dir ../shared/data/glue
+"""
+
+from __future__ import annotations
+
+from .checkpoint import Checkpoint, save_hf_model, write_checkpoint
+from .config import Config
+from .data import encode, load_task_data
+from .modeling import (
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_HUB_ID,
+    configure_threads,
+    count_parameters,
+    load_pretrained_classifier,
+    quiet_hf,
+    resolve_device,
+)
+from .tasks import get_task
+
+
+def prepare(config: Config):
+    """(task spec, device, thread count) with threads and HF noise set up."""
+    quiet_hf()
+    spec = get_task(config.task)
+    threads = configure_threads(config.threads)
+    return spec, resolve_device(config.device), threads
+
+
+def load_data(config: Config, spec, seed: int | None = None):
+    return load_task_data(
+        spec,
+        data_dir=config.data.data_dir,
+        dev_fraction=config.data.dev_fraction,
+        seed=config.seed if seed is None else seed,
+        max_train_samples=config.data.max_train_samples,
+        max_test_samples=config.data.max_test_samples,
+    )
+
+
+def finetune(config: Config) -> Checkpoint:
+    """Fine-tune ``config.model.name`` on ``config.task``; returns the new checkpoint.
+
+    Model selection uses the dev split carved from train; the test metrics (GLUE validation)
+    are measured once, on the best epoch, and stored in the manifest.
+    """
+    from .training import evaluate, make_progress, train
+
+    spec, device, threads = prepare(config)
+    data = load_data(config, spec)
+    model, tokenizer, source = load_pretrained_classifier(config.model.name, spec, config.seed)
+    max_length = config.model.max_length
+    train_enc, dev_enc, test_enc = (encode(tokenizer, split, max_length) for split in (data.train, data.dev, data.test))
+    pad_id = tokenizer.pad_token_id
+    with make_progress() as progress:
+        result = train(model, train_enc, dev_enc, spec, config.finetune, pad_id=pad_id, device=device, seed=config.seed, progress=progress)
+    test = evaluate(model, test_enc, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad_id, device=device)
+    metrics = {
+        **{f"test/{k}": v for k, v in test.items()},
+        **{f"dev/{k}": v for k, v in result.best_dev.items()},
+        "parameters": count_parameters(model),
+        "train_rows": len(train_enc),
+        "dev_rows": len(dev_enc),
+        "test_rows": len(test_enc),
+        "best_epoch": result.best_epoch,
+        "train_seconds": round(result.train_seconds, 1),
+        "samples_per_second": round(result.samples_per_second, 1),
+        "threads": threads,
+        "device": str(device),
+    }
+    model.cpu()
+    base_model = DEFAULT_MODEL_HUB_ID if config.model.name == DEFAULT_MODEL else config.model.name
+    return write_checkpoint(
+        config.workdir,
+        spec.name,
+        "finetune",
+        lambda folder: save_hf_model(folder, model, tokenizer),
+        config=config,
+        metrics=metrics,
+        seed=config.seed,
+        base_model=base_model,
+        details={"history": result.history, "data_source": data.source, "model_source": source},
+    )

@@ -1,0 +1,351 @@
+"""Stage 2: structured pruning of attention heads and FFN neurons, then recovery by distillation.
+
+    tinycompress prune --task sst2 --ratio 0.5 --ffn-ratio 0.2
+    tinycompress prune runs/sst2/prune-v1 --ratio 0.3      # prune a pruned model further
+
+The parent is the newest ``finetune`` checkpoint of the task, or an explicit folder. An explicit
+``prune`` checkpoint is accepted too (iterative pruning across runs): the ratios then apply to
+the heads and neurons the parent still has, the parent is the distillation teacher, and neuron
+positions in the manifest refer to the parent's FFN. Other stages are refused.
+
+Importance is scored on training rows (never on test), units are removed with
+:func:`tinycompress.pruning.prune_iteratively`, test metrics are measured on the parent, right
+after pruning and after recovery, and everything lands in one ``prune-v<N>`` folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .checkpoint import Checkpoint, load_hf_model, resolve_input, save_hf_model, write_checkpoint
+from .config import Config, load_config, read_yaml
+from .data import Encoded, iterate_batches
+from .errors import TinycompressError
+
+PARENT_STAGES = ("finetune", "prune")
+# FLOPs depend on the sequence length; 128 is the default max_length, so numbers from
+# different runs and tasks are comparable whatever their own max_length.
+FLOPS_SEQ_LEN = 128
+
+
+@dataclass
+class PruneResult:
+    """A pruned (and possibly recovered) model in memory, before it is written."""
+
+    model: Any
+    tokenizer: Any
+    parent: Checkpoint
+    metrics: dict[str, Any]
+    details: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------ the parent
+
+
+def find_parent(explicit: str | Path | None, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Checkpoint:
+    """The checkpoint the CLI prunes: ``explicit``, else the newest finetune of the task.
+
+    The flags are validated first (without a base), so ``--ratio 1.5`` reports the ratio rather
+    than a missing checkpoint. The task is the one asked for (flag or config file), else the
+    workspace's most recent one.
+    """
+    overrides = overrides or {}
+    flags = load_config(config_file, overrides)
+    asked_task = overrides.get("task") or (read_yaml(config_file).get("task") if config_file else None)
+    return resolve_input(explicit, workdir=flags.workdir, task=asked_task, stage="prune")
+
+
+def parent_base(parent: Checkpoint) -> dict[str, Any]:
+    """The parent's resolved config, to build the prune config on (``load_config(base=...)``).
+
+    Data, model, max length and fine-tune settings carry over. The parent's ``prune`` section is
+    dropped, so a pruned parent's ratio is not silently applied again; the workdir becomes the
+    parent's workspace, so the new folder lands beside its parent unless --workdir says otherwise.
+    """
+    base = copy.deepcopy(parent.manifest["config"])
+    base.pop("prune", None)
+    base["workdir"] = str(parent.path.resolve().parent.parent)
+    return base
+
+
+def check_parent(parent: Checkpoint, config: Config) -> None:
+    """Refuse a parent this stage cannot prune, before any work is done."""
+    if parent.stage not in PARENT_STAGES:
+        raise TinycompressError(
+            f"{parent.path} is a {parent.stage} checkpoint; prune needs a finetune or prune checkpoint",
+            f"pass a finetune-v<N> folder, e.g. {parent.path.parent / 'finetune-v1'}",
+        )
+    if parent.task != config.task:
+        raise TinycompressError(
+            f"{parent.path} was trained for task {parent.task}, not {config.task}",
+            f"drop --task, or pass a {config.task} checkpoint",
+        )
+    if config.prune.vocab:
+        raise TinycompressError("prune.vocab (dropping unused embedding rows) is not implemented", "set prune.vocab: false")
+
+
+# ------------------------------------------------------------------------------ building blocks
+
+
+def importance_batches(encoded: Encoded, rows: int, *, batch_size: int, pad_id: int, regression: bool, seed: int) -> Callable[[], Iterator[dict]]:
+    """A function returning fresh labelled batches over ``rows`` seeded-random training rows.
+
+    A random subset rather than the first rows: the train split is in file order, which may be
+    sorted by source or label. Each call yields the same batches, so re-scoring is comparable.
+    """
+    chosen = sorted(random.Random(seed).sample(range(len(encoded)), min(rows, len(encoded))))
+    subset = Encoded(
+        [encoded.input_ids[i] for i in chosen],
+        None if encoded.token_type_ids is None else [encoded.token_type_ids[i] for i in chosen],
+        None if encoded.labels is None else [encoded.labels[i] for i in chosen],
+    )
+
+    def batches() -> Iterator[dict]:
+        for _, batch in iterate_batches(subset, batch_size, pad_id, regression=regression):
+            yield batch
+
+    return batches
+
+
+def measure_test(model, encoded: Encoded, spec, config: Config, *, pad_id: int, device) -> dict[str, float]:
+    """The task's metrics on the test split (GLUE validation)."""
+    from .training import evaluate
+
+    return evaluate(model, encoded, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad_id, device=device)
+
+
+def recover(model, teacher, train_enc: Encoded, dev_enc: Encoded, spec, config: Config, *, pad_id: int, device, progress=None):
+    """Fine-tune ``model`` for ``config.prune.recover_epochs`` with distillation from ``teacher``.
+
+    The dev split selects the best epoch; returns the :class:`~tinycompress.training.TrainResult`.
+    """
+    from .modeling import set_seed
+    from .training import train
+
+    set_seed(config.seed)
+    return train(
+        model, train_enc, dev_enc, spec, config.finetune,
+        pad_id=pad_id, device=device, seed=config.seed, epochs=config.prune.recover_epochs,
+        teacher=teacher, temperature=config.prune.distill_temperature, alpha=config.prune.distill_alpha,
+        progress=progress, description="recover",
+    )
+
+
+def _sig(value: float, digits: int = 4) -> float:
+    # Significant digits, not decimals: Fisher scores can be ~1e-8 and would round to 0.
+    return float(f"{float(value):.{digits}g}")
+
+
+def _structure(model) -> dict[str, Any]:
+    from .pruning import count_parameters, current_head_ids, estimate_flops, ffn_sizes
+
+    heads = current_head_ids(model)
+    return {
+        "heads": heads,
+        "ffn": ffn_sizes(model),
+        "parameters": count_parameters(model),
+        "flops": estimate_flops(model, FLOPS_SEQ_LEN),
+    }
+
+
+def _prune_in_place(model, batches: Callable[[], Iterator[dict]], config: Config):
+    """prune_iteratively with the configured targets (checked feasible by :func:`check_feasible`)."""
+    from .pruning import prune_iteratively
+
+    settings = config.prune
+    return prune_iteratively(
+        model, batches, settings.criterion, settings.ratio, settings.ffn_ratio, settings.steps,
+        min_heads_per_layer=settings.min_heads_per_layer, min_neurons_per_layer=settings.min_neurons_per_layer,
+        seed=config.seed,
+    )
+
+
+def check_feasible(model, config: Config) -> None:
+    """Refuse ratios that would take a layer below its minimum, before data is loaded or scored.
+
+    Selection on all-equal scores fails exactly when the real selection would, and costs nothing.
+    """
+    import torch
+
+    from .pruning import ffn_sizes, head_counts, select_heads, select_neurons
+
+    settings = config.prune
+    try:
+        select_heads([torch.zeros(n) for n in head_counts(model)], settings.ratio, settings.min_heads_per_layer)
+        select_neurons([torch.zeros(n) for n in ffn_sizes(model)], settings.ffn_ratio, settings.min_neurons_per_layer)
+    except ValueError as exc:
+        raise TinycompressError(
+            f"cannot prune: {exc}", "lower --ratio / --ffn-ratio, or prune.min_heads_per_layer / prune.min_neurons_per_layer"
+        ) from None
+
+
+def _importance_details(importance, head_ids: list[list[int]], rows: int) -> dict[str, Any]:
+    """Per-layer head scores keyed by original head id, and per-layer neuron score summaries."""
+    return {
+        "criterion": importance.criterion,
+        "rows": rows,
+        "heads": [{int(h): _sig(s) for h, s in zip(ids, scores.tolist())} for ids, scores in zip(head_ids, importance.head_scores)],
+        "neurons_mean": [_sig(scores.mean()) if len(scores) else 0.0 for scores in importance.neuron_scores],
+    }
+
+
+def _removal_details(record, before: dict, after: dict) -> dict[str, Any]:
+    heads_removed = [sorted({h for step in record.steps for h in step.heads_removed[layer]}) for layer in range(len(before["heads"]))]
+    neurons_removed = [sorted({n for step in record.steps for n in step.neurons_removed[layer]}) for layer in range(len(before["ffn"]))]
+    return {
+        "heads_before": before["heads"],
+        "heads_kept": after["heads"],
+        "heads_removed": heads_removed,
+        "neurons_before": before["ffn"],
+        "neurons_kept": after["ffn"],
+        # Positions in the parent's FFN (for a finetune parent these are the original ids).
+        "neurons_removed": neurons_removed,
+        "step_log": [
+            {"step": s.step, "heads_removed": s.heads_removed, "neurons_removed": sum(len(n) for n in s.neurons_removed),
+             "heads_remaining": s.heads_remaining, "neurons_remaining": s.neurons_remaining}
+            for s in record.steps
+        ],
+    }
+
+
+def _size_metrics(before: dict, after: dict) -> dict[str, Any]:
+    return {
+        "parameters": after["parameters"],
+        "parent/parameters": before["parameters"],
+        "flops": after["flops"],
+        "parent/flops": before["flops"],
+        "flops_seq_len": FLOPS_SEQ_LEN,
+        "heads": sum(len(h) for h in after["heads"]),
+        "parent/heads": sum(len(h) for h in before["heads"]),
+        "ffn_neurons": sum(after["ffn"]),
+        "parent/ffn_neurons": sum(before["ffn"]),
+    }
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+@dataclass
+class _Job:
+    """What one prune run works on: the parent model (teacher), tokenized splits, device."""
+
+    spec: Any
+    device: Any
+    threads: int
+    teacher: Any
+    tokenizer: Any
+    train: Encoded
+    dev: Encoded
+    test: Encoded
+    pad_id: int
+    data_source: str
+    batches: Callable[[], Iterator[dict]]
+
+
+def _load_job(config: Config, parent: Checkpoint) -> _Job:
+    from .data import encode
+    from .finetune import load_data, prepare
+
+    spec, device, threads = prepare(config)
+    teacher, tokenizer = load_hf_model(parent)
+    check_feasible(teacher, config)  # before the data is read and tokenized
+    data = load_data(config, spec)
+    train, dev, test = (encode(tokenizer, split, config.model.max_length) for split in (data.train, data.dev, data.test))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = importance_batches(
+        train, config.prune.importance_samples, batch_size=config.finetune.batch_size,
+        pad_id=pad_id, regression=spec.is_regression, seed=config.seed,
+    )
+    return _Job(spec, device, threads, teacher.to(device), tokenizer, train, dev, test, pad_id, data.source, batches)
+
+
+def _measure_and_recover(model, job: _Job, config: Config, parent: Checkpoint) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Test metrics of the parent, of the pruned model and (after recovery) the final ones."""
+    from .training import make_progress
+
+    def measure(net) -> dict[str, float]:
+        return measure_test(net, job.test, job.spec, config, pad_id=job.pad_id, device=job.device)
+
+    parent_test, pruned_test = measure(job.teacher), measure(model)
+    final_test, dev, recovery = pruned_test, {}, None
+    if config.prune.recover_epochs > 0:
+        with make_progress() as progress:
+            result = recover(model, job.teacher, job.train, job.dev, job.spec, config, pad_id=job.pad_id, device=job.device, progress=progress)
+        final_test, dev = measure(model), result.best_dev
+        recovery = {
+            "epochs": config.prune.recover_epochs, "teacher": parent.name, "temperature": config.prune.distill_temperature,
+            "alpha": config.prune.distill_alpha, "best_epoch": result.best_epoch, "history": result.history,
+            "train_seconds": round(result.train_seconds, 1), "samples_per_second": round(result.samples_per_second, 1),
+        }
+    metrics = {f"test/{k}": v for k, v in final_test.items()}
+    metrics |= {f"pruned_no_recovery/test/{k}": v for k, v in pruned_test.items()}
+    metrics |= {f"parent/test/{k}": v for k, v in parent_test.items()}
+    metrics |= {f"dev/{k}": v for k, v in dev.items()}
+    return metrics, recovery
+
+
+def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
+    """Score, prune, measure and (if ``config.prune.recover_epochs``) recover; writes nothing.
+
+    ``parent`` must be a finetune or prune checkpoint of ``config.task``. The returned model is
+    on the CPU in eval mode, exactly what :func:`write_prune` saves.
+    """
+    from .pruning import compute_importance
+
+    check_parent(parent, config)
+    job = _load_job(config, parent)
+    model = copy.deepcopy(job.teacher)
+    start = time.perf_counter()
+    record = _prune_in_place(model, job.batches, config)
+    prune_seconds = time.perf_counter() - start
+    # The scores step 1 ranked by, on the parent: the same batches and seed give the same numbers,
+    # and unlike the pruner's final scores they cover the removed heads too.
+    importance = compute_importance(job.teacher, job.batches(), config.prune.criterion, seed=config.seed)
+    before, after = _structure(job.teacher), _structure(model)
+    metrics, recovery = _measure_and_recover(model, job, config, parent)
+    rows = min(config.prune.importance_samples, len(job.train))
+    metrics |= _size_metrics(before, after) | {
+        "importance_rows": rows, "train_rows": len(job.train), "dev_rows": len(job.dev), "test_rows": len(job.test),
+        "prune_seconds": round(prune_seconds, 1), "threads": job.threads, "device": str(job.device),
+    }
+    details = {
+        "criterion": config.prune.criterion, "ratio": config.prune.ratio, "ffn_ratio": config.prune.ffn_ratio,
+        "steps": config.prune.steps, "flops_seq_len": FLOPS_SEQ_LEN,
+        "importance": _importance_details(importance, before["heads"], rows),
+        **_removal_details(record, before, after),
+        "recovery": recovery, "data_source": job.data_source,
+    }
+    model.cpu().eval()
+    return PruneResult(model, job.tokenizer, parent, metrics, details)
+
+
+def write_prune(config: Config, result: PruneResult) -> Checkpoint:
+    """Write ``result`` as the next ``prune-v<N>`` folder of ``config.task`` in ``config.workdir``."""
+    return write_checkpoint(
+        config.workdir,
+        result.parent.task,
+        "prune",
+        lambda folder: save_hf_model(folder, result.model, result.tokenizer),
+        config=config,
+        metrics=result.metrics,
+        seed=config.seed,
+        parent=result.parent,
+        details=result.details,
+    )
+
+
+def prune(config: Config, parent: str | Path | Checkpoint | None = None) -> Checkpoint:
+    """Prune ``parent`` (default: the newest finetune checkpoint of ``config.task``); returns the new checkpoint.
+
+    Raises :class:`TinycompressError` (and writes nothing) for a missing or corrupt parent, a
+    parent of another stage or task, or ratios that would leave a layer below its minimum.
+    Build ``config`` on :func:`parent_base` so the parent's data and model settings carry over.
+    """
+    if not isinstance(parent, Checkpoint):
+        parent = resolve_input(parent, workdir=config.workdir, task=config.task, stage="prune")
+    return write_prune(config, run_prune(config, parent))
