@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import random
 import sys
 import time
 from pathlib import Path
@@ -134,15 +133,6 @@ class Sweep:
         }
 
 
-def subset(encoded, rows: int, seed: int):
-    """A seeded-random subset of ``rows`` rows (all of them when there are fewer)."""
-    from tinycompress.data import Encoded
-
-    chosen = sorted(random.Random(seed).sample(range(len(encoded)), min(rows, len(encoded))))
-    pick = lambda column: None if column is None else [column[i] for i in chosen]  # noqa: E731
-    return Encoded(pick(encoded.input_ids), pick(encoded.token_type_ids), pick(encoded.labels))
-
-
 def sweep_criterion(sweep: Sweep, criterion: str, ratios: list[float]) -> tuple[list[dict], object]:
     """Rows for one criterion without recovery, and its scores (reused for recovery)."""
     from tinycompress.pruning import compute_importance
@@ -165,12 +155,12 @@ def sweep_criterion(sweep: Sweep, criterion: str, ratios: list[float]) -> tuple[
 
 def recovered_rows(sweep: Sweep, criterion: str, importance, ratios: list[float], train_rows: int) -> list[dict]:
     """Rows for ``criterion`` after 1 epoch of distillation on ``train_rows`` training rows."""
-    from tinycompress.prune import recover
+    from tinycompress.prune import recover, subset_rows
 
     seed = sweep.config.seed
-    train = subset(sweep.train, train_rows, seed)
+    train = subset_rows(sweep.train, train_rows, seed)
     # Dev only picks the best epoch (there is one); a quarter of the training rows is plenty.
-    dev = subset(sweep.dev, max(train_rows // 4, 64), seed)
+    dev = subset_rows(sweep.dev, max(train_rows // 4, 64), seed)
     rows = []
     for ratio in ratios:
         try:
@@ -232,21 +222,23 @@ def plot(rows: list[dict], metric: str, path: Path, caption: str) -> None:
     matplotlib.use("Agg")  # no display on servers / CI
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
     baseline = next(r for r in rows if r["criterion"] == "unpruned")[f"test_{metric}"]
     ax.axhline(baseline, color="grey", linestyle=":", label="unpruned")
-    for criterion in dict.fromkeys(r["criterion"] for r in rows if r["criterion"] != "unpruned"):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    criteria = list(dict.fromkeys(r["criterion"] for r in rows if r["criterion"] != "unpruned"))
+    for color, criterion in zip(colors, criteria):  # one colour per criterion, dashed once recovered
         for recovered, style in ((False, "-o"), (True, "--s")):
             points = [(r["head_ratio"], r[f"test_{metric}"]) for r in rows if r["criterion"] == criterion and r["recovered"] == recovered]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, style, label=f"{criterion} + 1 epoch recovery" if recovered else criterion)
+                ax.plot(xs, ys, style, color=color, label=f"{criterion} + 1 epoch recovery" if recovered else criterion)
     ax.set_xlabel("fraction of attention heads removed")
     ax.set_ylabel(f"test {metric}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.text(0.01, 0.01, caption, fontsize=7, wrap=True)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -108,3 +108,11 @@ def test_env_reports_model_and_data(toy_glue):
     report = json.loads(result.stdout)
     assert report["versions"]["torch"].startswith("2.13")
     assert "sst2" in report["data_dir"] and report["threads"] >= 1
+
+
+@pytest.mark.parametrize("args, needle", [(["prune", "--ratio", "abc"], "--ratio"), (["finetune", "--bogus"], "--bogus"), (["nosuch"], "nosuch")])
+def test_usage_errors_from_the_console_script_are_one_line(args, needle):
+    out = subprocess.run([sys.executable, "-m", "tinycompress", *args], capture_output=True, text=True)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]

@@ -111,6 +111,15 @@ BATCHES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def no_files_in_cwd(tmp_path_factory, monkeypatch):
+    """ORT tools like to drop temp files into the CWD; none of ours may."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(cwd)
+    yield
+    assert not list(cwd.iterdir()), f"files leaked into the working directory: {list(cwd.iterdir())}"
+
+
 @pytest.fixture(scope="module")
 def models():
     return {name: build() for name, build in BUILDERS.items()}

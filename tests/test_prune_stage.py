@@ -120,6 +120,7 @@ def test_recovery_records_both_metric_sets(parent):
 def test_data_free_criteria(parent, criterion):
     checkpoint = prune(prune_config(parent, **{"prune.ratio": 0.5, "prune.steps": 2, "prune.criterion": criterion}), parent)
     assert checkpoint.metrics["heads"] == 4 and len(checkpoint.details["step_log"]) == 2
+    assert checkpoint.metrics["importance_rows"] == 0  # these criteria read no data
 
 
 def test_refusals_write_nothing(parent):

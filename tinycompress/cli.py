@@ -30,11 +30,11 @@ app = typer.Typer(
 # Options shared by every command: same spelling, same meaning everywhere.
 TaskOpt = Annotated[Optional[str], typer.Option("--task", "-t", help="GLUE task: sst2, cola, mrpc, rte, stsb, qnli, qqp, mnli.")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder of GLUE TSVs (else $TINYCOMPRESS_DATA_DIR, else the hub).")]
-WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", "-w", help="Workspace holding runs/<task>/<stage>-v<N> folders [default: runs].")]
+WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", "-w", help="Workspace holding runs/<task>/<stage>-v<N> folders (default: runs).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/); flags override it.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | mps (auto = cuda > mps > cpu).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed [default: 42].")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch / ONNX Runtime [default: all cores].")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: 42).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch / ONNX Runtime (default: all cores).")]
 MaxTrainOpt = Annotated[Optional[int], typer.Option("--max-train-samples", help="Use only this many training rows (quick runs).")]
 MaxTestOpt = Annotated[Optional[int], typer.Option("--max-test-samples", help="Evaluate on only this many test rows.")]
 
@@ -198,7 +198,7 @@ def env(
     "tinycompress prune --task sst2 --ratio 0.5 --recover-epochs 0 --importance-samples 256",
 ))
 def prune(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="A finetune (or prune) checkpoint folder [default: the task's newest finetune-v<N>].")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="A finetune (or prune) checkpoint folder (default: the task's newest finetune-v<N>).")] = None,
     task: TaskOpt = None,
     data_dir: DataDirOpt = None,
     workdir: WorkdirOpt = None,
@@ -206,13 +206,13 @@ def prune(
     device: DeviceOpt = None,
     seed: SeedOpt = None,
     threads: ThreadsOpt = None,
-    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of all attention heads removed, in [0, 1) [default: 0.5].")] = None,
-    ffn_ratio: Annotated[Optional[float], typer.Option("--ffn-ratio", help="Fraction of all FFN neurons removed, in [0, 1) [default: 0].")] = None,
+    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of all attention heads removed, in [0, 1) (default: 0.5).")] = None,
+    ffn_ratio: Annotated[Optional[float], typer.Option("--ffn-ratio", help="Fraction of all FFN neurons removed, in [0, 1) (default: 0).")] = None,
     # A plain string, not a Choice: the config schema validates it, so a typo is one error line.
-    criterion: Annotated[Optional[str], typer.Option("--criterion", help="taylor | fisher | magnitude | random [default: taylor].")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Prune in this many steps, re-scoring between them [default: 1].")] = None,
-    recover_epochs: Annotated[Optional[int], typer.Option("--recover-epochs", help="Epochs of distillation from the parent after pruning; 0 = none [default: 1].")] = None,
-    importance_samples: Annotated[Optional[int], typer.Option("--importance-samples", help="Training rows used to score importance [default: 1024].")] = None,
+    criterion: Annotated[Optional[str], typer.Option("--criterion", help="taylor | fisher | magnitude | random (default: taylor).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Prune in this many steps, re-scoring between them (default: 1).")] = None,
+    recover_epochs: Annotated[Optional[int], typer.Option("--recover-epochs", help="Epochs of distillation from the parent after pruning; 0 = none (default: 1).")] = None,
+    importance_samples: Annotated[Optional[int], typer.Option("--importance-samples", help="Training rows used to score importance (default: 1024).")] = None,
     max_train_samples: MaxTrainOpt = None,
     max_test_samples: MaxTestOpt = None,
 ) -> None:
@@ -243,7 +243,21 @@ def prune(
 
 
 def main() -> None:
-    app(prog_name="tinycompress")
+    """Console entry point: usage errors (bad flag types, unknown options) are one line too."""
+    # typer.TyperException is the public base of its usage errors; catching it here, rather
+    # than in standalone mode, replaces the multi-line usage box with our one-line format.
+    args = sys.argv[1:] or ["--help"]
+    try:
+        result = app(args=args, prog_name="tinycompress", standalone_mode=False)
+    except typer.TyperException as exc:
+        context = getattr(exc, "ctx", None)
+        hint = f" — see `{context.command_path} --help`" if context is not None else ""
+        typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

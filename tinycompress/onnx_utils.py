@@ -530,17 +530,17 @@ def _validate_op_types(op_types: Iterable[str], registry: Mapping[str, Any], kin
 def _preprocess_for_quantization(in_path: Path, out_path: Path) -> Path:
     """Run ORT's recommended ``quant_pre_process`` (shape inference + basic optimisation).
 
-    Symbolic shape inference understands ORT's fused contrib ops but gives up on the raw
-    transformers-5 mask subgraph; plain ONNX shape inference is the reverse. Try the first,
-    fall back to the second. Returns the path to quantise.
+    Symbolic shape inference is needed to type ORT's fused contrib ops (Attention, ...),
+    but on a plain export it gives up on the transformers-5 mask subgraph *and* then dumps
+    ``sym_shape_infer_temp.onnx`` + a ``<uuid>.data`` file into the current directory.
+    So it runs only when the graph has contrib ops; plain graphs get ONNX shape inference.
+    Returns the path to quantise.
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        quant_pre_process(str(in_path), str(out_path))
-    except Exception as first:  # noqa: BLE001 - ORT raises bare Exception here
-        log.debug("symbolic shape inference failed (%s); using ONNX shape inference", first)
-        quant_pre_process(str(in_path), str(out_path), skip_symbolic_shape=True)
+    graph = onnx.load(str(in_path), load_external_data=False).graph
+    has_contrib_ops = any(node.domain == "com.microsoft" for node in graph.node)
+    quant_pre_process(str(in_path), str(out_path), skip_symbolic_shape=not has_contrib_ops)
     return out_path
 
 

@@ -92,18 +92,26 @@ def check_parent(parent: Checkpoint, config: Config) -> None:
 # ------------------------------------------------------------------------------ building blocks
 
 
+def subset_rows(encoded: Encoded, rows: int, seed: int) -> Encoded:
+    """``rows`` seeded-random rows of ``encoded`` (all of them when there are fewer), in order.
+
+    Random rather than the first rows: a train split is in file order, which may be sorted by
+    source or label.
+    """
+    chosen = sorted(random.Random(seed).sample(range(len(encoded)), min(rows, len(encoded))))
+
+    def pick(column):
+        return None if column is None else [column[i] for i in chosen]
+
+    return Encoded(pick(encoded.input_ids), pick(encoded.token_type_ids), pick(encoded.labels))
+
+
 def importance_batches(encoded: Encoded, rows: int, *, batch_size: int, pad_id: int, regression: bool, seed: int) -> Callable[[], Iterator[dict]]:
     """A function returning fresh labelled batches over ``rows`` seeded-random training rows.
 
-    A random subset rather than the first rows: the train split is in file order, which may be
-    sorted by source or label. Each call yields the same batches, so re-scoring is comparable.
+    Each call yields the same batches, so re-scoring between pruning steps is comparable.
     """
-    chosen = sorted(random.Random(seed).sample(range(len(encoded)), min(rows, len(encoded))))
-    subset = Encoded(
-        [encoded.input_ids[i] for i in chosen],
-        None if encoded.token_type_ids is None else [encoded.token_type_ids[i] for i in chosen],
-        None if encoded.labels is None else [encoded.labels[i] for i in chosen],
-    )
+    subset = subset_rows(encoded, rows, seed)
 
     def batches() -> Iterator[dict]:
         for _, batch in iterate_batches(subset, batch_size, pad_id, regression=regression):
@@ -308,10 +316,11 @@ def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
     importance = compute_importance(job.teacher, job.batches(), config.prune.criterion, seed=config.seed)
     before, after = _structure(job.teacher), _structure(model)
     metrics, recovery = _measure_and_recover(model, job, config, parent)
-    rows = min(config.prune.importance_samples, len(job.train))
+    # magnitude and random read no data; saying they used rows would mislead.
+    rows = min(config.prune.importance_samples, len(job.train)) if config.prune.criterion in ("taylor", "fisher") else 0
     metrics |= _size_metrics(before, after) | {
         "importance_rows": rows, "train_rows": len(job.train), "dev_rows": len(job.dev), "test_rows": len(job.test),
-        "prune_seconds": round(prune_seconds, 1), "threads": job.threads, "device": str(job.device),
+        "prune_seconds": round(prune_seconds, 1),  # scoring and removal, all steps "threads": job.threads, "device": str(job.device),
     }
     details = {
         "criterion": config.prune.criterion, "ratio": config.prune.ratio, "ffn_ratio": config.prune.ffn_ratio,
