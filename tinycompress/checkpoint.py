@@ -112,6 +112,15 @@ def size_bytes(paths: list[Path]) -> int:
     return sum(p.stat().st_size for p in paths)
 
 
+# Files that make up a model's weights and graph; "size on disk" in the report is their sum
+# (tokenizer files, configs and the model card are the same for every version and left out).
+MODEL_FILE_SUFFIXES = (".safetensors", ".onnx", ".data", ".pt")
+
+
+def model_files(folder: Path) -> list[Path]:
+    return [p for p in _files_under(folder) if p.name.endswith(MODEL_FILE_SUFFIXES)]
+
+
 def library_versions() -> dict[str, str]:
     import platform
     from importlib import metadata
@@ -293,6 +302,7 @@ def write_checkpoint(
             (tmp / "README.md").write_text(_model_card(task, stage, version, base, metrics), encoding="utf-8")
             manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in _files_under(tmp)}
             manifest["size_bytes"] = size_bytes(_files_under(tmp))
+            manifest["model_bytes"] = size_bytes(model_files(tmp))
             (tmp / MANIFEST_NAME).write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True), encoding="utf-8")
             final = root / f"{stage}-v{version}"
             try:

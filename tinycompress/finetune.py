@@ -53,12 +53,16 @@ def finetune(config: Config) -> Checkpoint:
     max_length = config.model.max_length
     train_enc, dev_enc, test_enc = (encode(tokenizer, split, max_length) for split in (data.train, data.dev, data.test))
     pad_id = tokenizer.pad_token_id
+    # The "original" row of the report: the pretrained encoder with its fresh, seeded head,
+    # measured on the same test rows before any training.
+    original = evaluate(model, test_enc, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad_id, device=device)
     with make_progress() as progress:
         result = train(model, train_enc, dev_enc, spec, config.finetune, pad_id=pad_id, device=device, seed=config.seed, progress=progress)
     test = evaluate(model, test_enc, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad_id, device=device)
     metrics = {
         **{f"test/{k}": v for k, v in test.items()},
         **{f"dev/{k}": v for k, v in result.best_dev.items()},
+        **{f"original/test/{k}": v for k, v in original.items()},
         "parameters": count_parameters(model),
         "train_rows": len(train_enc),
         "dev_rows": len(dev_enc),
