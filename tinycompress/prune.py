@@ -2,6 +2,7 @@
 
     tinycompress prune --task sst2 --ratio 0.5 --ffn-ratio 0.2
     tinycompress prune runs/sst2/prune-v1 --ratio 0.3      # prune a pruned model further
+    tinycompress prune --task sst2 --vocab --ratio 0       # drop unused embedding rows only
 
 The parent is the newest ``finetune`` checkpoint of the task, or an explicit folder. An explicit
 ``prune`` checkpoint is accepted too (iterative pruning across runs): the ratios then apply to
@@ -11,6 +12,11 @@ positions in the manifest refer to the parent's FFN. Other stages are refused.
 Importance is scored on training rows (never on test), units are removed with
 :func:`tinycompress.pruning.prune_iteratively`, test metrics are measured on the parent, right
 after pruning and after recovery, and everything lands in one ``prune-v<N>`` folder.
+
+With ``prune.vocab`` the word embedding is cut last, after recovery (the teacher and the
+student must read the same ids while distilling), to the tokens the train and dev texts use
+(:mod:`tinycompress.vocab`); the folder's tokenizer then emits the new ids. When no head or
+neuron is removed (``--ratio 0``) there is nothing to recover and recovery is skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 from .checkpoint import Checkpoint, load_hf_model, resolve_input, save_hf_model, write_checkpoint
 from .config import Config, load_config, read_yaml
-from .data import Encoded, iterate_batches
+from .data import Encoded, Examples, iterate_batches
 from .errors import TinycompressError
 
 PARENT_STAGES = ("finetune", "prune")
@@ -85,8 +91,6 @@ def check_parent(parent: Checkpoint, config: Config) -> None:
             f"{parent.path} was trained for task {parent.task}, not {config.task}",
             f"drop --task, or pass a {config.task} checkpoint",
         )
-    if config.prune.vocab:
-        raise TinycompressError("prune.vocab (dropping unused embedding rows) is not implemented", "set prune.vocab: false")
 
 
 # ------------------------------------------------------------------------------ building blocks
@@ -253,6 +257,7 @@ class _Job:
     pad_id: int
     data_source: str
     batches: Callable[[], Iterator[dict]]
+    test_examples: Examples  # raw texts: a vocabulary-pruned model's tokenizer re-encodes them
 
 
 def _load_job(config: Config, parent: Checkpoint) -> _Job:
@@ -262,6 +267,13 @@ def _load_job(config: Config, parent: Checkpoint) -> _Job:
     spec, device, threads = prepare(config)
     teacher, tokenizer = load_hf_model(parent)
     check_feasible(teacher, config)  # before the data is read and tokenized
+    if config.prune.vocab:
+        from .vocab import check_prunable
+
+        try:
+            check_prunable(teacher, tokenizer)
+        except ValueError as exc:
+            raise TinycompressError(f"cannot prune the vocabulary of {parent.path}: {exc}", "drop --vocab") from None
     data = load_data(config, spec)
     train, dev, test = (encode(tokenizer, split, config.model.max_length) for split in (data.train, data.dev, data.test))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -269,11 +281,14 @@ def _load_job(config: Config, parent: Checkpoint) -> _Job:
         train, config.prune.importance_samples, batch_size=config.finetune.batch_size,
         pad_id=pad_id, regression=spec.is_regression, seed=config.seed,
     )
-    return _Job(spec, device, threads, teacher.to(device), tokenizer, train, dev, test, pad_id, data.source, batches)
+    return _Job(spec, device, threads, teacher.to(device), tokenizer, train, dev, test, pad_id, data.source, batches, data.test)
 
 
-def _measure_and_recover(model, job: _Job, config: Config, parent: Checkpoint) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Test metrics of the parent, of the pruned model and (after recovery) the final ones."""
+def _measure_and_recover(model, job: _Job, config: Config, parent: Checkpoint, *, recover_model: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Test metrics of the parent, of the pruned model and (after recovery) the final ones.
+
+    ``recover_model=False`` skips recovery (nothing was removed, so the model is the parent's).
+    """
     from .training import make_progress
 
     def measure(net) -> dict[str, float]:
@@ -281,7 +296,7 @@ def _measure_and_recover(model, job: _Job, config: Config, parent: Checkpoint) -
 
     parent_test, pruned_test = measure(job.teacher), measure(model)
     final_test, dev, recovery = pruned_test, {}, None
-    if config.prune.recover_epochs > 0:
+    if recover_model and config.prune.recover_epochs > 0:
         with make_progress() as progress:
             result = recover(model, job.teacher, job.train, job.dev, job.spec, config, pad_id=job.pad_id, device=job.device, progress=progress)
         final_test, dev = measure(model), result.best_dev
@@ -295,6 +310,47 @@ def _measure_and_recover(model, job: _Job, config: Config, parent: Checkpoint) -
     metrics |= {f"parent/test/{k}": v for k, v in parent_test.items()}
     metrics |= {f"dev/{k}": v for k, v in dev.items()}
     return metrics, recovery
+
+
+def _prune_vocab(model, job: _Job, config: Config) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Cut ``model``'s word embedding to the train + dev tokens, in place, and re-measure test.
+
+    Returns (new tokenizer, metrics, details); the metrics' ``test/*`` are measured with the
+    new tokenizer and replace the caller's (which it keeps as ``pre_vocab/test/*``).
+    """
+    from .data import encode
+    from .vocab import config_token_ids, count_ids, embedding_bytes, oov_rate, prune_embeddings_, rewrite_tokenizer, select_vocab, special_ids, tokenization_report
+
+    settings, old_tokenizer = config.prune, job.tokenizer
+    # job.train / job.dev are already tokenized as the model sees them (pairs, max_length).
+    counts = count_ids(job.train.input_ids + job.dev.input_ids)
+    rows_before, bytes_before = model.get_input_embeddings().num_embeddings, embedding_bytes(model)
+    try:
+        kept = select_vocab(counts, old_tokenizer, settings.vocab_min_frequency, settings.vocab_top_k, always_keep=config_token_ids(model).values())
+        new_tokenizer = rewrite_tokenizer(old_tokenizer, kept)
+        prune_embeddings_(model, kept)
+    except ValueError as exc:
+        raise TinycompressError(f"cannot prune the vocabulary: {exc}", "drop --vocab") from None
+    test = encode(new_tokenizer, job.test_examples, config.model.max_length)
+    pad_id = new_tokenizer.pad_token_id if new_tokenizer.pad_token_id is not None else 0
+    pruned_test = measure_test(model, test, job.spec, config, pad_id=pad_id, device=job.device)
+    # Under the ORIGINAL tokenizer: test tokens whose row is gone (now [UNK] or re-spelled).
+    rate = oov_rate(job.test.input_ids, kept, ignore_ids=special_ids(old_tokenizer) - {old_tokenizer.unk_token_id})
+    report = tokenization_report(old_tokenizer, new_tokenizer, job.test_examples.texts, config.model.max_length, kept)
+    bytes_after = embedding_bytes(model)
+    metrics = {f"test/{k}": v for k, v in pruned_test.items()} | {
+        "vocab_size": len(kept), "parent/vocab_size": rows_before,
+        "embedding_mb": round(bytes_after / 1e6, 3), "parent/embedding_mb": round(bytes_before / 1e6, 3),
+        "test_oov_rate": round(rate, 6),
+    }
+    details = {
+        "min_frequency": settings.vocab_min_frequency, "top_k": settings.vocab_top_k,
+        "kept": len(kept), "before": rows_before, "special_kept": len(special_ids(old_tokenizer)),
+        "counted_rows": len(job.train) + len(job.dev), "counted_tokens": sum(counts.values()), "distinct_seen": len(counts),
+        "embedding_bytes_before": bytes_before, "embedding_bytes_after": bytes_after,  # fp32
+        "test": {k: round(v, 6) if isinstance(v, float) else v for k, v in report.items()},
+    }
+    return new_tokenizer, metrics, details
 
 
 def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
@@ -314,23 +370,30 @@ def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
     # The scores step 1 ranked by, on the parent: the same batches and seed give the same numbers,
     # and unlike the pruner's final scores they cover the removed heads too.
     importance = compute_importance(job.teacher, job.batches(), config.prune.criterion, seed=config.seed)
+    removed_any = any(any(step.heads_removed) or any(step.neurons_removed) for step in record.steps)
+    metrics, recovery = _measure_and_recover(model, job, config, parent, recover_model=removed_any)
+    tokenizer, vocab = job.tokenizer, None
+    if config.prune.vocab:
+        # Last, after recovery: distillation feeds the same (old) ids to teacher and student.
+        tokenizer, vocab_metrics, vocab = _prune_vocab(model, job, config)
+        metrics |= {f"pre_vocab/{k}": v for k, v in metrics.items() if k.startswith("test/")} | vocab_metrics
     before, after = _structure(job.teacher), _structure(model)
-    metrics, recovery = _measure_and_recover(model, job, config, parent)
     # magnitude and random read no data; saying they used rows would mislead.
     rows = min(config.prune.importance_samples, len(job.train)) if config.prune.criterion in ("taylor", "fisher") else 0
     metrics |= _size_metrics(before, after) | {
         "importance_rows": rows, "train_rows": len(job.train), "dev_rows": len(job.dev), "test_rows": len(job.test),
-        "prune_seconds": round(prune_seconds, 1),  # scoring and removal, all steps "threads": job.threads, "device": str(job.device),
+        "prune_seconds": round(prune_seconds, 1),  # scoring and removal, all steps
+        "threads": job.threads, "device": str(job.device),
     }
     details = {
         "criterion": config.prune.criterion, "ratio": config.prune.ratio, "ffn_ratio": config.prune.ffn_ratio,
         "steps": config.prune.steps, "flops_seq_len": FLOPS_SEQ_LEN,
         "importance": _importance_details(importance, before["heads"], rows),
         **_removal_details(record, before, after),
-        "recovery": recovery, "data_source": job.data_source,
+        "recovery": recovery, "vocab": vocab, "data_source": job.data_source,
     }
     model.cpu().eval()
-    return PruneResult(model, job.tokenizer, parent, metrics, details)
+    return PruneResult(model, tokenizer, parent, metrics, details)
 
 
 def write_prune(config: Config, result: PruneResult) -> Checkpoint:
