@@ -265,14 +265,22 @@ def write_checkpoint(
     parent: Checkpoint | None = None,
     base_model: str | None = None,
     details: dict[str, Any] | None = None,
+    destination: str | Path | None = None,
 ) -> Checkpoint:
     """Write a new ``<stage>-v<N>`` folder atomically and return it, verified.
 
     ``write_files(tmp_dir)`` puts the model files in a temporary folder; the model card and
     manifest are added, then the folder is renamed into place. Any failure or Ctrl-C removes
     the temporary folder and leaves earlier versions as they were.
+
+    ``destination`` (e.g. ``tinycompress export --output DIR``) replaces
+    ``<workdir>/<task>/<stage>-v<N>``: it must not exist, the temporary folder is made beside
+    it, and the manifest says version 1.
     """
-    root = task_dir(workdir, task)
+    if destination is not None:
+        destination = Path(destination)
+        _refuse_existing(destination)
+    root = task_dir(workdir, task) if destination is None else destination.parent
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{stage}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -297,14 +305,20 @@ def write_checkpoint(
             parent_rel = os.path.relpath(parent.path.resolve(), root.resolve())
             manifest["parent"] = {"path": parent_rel, "stage": parent.stage, "manifest_sha256": sha256_file(parent.path / MANIFEST_NAME)}
         while True:
-            version = (stage_versions(workdir, task, stage)[-1][0] if stage_versions(workdir, task, stage) else 0) + 1
+            if destination is None:
+                version = (stage_versions(workdir, task, stage)[-1][0] if stage_versions(workdir, task, stage) else 0) + 1
+            else:
+                version = 1
             manifest["version"] = version
             (tmp / "README.md").write_text(_model_card(task, stage, version, base, metrics), encoding="utf-8")
             manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in _files_under(tmp)}
             manifest["size_bytes"] = size_bytes(_files_under(tmp))
             manifest["model_bytes"] = size_bytes(model_files(tmp))
             (tmp / MANIFEST_NAME).write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True), encoding="utf-8")
-            final = root / f"{stage}-v{version}"
+            final = root / f"{stage}-v{version}" if destination is None else destination
+            if destination is not None:
+                # rename would silently replace an empty folder created meanwhile.
+                _refuse_existing(destination)
             try:
                 # rename refuses to replace a non-empty folder: another process took this version.
                 os.rename(tmp, final)
@@ -312,11 +326,18 @@ def write_checkpoint(
             except OSError:
                 if not final.exists():
                     raise
+                if destination is not None:
+                    _refuse_existing(destination)
                 time.sleep(0.01)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return read_checkpoint(final)
+
+
+def _refuse_existing(destination: Path) -> None:
+    if destination.exists():
+        raise TinycompressError(f"output folder {destination} already exists", "pass a new folder to --output, or remove it first")
 
 
 # ------------------------------------------------------------------------------ models

@@ -196,6 +196,8 @@ def env(
     "tinycompress prune runs/sst2/finetune-v1 --ratio 0.3 --ffn-ratio 0.2 --criterion fisher --steps 3",
     "tinycompress prune runs/sst2/prune-v1 --ratio 0.2 --recover-epochs 2",
     "tinycompress prune --task sst2 --ratio 0.5 --recover-epochs 0 --importance-samples 256",
+    "tinycompress prune --task sst2 --vocab --ratio 0",
+    "tinycompress prune --task sst2 --vocab --vocab-min-frequency 2 --ratio 0.5",
 ))
 def prune(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="A finetune (or prune) checkpoint folder (default: the task's newest finetune-v<N>).")] = None,
@@ -213,10 +215,16 @@ def prune(
     steps: Annotated[Optional[int], typer.Option("--steps", help="Prune in this many steps, re-scoring between them (default: 1).")] = None,
     recover_epochs: Annotated[Optional[int], typer.Option("--recover-epochs", help="Epochs of distillation from the parent after pruning; 0 = none (default: 1).")] = None,
     importance_samples: Annotated[Optional[int], typer.Option("--importance-samples", help="Training rows used to score importance (default: 1024).")] = None,
+    vocab: Annotated[Optional[bool], typer.Option("--vocab/--no-vocab", help="Also drop the word-embedding rows of tokens the train and dev texts never use (default: off).")] = None,
+    vocab_min_frequency: Annotated[Optional[int], typer.Option("--vocab-min-frequency", help="With --vocab: keep tokens seen at least this often (default: 1).")] = None,
+    vocab_top_k: Annotated[Optional[int], typer.Option("--vocab-top-k", help="With --vocab: keep at most this many of the most frequent tokens, special tokens aside (default: no limit).")] = None,
     max_train_samples: MaxTrainOpt = None,
     max_test_samples: MaxTestOpt = None,
 ) -> None:
     """Remove the least important attention heads and FFN neurons; writes runs/<task>/prune-v<N>/.
+
+    With --vocab the word embedding is also cut to the tokens of the task's train and dev texts
+    (after recovery); the folder's tokenizer spells other words with kept pieces, else [UNK].
 
     Settings of the parent checkpoint (data, model, max length) carry over. The new folder is
     written beside the parent unless --workdir is given.
@@ -233,11 +241,246 @@ def prune(
             "prune.steps": steps,
             "prune.recover_epochs": recover_epochs,
             "prune.importance_samples": importance_samples,
+            "prune.vocab": vocab,
+            "prune.vocab_min_frequency": vocab_min_frequency,
+            "prune.vocab_top_k": vocab_top_k,
             "data.max_train_samples": max_train_samples,
             "data.max_test_samples": max_test_samples,
         }
         parent = find_parent(checkpoint, config, overrides)
         _print_checkpoint(run_prune(build_config(config, overrides, base=parent_base(parent)), parent))
+
+    run_command(work)
+
+
+@app.command(epilog=_examples(
+    "tinycompress report --task sst2",
+    "tinycompress report runs/sst2/quantize-v2 --bench --threads 4",
+    "tinycompress report --task sst2 --sweep runs/sst2/sweeps/prune_sweep.csv --out results/",
+    "tinycompress report --task sst2 --json",
+))
+def report(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="A checkpoint folder (the chain ending there), a task folder (runs/sst2) or a workspace (default: the newest chain of --task in --workdir).")] = None,
+    task: TaskOpt = None,
+    workdir: WorkdirOpt = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    threads: ThreadsOpt = None,
+    bench: Annotated[Optional[bool], typer.Option("--bench/--no-bench", help="Measure every row's latency on this machine now (default: read it from the manifests).")] = None,
+    bench_runs: Annotated[Optional[int], typer.Option("--runs", help="Timed runs per row and batch size with --bench (default: 50).")] = None,
+    sweep: Annotated[Optional[Path], typer.Option("--sweep", help="A prune_sweep.csv from benchmarks/prune_sweep.py (default: the newest under runs/<task>/sweeps/).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder, replaced on each run (default: runs/<task>/report).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
+) -> None:
+    """Print the results table of one chain (original → fine-tuned → pruned → quantized → exported)
+    and write report.md / .json / .csv and plots. Test metrics are on the GLUE validation set."""
+
+    def work():
+        from .config import read_yaml
+        from .report import build_report, print_report, report_json, write_report
+
+        settings = build_config(config, {"workdir": str(workdir) if workdir else None, "threads": threads,
+                                         "report.bench": bench, "report.bench_runs": bench_runs})
+        # Config.task defaults to sst2; a report without --task means "the most recent task".
+        asked_task = task or (read_yaml(config).get("task") if config else None)
+        built = build_report(run_dir, workdir=settings.workdir, task=asked_task, bench=settings.report.bench,
+                             bench_runs=settings.report.bench_runs, threads=settings.threads,
+                             data_dir=str(data_dir) if data_dir else None, sweep=sweep)
+        written = write_report(built, out)
+        if as_json:
+            typer.echo(report_json(built, written))
+        else:
+            print_report(built)
+        typer.echo(f"wrote {written}", err=True)
+
+    run_command(work)
+
+
+@app.command(epilog=_examples(
+    "tinycompress run --task sst2 --data-dir ../shared/data/glue",
+    "tinycompress run --config configs/sst2.yaml --data-dir ../shared/data/glue",
+    "tinycompress run --task sst2 --max-train-samples 2000 --max-test-samples 200 --epochs 1 --recover-epochs 0",
+    "tinycompress run --task sst2 --ratio 0.3      # re-runs prune, quantize, export only",
+))
+def run(
+    task: TaskOpt = None,
+    data_dir: DataDirOpt = None,
+    workdir: WorkdirOpt = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    threads: ThreadsOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="'default' (all-MiniLM-L6-v2, offline), an HF id or a local folder.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Fine-tuning epochs.")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--lr", "--learning-rate")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length")] = None,
+    max_train_samples: MaxTrainOpt = None,
+    max_test_samples: MaxTestOpt = None,
+    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of all attention heads removed (default: 0.5).")] = None,
+    ffn_ratio: Annotated[Optional[float], typer.Option("--ffn-ratio", help="Fraction of all FFN neurons removed (default: 0).")] = None,
+    criterion: Annotated[Optional[str], typer.Option("--criterion", help="taylor | fisher | magnitude | random (default: taylor).")] = None,
+    recover_epochs: Annotated[Optional[int], typer.Option("--recover-epochs", help="Distillation epochs after pruning; 0 = none (default: 1).")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="Quantization backend: onnx | torch (default: onnx).")] = None,
+    export_format: Annotated[Optional[str], typer.Option("--format", help="Export format: onnx | torchscript | all (default: onnx).")] = None,
+    bench: Annotated[Optional[bool], typer.Option("--bench/--no-bench", help="Measure every row's latency for the final table (default: on, unless the config sets report.bench).")] = None,
+    sweep: Annotated[Optional[Path], typer.Option("--sweep", help="A prune_sweep.csv to plot in the report.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default: runs/<task>/report).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the report JSON on stdout.")] = False,
+) -> None:
+    """Run finetune → prune → quantize → export → report, reusing stages already done with the
+    same settings and parent; prints the results table."""
+
+    def work():
+        from .pipeline import run_pipeline
+        from .report import print_report, report_json
+
+        overrides = common_overrides(task, data_dir, workdir, device, seed, threads) | {
+            "model.name": model,
+            "model.max_length": max_length,
+            "finetune.epochs": epochs,
+            "finetune.learning_rate": learning_rate,
+            "finetune.batch_size": batch_size,
+            "data.max_train_samples": max_train_samples,
+            "data.max_test_samples": max_test_samples,
+            "prune.ratio": ratio,
+            "prune.ffn_ratio": ffn_ratio,
+            "prune.criterion": criterion,
+            "prune.recover_epochs": recover_epochs,
+            "quantize.backend": backend,
+            "export.format": export_format,
+            "report.bench": bench,
+        }
+        result = run_pipeline(build_config(config, overrides), out_dir=out, sweep=sweep)
+        if as_json:
+            typer.echo(report_json(result.report, result.report_dir))
+        else:
+            print_report(result.report)
+
+    run_command(work)
+
+
+def _size_mb(n_bytes) -> str:
+    return f"{n_bytes / 1e6:.2f} MB" if isinstance(n_bytes, (int, float)) else "?"
+
+
+@app.command(epilog=_examples(
+    "tinycompress quantize --task sst2",
+    "tinycompress quantize runs/sst2/finetune-v1",
+    "tinycompress quantize --backend torch",
+    "tinycompress quantize --mode static --per-channel --calibration-samples 256",
+))
+def quantize(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="A prune (or finetune, for the unpruned comparison) checkpoint folder (default: the task's newest prune-v<N>).")] = None,
+    task: TaskOpt = None,
+    data_dir: DataDirOpt = None,
+    workdir: WorkdirOpt = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    threads: ThreadsOpt = None,
+    # Plain strings, not Choices: the config schema validates them, so a typo is one error line.
+    backend: Annotated[Optional[str], typer.Option("--backend", help="onnx (ONNX Runtime) | torch (torch int8 Linear + int8 embedding) (default: onnx).")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="dynamic | static (ONNX QDQ, calibrated on training rows) (default: dynamic).")] = None,
+    per_channel: Annotated[Optional[bool], typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor (default: per tensor).")] = None,
+    embeddings: Annotated[Optional[bool], typer.Option("--embeddings/--no-embeddings", help="Quantize the word embedding too (default: yes).")] = None,
+    calibration_samples: Annotated[Optional[int], typer.Option("--calibration-samples", help="Training rows calibrating static quantization (default: 128).")] = None,
+    bench_runs: Annotated[Optional[int], typer.Option("--bench-runs", help="Timed runs per batch size for the recorded latency (default: 50).")] = None,
+    max_test_samples: MaxTestOpt = None,
+) -> None:
+    """Post-training int8 quantization; writes runs/<task>/quantize-v<N>/ with test metrics measured on the int8 model.
+
+    Settings of the parent checkpoint (data, model, max length) carry over. The new folder is
+    written beside the parent unless --workdir is given.
+    """
+
+    def work():
+        from .quantize import find_parent, parent_base
+        from .quantize import quantize as run_quantize
+
+        overrides = common_overrides(task, data_dir, workdir, None, seed, threads) | {
+            "quantize.backend": backend,
+            "quantize.mode": mode,
+            "quantize.per_channel": per_channel,
+            "quantize.quantize_embeddings": embeddings,
+            "quantize.calibration_samples": calibration_samples,
+            "report.bench_runs": bench_runs,
+            "data.max_test_samples": max_test_samples,
+        }
+        parent = find_parent(checkpoint, config, overrides)
+        written = run_quantize(build_config(config, overrides, base=parent_base(parent)), parent)
+        _print_checkpoint(written)
+        latency = written.details["latency"]
+        typer.echo(
+            f"size {_size_mb(written.manifest.get('model_bytes'))} (parent {_size_mb(written.metrics.get('parent/model_bytes'))}); "
+            f"latency median batch 1 {latency['batch_1']['median_ms']:.2f} ms, batch 32 {latency['batch_32']['median_ms']:.2f} ms "
+            f"({latency['machine']['threads']} threads)"
+        )
+
+    run_command(work)
+
+
+@app.command(epilog=_examples(
+    "tinycompress export --task sst2",
+    "tinycompress export runs/sst2/prune-v1 --format all",
+    "tinycompress export runs/sst2/quantize-v1 --output deploy/sst2-int8",
+))
+def export(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="A quantize, prune or finetune checkpoint folder (default: the task's newest, in that order).")] = None,
+    format_: Annotated[Optional[str], typer.Option("--format", "-f", help="onnx | torchscript | all (default: onnx).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this new folder instead of runs/<task>/export-v<N>/ (must not exist).")] = None,
+    task: TaskOpt = None,
+    data_dir: DataDirOpt = None,
+    workdir: WorkdirOpt = None,
+    config: ConfigOpt = None,
+    threads: ThreadsOpt = None,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset of fp32 exports (default: 17).")] = None,
+) -> None:
+    """Export to ONNX and/or TorchScript and check parity against PyTorch on real test sentences.
+
+    Prints one line per file and batch: ✓/✗, max |Δ| of the logits and label agreement. A
+    tolerance miss is a warning (the folder is still written); a shape mismatch is an error.
+    """
+
+    def work():
+        from .export import export as run_export
+        from .export import find_parent, parent_base, parity_lines, parity_warnings
+
+        overrides = common_overrides(task, data_dir, workdir, None, None, threads) | {"export.format": format_, "export.opset": opset}
+        parent = find_parent(checkpoint, config, overrides)
+        written = run_export(build_config(config, overrides, base=parent_base(parent)), parent, output)
+        typer.echo(f"wrote {written.path}")
+        for line in parity_lines(written):
+            typer.echo(line)
+        for line in parity_warnings(written):
+            typer.echo(f"warning: {line}", err=True)
+
+    run_command(work)
+
+
+@app.command(epilog=_examples(
+    'tinycompress predict runs/sst2/export-v1 "a gripping, funny film" "dull and far too long"',
+    "tinycompress predict runs/sst2/quantize-v1 --file reviews.txt --json",
+))
+def predict(
+    path: Annotated[Path, typer.Argument(help="An export folder or a finetune / prune / quantize checkpoint.")],
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify (pair tasks: the two sentences separated by a tab).")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", help="A UTF-8 file with one text per line.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per forward pass (default: 32).")] = 32,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Classify texts with any model folder; prints the label and its probability per text (regression: the score)."""
+
+    def work():
+        from .predict import format_prediction, read_texts
+        from .predict import predict as run_predict
+
+        predictions = run_predict(path, read_texts(texts, file), batch_size=batch_size, threads=threads)
+        if as_json:
+            typer.echo(json.dumps(predictions, indent=2, ensure_ascii=False))
+        else:
+            for prediction in predictions:
+                typer.echo(format_prediction(prediction))
 
     run_command(work)
 

@@ -1,0 +1,287 @@
+"""`tinycompress report` and `tinycompress run` (tinycompress.report, tinycompress.pipeline) on tiny models."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tinycompress.checkpoint import read_checkpoint
+from tinycompress.cli import app
+from tinycompress.config import load_config
+from tinycompress.errors import TinycompressError
+from tinycompress.export import export
+from tinycompress.prune import parent_base, prune
+from tinycompress.quantize import quantize
+from tinycompress.report import build_report, report_files, write_report
+
+runner = CliRunner()
+FAST = {"prune.importance_samples": 64, "prune.recover_epochs": 0, "report.bench_runs": 5, "threads": 1}
+REPORT_FILES = {"report.md", "report.json", "report.csv", "accuracy_vs_size.png"}
+CHAIN_LABELS = ["original", "fine-tuned", "pruned", "pruned + quantized", "exported (ONNX int8)", "exported (TorchScript fp32)"]
+ROW_KEYS = {
+    "key", "label", "status", "checkpoint", "path", "artifact", "command", "runtime", "size_bytes", "size_mb", "metrics",
+    "metrics_from", "parameters", "heads_kept", "heads_total", "ffn_kept", "ffn_total", "latency_ms", "latency_source",
+    "latency_machine", "compression", "speedup", "test_rows", "notes",
+}
+REPORT_KEYS = {
+    "schema", "task", "workspace", "created", "test_split", "metrics", "primary_metric", "chain", "rows", "latency",
+    "stage_seconds", "stage_timing", "sweep", "footnotes", "files",
+}
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _copy_finetune(tiny_finetuned, workdir: Path):
+    target = workdir / "sst2" / "finetune-v1"
+    shutil.copytree(tiny_finetuned.path, target)
+    return read_checkpoint(target)
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_finetuned, tmp_path_factory):
+    """finetune-v1 → prune-v1 → quantize-v1 (ONNX int8) → export-v1 (ONNX + TorchScript), made through the Python API."""
+    workdir = tmp_path_factory.mktemp("chain")
+    finetuned = _copy_finetune(tiny_finetuned, workdir)
+    config = load_config(None, {**FAST, "prune.ratio": 0.5, "prune.ffn_ratio": 0.25}, base=parent_base(finetuned))
+    pruned = prune(config, finetuned)
+    quantized = quantize(config, pruned)
+    exported = export(config.model_copy(update={"export": config.export.model_copy(update={"format": "all"})}), quantized)
+    return {"workdir": workdir, "finetune": finetuned, "prune": pruned, "quantize": quantized, "export": exported}
+
+
+# ------------------------------------------------------------------------------ report: rows and values
+
+
+def test_rows_are_the_chain_in_order_with_manifest_values(chain):
+    report = build_report(workdir=chain["workdir"], task="sst2")
+    finetuned, pruned, quantized, exported = (chain[s] for s in ("finetune", "prune", "quantize", "export"))
+
+    assert [r.label for r in report.rows] == CHAIN_LABELS
+    assert [r.checkpoint for r in report.rows] == [None, "finetune-v1", "prune-v1", "quantize-v1", "export-v1", "export-v1"]
+    assert report.chain == ["finetune-v1", "prune-v1", "quantize-v1", "export-v1"]
+    assert all(r.status == "ok" for r in report.rows)
+    original, fine, pr, qz, onnx, ts = report.rows
+
+    assert original.metrics == {"accuracy": finetuned.metrics["original/test/accuracy"]}
+    assert fine.metrics == {"accuracy": finetuned.metrics["test/accuracy"]}
+    assert pr.metrics == {"accuracy": pruned.metrics["test/accuracy"]}
+    assert qz.metrics == {"accuracy": quantized.metrics["test/accuracy"]}
+    assert onnx.metrics == {"accuracy": exported.metrics["onnx/test/accuracy"]}
+    assert ts.metrics == {"accuracy": exported.metrics["torchscript/test/accuracy"]}
+
+    # Size: model_bytes; the original has the fine-tuned architecture (same size, footnoted).
+    assert original.size_bytes == fine.size_bytes == finetuned.manifest["model_bytes"]
+    assert pr.size_bytes == pruned.manifest["model_bytes"] and qz.size_bytes == quantized.manifest["model_bytes"]
+    assert onnx.size_bytes == (exported.path / "model.onnx").stat().st_size
+    assert ts.size_bytes == (exported.path / "model.torchscript.pt").stat().st_size
+    assert any("original" in note and "fine-tuned model's fp32" in note for note in report.footnotes)
+
+    assert [r.parameters for r in report.rows] == [finetuned.metrics["parameters"]] * 2 + [pruned.metrics["parameters"]] * 4
+    # Tiny BERT: 2 layers x 4 heads, FFN 37 per layer; prune 50 % of heads and 25 % of neurons.
+    assert [(r.heads_kept, r.heads_total) for r in report.rows] == [(8, 8)] * 2 + [(pruned.metrics["heads"], 8)] * 4
+    assert [(r.ffn_kept, r.ffn_total) for r in report.rows] == [(74, 74)] * 2 + [(pruned.metrics["ffn_neurons"], 74)] * 4
+    assert pruned.metrics["heads"] == 4 and pruned.metrics["ffn_neurons"] < 74
+
+    # Latency from the manifests: only the quantize and ONNX export stages record one.
+    assert report.latency["source"] == "manifests"
+    assert qz.latency_ms == {k: quantized.details["latency"][k]["median_ms"] for k in ("batch_1", "batch_32")}
+    assert onnx.latency_ms == {k: exported.details["latency"][k]["median_ms"] for k in ("batch_1", "batch_32")}
+    assert qz.latency_machine == quantized.details["latency"]["machine"]
+    assert fine.latency_ms == {"batch_1": None, "batch_32": None} and ts.latency_source is None
+    # No fine-tuned latency: no speed-up; compression is sizes only.
+    assert all(r.speedup == {"batch_1": None, "batch_32": None} for r in report.rows)
+    for row in report.rows:
+        assert row.compression == pytest.approx(fine.size_bytes / row.size_bytes)
+    assert report.stage_seconds["finetune"] == finetuned.metrics["train_seconds"]
+    assert report.stage_seconds["quantize"] == quantized.metrics["quantize_seconds"]
+    assert any("GLUE validation set (GLUE test labels are hidden)" in note for note in report.footnotes)
+    # The task folder or the export folder as target: the same chain.
+    assert build_report(chain["workdir"] / "sst2").chain == build_report(exported.path).chain == report.chain
+
+
+def test_bench_measures_every_row_with_the_same_inputs(chain):
+    report = build_report(workdir=chain["workdir"], task="sst2", bench=True, bench_runs=5, threads=1, log=lambda _: None)
+    assert report.latency["source"] == "bench" and report.latency["machine"]["threads"] == 1 and report.latency["runs"] == 5
+    fine = report.row("finetune")
+    for row in report.rows:
+        assert row.latency_source == "bench" and all(row.latency_ms[k] > 0 for k in ("batch_1", "batch_32")), row
+        for key in ("batch_1", "batch_32"):
+            assert row.speedup[key] == pytest.approx(fine.latency_ms[key] / row.latency_ms[key])
+    assert report.row("original").latency_ms == fine.latency_ms
+    assert any("measured now on" in note and "threads: 1" in note for note in report.footnotes)
+
+
+def test_missing_stages_are_rows_with_their_command(chain, tiny_finetuned, tmp_path):
+    # An explicit checkpoint ends the chain there; later stages exist elsewhere in the workspace.
+    report = build_report(chain["prune"].path)
+    assert [(r.label, r.status) for r in report.rows] == [
+        ("original", "ok"), ("fine-tuned", "ok"), ("pruned", "ok"), ("pruned + quantized", "not run"), ("exported", "not run")]
+    assert report.row("quantize").command == "tinycompress quantize --task sst2"
+    assert report.row("export").command == "tinycompress export --task sst2"
+    assert "quantize-v1" in report.row("quantize").notes[0]
+
+    # Only a fine-tune: prune, quantize and export are "not run", the table says how to make them.
+    _copy_finetune(tiny_finetuned, tmp_path)
+    result = runner.invoke(app, ["report", "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "pruned: not run — `tinycompress prune --task sst2 --ratio 0.5` makes it." in result.stdout
+    data = json.loads((tmp_path / "sst2" / "report" / "report.json").read_text())
+    assert [r["status"] for r in data["rows"]] == ["ok", "ok", "not run", "not run", "not run"]
+    assert data["rows"][2]["command"] == "tinycompress prune --task sst2 --ratio 0.5"
+
+
+# ------------------------------------------------------------------------------ report: files and JSON
+
+
+def test_json_schema_through_the_cli(chain, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--task", "sst2", "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)  # stdout holds only the JSON
+    assert set(data) == REPORT_KEYS | {"out_dir"}
+    assert data["schema"] == 1 and data["task"] == "sst2" and data["metrics"] == ["accuracy"] and data["primary_metric"] == "accuracy"
+    assert "GLUE validation" in data["test_split"]
+    assert [r["label"] for r in data["rows"]] == CHAIN_LABELS
+    for row in data["rows"]:
+        assert set(row) == ROW_KEYS
+        assert set(row["latency_ms"]) == set(row["speedup"]) == {"batch_1", "batch_32"}
+    assert set(data["stage_seconds"]) == {"finetune", "prune", "quantize", "export"}
+    assert set(data["latency"]) >= {"source"} and data["sweep"] is None
+    assert json.loads((out / "report.json").read_text())["rows"] == data["rows"]
+    assert "wrote" in result.stderr
+
+
+def test_files_written_and_replaced(chain, tmp_path):
+    sweep_dir = tmp_path / "ws"
+    shutil.copytree(chain["workdir"], sweep_dir)
+    report = build_report(workdir=sweep_dir, task="sst2")
+    out = write_report(report)
+    assert out == sweep_dir / "sst2" / "report"
+    assert {p.name for p in out.iterdir()} == REPORT_FILES == set(report_files(report))
+    png = (out / "accuracy_vs_size.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    with open(out / "report.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["label"] for r in rows] == CHAIN_LABELS and rows[1]["test_accuracy"] == str(chain["finetune"].metrics["test/accuracy"])
+    markdown = (out / "report.md").read_text()
+    assert "GLUE validation set (GLUE test labels are hidden)" in markdown and "| pruned + quantized |" in markdown
+
+    # A sweep CSV under runs/<task>/sweeps/ is found and plotted; the folder is replaced whole.
+    (out / "stray.txt").write_text("old")
+    sweeps = sweep_dir / "sst2" / "sweeps" / "prune"
+    sweeps.mkdir(parents=True)
+    (sweeps / "prune_sweep.csv").write_text(
+        "criterion,head_ratio,recovered,recovery_train_rows,heads,test_accuracy,parameters,flops_seq128,seconds\n"
+        "unpruned,0.0,False,0,8,0.9,100,1,0\ntaylor,0.25,False,0,6,0.85,90,1,0\ntaylor,0.5,False,0,4,0.8,80,1,0\n"
+        "taylor,0.5,True,64,4,0.88,80,1,0\n")
+    report = build_report(workdir=sweep_dir, task="sst2")
+    assert report.sweep["rows"] == 4 and report.sweep["criteria"] == ["taylor", "unpruned"]
+    write_report(report)
+    assert {p.name for p in out.iterdir()} == REPORT_FILES | {"prune_sweep.png"}
+    assert (out / "prune_sweep.png").stat().st_size > 1000
+    assert not any(p.name.startswith((".tmp-", ".old-")) for p in out.parent.iterdir())
+
+    # A folder that is not an earlier report is never deleted.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(TinycompressError, match="not a tinycompress report folder"):
+        write_report(report, foreign)
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_report_errors_are_one_line(tmp_path, chain):
+    _one_line_error(runner.invoke(app, ["report", "--workdir", str(tmp_path / "empty")]), "no checkpoints in workspace")
+    _one_line_error(runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--task", "sst3"]), "unknown task 'sst3'")
+    _one_line_error(runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--task", "rte"]), "no checkpoints for task rte")
+    _one_line_error(runner.invoke(app, ["report", str(tmp_path / "nowhere")]), "not found")
+    _one_line_error(runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--sweep", str(tmp_path / "x.csv")]), "sweep CSV not found")
+
+
+# ------------------------------------------------------------------------------ run
+
+
+def _run_args(tiny_bert_dir, toy_glue, workdir, config_file, *extra):
+    return ["run", "--model", str(tiny_bert_dir), "--data-dir", str(toy_glue), "--workdir", str(workdir),
+            "--config", str(config_file), "--threads", "1", *extra]
+
+
+def _folders(workdir: Path) -> set[str]:
+    return {p.name for p in (workdir / "sst2").iterdir() if not p.name.startswith(".")}
+
+
+def test_run_end_to_end_resumes_and_reruns_from_the_changed_stage(tiny_bert_dir, toy_glue, tmp_path):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump({
+        "task": "sst2",
+        "model": {"max_length": 32},
+        "data": {"dev_fraction": 0.2},
+        "finetune": {"epochs": 4, "learning_rate": 2e-3, "batch_size": 16, "warmup_ratio": 0.0},
+        "prune": {"ratio": 0.5, "importance_samples": 64, "recover_epochs": 1},
+        "report": {"bench_runs": 5},
+    }))
+    workdir = tmp_path / "ws"
+    args = _run_args(tiny_bert_dir, toy_glue, workdir, config_file)
+
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert _folders(workdir) == {"finetune-v1", "prune-v1", "quantize-v1", "export-v1", "report"}
+    assert "pruned + quantized" in first.stdout and "skip" not in first.stderr
+    data = json.loads((workdir / "sst2" / "report" / "report.json").read_text())
+    assert data["chain"] == ["finetune-v1", "prune-v1", "quantize-v1", "export-v1"]
+    assert data["latency"]["source"] == "bench"  # run measures every row by default
+    assert all(isinstance(data["stage_seconds"][s], float) for s in ("finetune", "prune", "quantize", "export"))
+    assert {t["source"] for t in data["stage_timing"].values()} == {"run: wall time"}
+    assert read_checkpoint(workdir / "sst2" / "prune-v1").manifest["config"]["prune"]["recover_epochs"] == 1
+
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert _folders(workdir) == {"finetune-v1", "prune-v1", "quantize-v1", "export-v1", "report"}
+    assert "skip finetune:" in second.stderr and "finetune-v1 has the same config" in second.stderr
+    for stage in ("prune", "quantize", "export"):
+        assert f"skip {stage}:" in second.stderr
+    again = json.loads((workdir / "sst2" / "report" / "report.json").read_text())
+    # Wall times timed by the first run are kept for the stages the second one skipped.
+    assert again["stage_seconds"] == data["stage_seconds"]
+
+    third = runner.invoke(app, args + ["--ratio", "0.25", "--no-bench"])
+    assert third.exit_code == 0, third.output
+    assert "skip finetune:" in third.stderr and "skip prune" not in third.stderr
+    assert _folders(workdir) == {"finetune-v1", "prune-v1", "quantize-v1", "export-v1",
+                                 "prune-v2", "quantize-v2", "export-v2", "report"}
+    last = json.loads((workdir / "sst2" / "report" / "report.json").read_text())
+    assert last["chain"] == ["finetune-v1", "prune-v2", "quantize-v2", "export-v2"]
+    assert read_checkpoint(workdir / "sst2" / "prune-v2").manifest["config"]["prune"]["ratio"] == 0.25
+    assert read_checkpoint(workdir / "sst2" / "quantize-v2").manifest["parent"]["path"] == "prune-v2"
+
+
+def test_run_refuses_bad_input_in_one_line(tmp_path):
+    _one_line_error(runner.invoke(app, ["run", "--task", "sst3", "--workdir", str(tmp_path)]), "unknown task 'sst3'")
+    _one_line_error(runner.invoke(app, ["run", "--ratio", "1.5", "--workdir", str(tmp_path)]), "prune.ratio")
+    assert not any(tmp_path.iterdir())
+
+
+def test_stage_fingerprint_compares_the_stage_sections_with_absolute_paths(tmp_path, monkeypatch):
+    from tinycompress.pipeline import stage_fingerprint
+
+    (tmp_path / "glue").mkdir()
+    monkeypatch.chdir(tmp_path)
+    relative = load_config(None, {"data.data_dir": "glue"})
+    absolute = load_config(None, {"data.data_dir": str(tmp_path / "glue"), "threads": 3, "workdir": "elsewhere"})
+    assert stage_fingerprint("export", relative) == stage_fingerprint("export", absolute)
+    changed = load_config(None, {"data.data_dir": "glue", "quantize.backend": "torch"})
+    assert stage_fingerprint("prune", changed) == stage_fingerprint("prune", relative)
+    assert stage_fingerprint("quantize", changed) != stage_fingerprint("quantize", relative)

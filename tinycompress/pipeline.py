@@ -1,0 +1,217 @@
+"""The whole pipeline in one call: finetune → prune → quantize → export → report.
+
+    tinycompress run --task sst2 --data-dir ../shared/data/glue
+    tinycompress run --config configs/sst2.yaml --ratio 0.3        # re-runs prune and later stages
+
+Every stage gets the same resolved :class:`~tinycompress.config.Config` and writes its usual
+``<stage>-v<N>`` folder. The pipeline resumes: before running a stage it looks for an existing
+checkpoint of that stage (newest first) made from the same parent checkpoint with the same
+settings for that stage (see :data:`STAGE_SECTIONS`) and reuses it instead. So a second identical
+``run`` only rebuilds the report, and changing ``--ratio`` re-runs prune, quantize and export but
+not the fine-tune. A stage interrupted mid-way leaves no folder (checkpoints are written
+atomically), so it simply runs again next time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .checkpoint import MANIFEST_NAME, Checkpoint, read_checkpoint, sha256_file, stage_versions
+from .config import Config
+from .errors import TinycompressError
+
+PIPELINE_STAGES = ("finetune", "prune", "quantize", "export")
+# The config sections that decide what a stage produces, given its parent. Sections of earlier
+# stages are included: the parent's identity already pins them, but a checkpoint made with other
+# upstream settings (e.g. different data) must not be mistaken for this run's.
+_BASE_SECTIONS = ("task", "seed", "model", "data", "finetune")
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "finetune": _BASE_SECTIONS,
+    "prune": _BASE_SECTIONS + ("prune",),
+    "quantize": _BASE_SECTIONS + ("prune", "quantize"),
+    "export": _BASE_SECTIONS + ("prune", "quantize", "export"),
+}
+
+
+@dataclass
+class PipelineResult:
+    """What :func:`run_pipeline` did: the chain's checkpoints, which stages were reused, timings."""
+
+    checkpoints: dict[str, Checkpoint]  # stage -> the checkpoint used (new or reused)
+    skipped: list[str]  # stages whose existing checkpoint was reused
+    seconds: dict[str, float]  # wall seconds of the stages run now, by checkpoint name
+    report: Any  # tinycompress.report.Report
+    report_dir: Path
+    log: list[str] = field(default_factory=list)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ resuming
+
+
+def _normalised(config: dict[str, Any], sections: tuple[str, ...]) -> dict[str, Any]:
+    """The named sections of a config dict, with paths made absolute so that `../data` and
+    `/abs/data` compare equal whatever folder the command ran from."""
+    picked = {name: config.get(name) for name in sections}
+    data = dict(picked.get("data") or {})
+    if data.get("data_dir"):
+        data["data_dir"] = str(Path(data["data_dir"]).expanduser().resolve())
+    if "data" in picked:
+        picked["data"] = data
+    model = dict(picked.get("model") or {})
+    name = model.get("name")
+    if name and Path(name).expanduser().exists():
+        model["name"] = str(Path(name).expanduser().resolve())
+    if "model" in picked:
+        picked["model"] = model
+    return picked
+
+
+def stage_fingerprint(stage: str, config: Config | dict[str, Any]) -> dict[str, Any]:
+    """The part of ``config`` that must match for an existing ``stage`` checkpoint to be reused."""
+    data = config.to_dict() if isinstance(config, Config) else config
+    return _normalised(data, STAGE_SECTIONS[stage])
+
+
+def _same_parent(candidate: Checkpoint, parent: Checkpoint | None) -> bool:
+    link = candidate.manifest.get("parent")
+    if parent is None:
+        return not link
+    if not link:
+        return False
+    linked = (candidate.path.parent / link["path"]).resolve()
+    return linked == parent.path.resolve() and link.get("manifest_sha256") == sha256_file(parent.path / MANIFEST_NAME)
+
+
+def find_reusable(stage: str, config: Config, parent: Checkpoint | None, log: Callable[[str], None] = _log) -> Checkpoint | None:
+    """The newest ``stage`` checkpoint of ``config.task`` in ``config.workdir`` made from ``parent``
+    with the same :func:`stage_fingerprint`; None when there is none.
+
+    Manifests are compared first (cheap); the match is then verified (file checksums), and a
+    corrupt one is skipped with a message rather than reused.
+    """
+    wanted = stage_fingerprint(stage, config)
+    for _, folder in reversed(stage_versions(config.workdir, config.task, stage)):
+        try:
+            candidate = read_checkpoint(folder, verify=False)
+        except TinycompressError:
+            continue
+        if not _same_parent(candidate, parent) or stage_fingerprint(stage, candidate.manifest.get("config") or {}) != wanted:
+            continue
+        try:
+            return read_checkpoint(folder)
+        except TinycompressError as exc:
+            log(f"not reusing {folder}: {exc.problem}")
+    return None
+
+
+# ------------------------------------------------------------------------------ the stages
+
+
+def _stage_functions() -> dict[str, Callable[[Config, Checkpoint | None], Checkpoint]]:
+    """stage -> function(config, parent) writing a new checkpoint (imported only when needed)."""
+
+    def run_finetune(config: Config, parent: Checkpoint | None) -> Checkpoint:
+        from .finetune import finetune
+
+        return finetune(config)
+
+    def run_prune(config: Config, parent: Checkpoint | None) -> Checkpoint:
+        from .prune import prune
+
+        return prune(config, parent)
+
+    def run_quantize(config: Config, parent: Checkpoint | None) -> Checkpoint:
+        from .quantize import quantize
+
+        return quantize(config, parent)
+
+    def run_export(config: Config, parent: Checkpoint | None) -> Checkpoint:
+        from .export import export
+
+        return export(config, parent)
+
+    return {"finetune": run_finetune, "prune": run_prune, "quantize": run_quantize, "export": run_export}
+
+
+def _bench_default(config: Config) -> bool:
+    """``report.bench`` when the config file or a flag set it, else True (see :func:`run_pipeline`)."""
+    return config.report.bench if "bench" in config.report.model_fields_set else True
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the current folder when it is below it (as the user typed it)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def run_pipeline(
+    config: Config,
+    *,
+    bench: bool | None = None,
+    out_dir: str | Path | None = None,
+    sweep: str | Path | None = None,
+    log: Callable[[str], None] = _log,
+    stages: dict[str, Callable[[Config, Checkpoint | None], Checkpoint]] | None = None,
+) -> PipelineResult:
+    """Run (or reuse) every stage with ``config``, then build and write the report.
+
+    ``bench``: measure latency of every row now. Default: on, unless the config sets
+    ``report.bench`` explicitly (YAML or flag) -- the final table compares the versions, and only
+    quantize manifests record a latency, so without measuring there would be no speed-ups. ``out_dir``:
+    the report folder (default ``<workdir>/<task>/report``); ``sweep``: a prune sweep CSV for the
+    report. ``stages`` replaces the stage functions (tests). Progress goes to ``log`` (stderr).
+    Returns a :class:`PipelineResult`; raises :class:`TinycompressError` as the stages do,
+    leaving the checkpoints written so far in place for the next run to reuse.
+    """
+    from .report import build_report, default_out_dir, previous_measured_seconds, write_report
+    from .tasks import get_task
+
+    config = config.model_copy(update={"task": get_task(config.task).name})
+    functions = stages or _stage_functions()
+    checkpoints: dict[str, Checkpoint] = {}
+    skipped: list[str] = []
+    seconds: dict[str, float] = {}
+    messages: list[str] = []
+
+    def say(message: str) -> None:
+        messages.append(message)
+        log(message)
+
+    parent: Checkpoint | None = None
+    for stage in PIPELINE_STAGES:
+        reused = find_reusable(stage, config, parent, log=say)
+        if reused is not None:
+            same = "the same config" if parent is None else f"the same config and parent ({parent.name})"
+            say(f"skip {stage}: {_shown(reused.path)} has {same}")
+            checkpoints[stage], parent = reused, reused
+            skipped.append(stage)
+            continue
+        say(f"run {stage}" + (f" on {_shown(parent.path)}" if parent is not None else ""))
+        start = time.perf_counter()
+        checkpoint = functions[stage](config, parent)
+        seconds[checkpoint.name] = round(time.perf_counter() - start, 1)
+        say(f"{stage}: wrote {_shown(checkpoint.path)} in {seconds[checkpoint.name]:.1f}s")
+        checkpoints[stage], parent = checkpoint, checkpoint
+
+    end = checkpoints[PIPELINE_STAGES[-1]]
+    target_dir = Path(out_dir) if out_dir is not None else None
+    # Wall times of stages reused now were timed by the run that made them; its report kept them.
+    earlier_dir = target_dir or Path(config.workdir) / config.task / "report"
+    measured = previous_measured_seconds(earlier_dir) | seconds
+    report = build_report(
+        end.path, bench=_bench_default(config) if bench is None else bench, bench_runs=config.report.bench_runs,
+        threads=config.threads, data_dir=config.data.data_dir, sweep=sweep, measured_seconds=measured, log=say,
+    )
+    written = write_report(report, target_dir or default_out_dir(report))
+    say(f"report: wrote {_shown(written)}")
+    return PipelineResult(checkpoints, skipped, seconds, report, written, messages)
