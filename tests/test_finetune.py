@@ -1,6 +1,5 @@
 import os
 
-import pytest
 import torch
 
 from tinycompress.checkpoint import load_hf_model, read_checkpoint

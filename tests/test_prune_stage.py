@@ -17,7 +17,8 @@ from tinycompress.cli import app
 from tinycompress.config import load_config
 from tinycompress.data import collate, encode, load_task_data
 from tinycompress.errors import TinycompressError
-from tinycompress.prune import FLOPS_SEQ_LEN, parent_base, prune, run_prune, write_prune
+from tinycompress.lineage import parent_base
+from tinycompress.prune import FLOPS_SEQ_LEN, prune, run_prune, write_prune
 from tinycompress.pruning import count_parameters, current_head_ids, head_counts
 from tinycompress.tasks import get_task
 
@@ -36,7 +37,7 @@ def parent(tiny_finetuned, tmp_path):
 
 
 def prune_config(parent, **overrides):
-    return load_config(None, {**FAST, **overrides}, base=parent_base(parent))
+    return load_config(None, {**FAST, **overrides}, base=parent_base(parent, "prune"))
 
 
 def listing(folder: Path) -> list[str]:
@@ -99,7 +100,7 @@ def test_second_prune_writes_v2_and_a_pruned_parent_is_pruned_further(parent):
     first = prune(prune_config(parent, **{"prune.ratio": 0.25}))  # no path: newest finetune of the task
     assert first.name == "prune-v1" and first.manifest["parent"]["stage"] == "finetune"
 
-    second = prune(load_config(None, {**FAST, "prune.ratio": 0.5}, base=parent_base(first)), first.path)
+    second = prune(load_config(None, {**FAST, "prune.ratio": 0.5}, base=parent_base(first, "prune")), first.path)
     assert second.name == "prune-v2" and second.manifest["parent"]["path"] == "prune-v1"
     # The ratio applies to the 6 heads prune-v1 kept; ids stay those of the original model.
     assert second.metrics["parent/heads"] == 6 and second.metrics["heads"] == 3
@@ -140,7 +141,7 @@ def test_refuses_a_parent_of_another_stage(parent, tmp_path):
     shutil.copytree(parent.path, quantized)
     manifest = yaml.safe_load((quantized / MANIFEST_NAME).read_text())
     (quantized / MANIFEST_NAME).write_text(yaml.safe_dump(manifest | {"stage": "quantize"}))
-    with pytest.raises(TinycompressError, match="quantize checkpoint; prune needs a finetune or prune"):
+    with pytest.raises(TinycompressError, match=r"quantize checkpoint \(already quantized\); prune needs a finetune or prune"):
         prune(prune_config(parent), quantized)
     assert sorted(p.name for p in (tmp_path / "other" / "sst2").iterdir()) == ["quantize-v1"]
 

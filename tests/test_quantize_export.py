@@ -18,11 +18,9 @@ from tinycompress.checkpoint import MANIFEST_NAME, Checkpoint, load_hf_model, re
 from tinycompress.cli import app
 from tinycompress.config import load_config
 from tinycompress.export import export
-from tinycompress.export import parent_base as export_base
-from tinycompress.prune import parent_base as prune_base
 from tinycompress.prune import prune
 from tinycompress.pruning import head_counts
-from tinycompress.quantize import parent_base as quantize_base
+from tinycompress.lineage import parent_base
 from tinycompress.quantize import quantize
 
 runner = CliRunner()
@@ -55,13 +53,13 @@ def build_chain(finetune_dir: Path, root: Path) -> Chain:
     finetune = read_checkpoint(target)
     # 3 of 8 heads: the two layers must keep different head counts (the per-layer fusion case).
     pruned = prune(load_config(None, {**FAST, "prune.ratio": 0.375, "prune.ffn_ratio": 0.2, "prune.recover_epochs": 0,
-                                      "prune.importance_samples": 32}, base=prune_base(finetune)), finetune)
+                                      "prune.importance_samples": 32}, base=parent_base(finetune, "prune")), finetune)
 
     def quantized(**overrides):
-        return quantize(load_config(None, {**FAST, **overrides}, base=quantize_base(pruned)), pruned)
+        return quantize(load_config(None, {**FAST, **overrides}, base=parent_base(pruned, "quantize")), pruned)
 
     def exported(parent, fmt):
-        return export(load_config(None, {**FAST, "export.format": fmt}, base=export_base(parent)), parent)
+        return export(load_config(None, {**FAST, "export.format": fmt}, base=parent_base(parent, "export")), parent)
 
     torch_int8, onnx_int8 = quantized(**{"quantize.backend": "torch"}), quantized()
     return Chain(finetune, pruned, torch_int8, onnx_int8, exported(pruned, "onnx"), exported(pruned, "torchscript"))
@@ -162,7 +160,7 @@ def test_static_quantize_leaves_no_temp_files(own_chain, tmp_path, monkeypatch):
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     settings = {**FAST, "quantize.mode": "static", "quantize.per_channel": True, "quantize.calibration_samples": 40}
-    q = quantize(load_config(None, settings, base=quantize_base(own_chain.prune)), own_chain.prune.path)
+    q = quantize(load_config(None, settings, base=parent_base(own_chain.prune, "quantize")), own_chain.prune.path)
     assert q.name == "quantize-v3" and files(q) == COMMON_FILES | {"model.onnx"}
     details = q.details
     assert (details["mode"], details["per_channel"], details["calibration_rows"]) == ("static", True, 40)
@@ -229,7 +227,7 @@ def test_cli_export_defaults_to_newest_quantize_and_copies_the_int8_graph(own_ch
 
 
 def test_export_all_of_torch_int8(own_chain):
-    config = load_config(None, {**FAST, "export.format": "all"}, base=export_base(own_chain.torch_int8))
+    config = load_config(None, {**FAST, "export.format": "all"}, base=parent_base(own_chain.torch_int8, "export"))
     written = export(config, own_chain.torch_int8)
     assert files(written) == COMMON_FILES | {"model.onnx", "model.torchscript.pt", "model_int8.torchscript.pt"}
     assert_parity(written, {"model.onnx": "fp32", "model.torchscript.pt": "fp32", "model_int8.torchscript.pt": "int8"})

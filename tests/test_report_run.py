@@ -16,7 +16,8 @@ from tinycompress.cli import app
 from tinycompress.config import load_config
 from tinycompress.errors import TinycompressError
 from tinycompress.export import export
-from tinycompress.prune import parent_base, prune
+from tinycompress.lineage import parent_base
+from tinycompress.prune import prune
 from tinycompress.quantize import quantize
 from tinycompress.report import build_report, report_files, write_report
 
@@ -55,7 +56,7 @@ def chain(tiny_finetuned, tmp_path_factory):
     """finetune-v1 → prune-v1 → quantize-v1 (ONNX int8) → export-v1 (ONNX + TorchScript), made through the Python API."""
     workdir = tmp_path_factory.mktemp("chain")
     finetuned = _copy_finetune(tiny_finetuned, workdir)
-    config = load_config(None, {**FAST, "prune.ratio": 0.5, "prune.ffn_ratio": 0.25}, base=parent_base(finetuned))
+    config = load_config(None, {**FAST, "prune.ratio": 0.5, "prune.ffn_ratio": 0.25}, base=parent_base(finetuned, "prune"))
     pruned = prune(config, finetuned)
     quantized = quantize(config, pruned)
     exported = export(config.model_copy(update={"export": config.export.model_copy(update={"format": "all"})}), quantized)

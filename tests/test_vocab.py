@@ -17,7 +17,8 @@ from conftest import SPECIALS
 from tinycompress.checkpoint import MANIFEST_NAME, Checkpoint, load_hf_model, read_checkpoint, save_hf_model
 from tinycompress.cli import app
 from tinycompress.config import load_config
-from tinycompress.prune import parent_base, run_prune, write_prune
+from tinycompress.lineage import parent_base
+from tinycompress.prune import run_prune, write_prune
 from tinycompress.vocab import (
     collect_token_counts,
     config_token_ids,
@@ -325,7 +326,7 @@ def test_cli_vocab_only_step(parent):
 
 def test_vocab_combined_with_head_pruning_and_recovery(parent):
     config = load_config(None, {**FAST, "prune.ratio": 0.5, "prune.recover_epochs": 1, "prune.vocab": True, "prune.vocab_min_frequency": 2,
-                                "prune.vocab_top_k": 20}, base=parent_base(parent))
+                                "prune.vocab_top_k": 20}, base=parent_base(parent, "prune"))
     result = run_prune(config, parent)
     checkpoint = write_prune(config, result)
     metrics, details = checkpoint.metrics, checkpoint.details

@@ -231,7 +231,7 @@ def prune(
     """
 
     def work():
-        from .prune import find_parent, parent_base
+        from .lineage import find_parent, parent_base
         from .prune import prune as run_prune
 
         overrides = common_overrides(task, data_dir, workdir, device, seed, threads) | {
@@ -247,8 +247,8 @@ def prune(
             "data.max_train_samples": max_train_samples,
             "data.max_test_samples": max_test_samples,
         }
-        parent = find_parent(checkpoint, config, overrides)
-        _print_checkpoint(run_prune(build_config(config, overrides, base=parent_base(parent)), parent))
+        parent = find_parent("prune", checkpoint, config, overrides)
+        _print_checkpoint(run_prune(build_config(config, overrides, base=parent_base(parent, "prune")), parent))
 
     run_command(work)
 
@@ -394,7 +394,7 @@ def quantize(
     """
 
     def work():
-        from .quantize import find_parent, parent_base
+        from .lineage import find_parent, parent_base
         from .quantize import quantize as run_quantize
 
         overrides = common_overrides(task, data_dir, workdir, None, seed, threads) | {
@@ -406,8 +406,8 @@ def quantize(
             "report.bench_runs": bench_runs,
             "data.max_test_samples": max_test_samples,
         }
-        parent = find_parent(checkpoint, config, overrides)
-        written = run_quantize(build_config(config, overrides, base=parent_base(parent)), parent)
+        parent = find_parent("quantize", checkpoint, config, overrides)
+        written = run_quantize(build_config(config, overrides, base=parent_base(parent, "quantize")), parent)
         _print_checkpoint(written)
         latency = written.details["latency"]
         typer.echo(
@@ -443,11 +443,12 @@ def export(
 
     def work():
         from .export import export as run_export
-        from .export import find_parent, parent_base, parity_lines, parity_warnings
+        from .export import parity_lines, parity_warnings
+        from .lineage import find_parent, parent_base
 
         overrides = common_overrides(task, data_dir, workdir, None, None, threads) | {"export.format": format_, "export.opset": opset}
-        parent = find_parent(checkpoint, config, overrides)
-        written = run_export(build_config(config, overrides, base=parent_base(parent)), parent, output)
+        parent = find_parent("export", checkpoint, config, overrides)
+        written = run_export(build_config(config, overrides, base=parent_base(parent, "export")), parent, output)
         typer.echo(f"wrote {written.path}")
         for line in parity_lines(written):
             typer.echo(line)

@@ -40,7 +40,6 @@ latency at batch 1 and 32 is recorded like the quantize stage's.
 
 from __future__ import annotations
 
-import copy
 import math
 import shutil
 import tempfile
@@ -49,45 +48,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .checkpoint import Checkpoint, load_hf_model, resolve_input, write_checkpoint
-from .config import Config, load_config, read_yaml
+from .config import Config
 from .errors import TinycompressError
+from .lineage import check_parent
 from .runtime import ONNX_FILE, TORCHSCRIPT_FILE, TORCHSCRIPT_INT8_FILE
 
-PARENT_STAGES = ("finetune", "prune", "quantize")
 FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "all": ("onnx", "torchscript")}
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PARITY_ROWS = {"short": 4, "max_length": 4, "mixed": 8}
-
-
-# ------------------------------------------------------------------------------ the parent
-
-
-def find_parent(explicit: str | Path | None, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Checkpoint:
-    """The checkpoint the CLI exports: ``explicit``, else the task's newest quantize, prune or
-    finetune (in that order). Flags are validated first, so ``--format zip`` reports the format."""
-    overrides = overrides or {}
-    flags = load_config(config_file, overrides)
-    asked_task = overrides.get("task") or (read_yaml(config_file).get("task") if config_file else None)
-    return resolve_input(explicit, workdir=flags.workdir, task=asked_task, stage="export")
-
-
-def parent_base(parent: Checkpoint) -> dict[str, Any]:
-    """The parent's resolved config with the workdir set to the parent's workspace."""
-    base = copy.deepcopy(parent.manifest["config"])
-    base["workdir"] = str(parent.path.resolve().parent.parent)
-    return base
-
-
-def check_parent(parent: Checkpoint, config: Config) -> None:
-    if parent.stage not in PARENT_STAGES:
-        raise TinycompressError(
-            f"{parent.path} is an {parent.stage} folder already; export needs a finetune, prune or quantize checkpoint",
-            "pass the checkpoint it was exported from",
-        )
-    if parent.task != config.task:
-        raise TinycompressError(
-            f"{parent.path} was trained for task {parent.task}, not {config.task}", f"drop --task, or pass a {config.task} checkpoint"
-        )
 
 
 @dataclass
@@ -268,7 +236,7 @@ def run_export(config: Config, parent: Checkpoint, staging: Path) -> ExportResul
     from .modeling import count_parameters
     from .quantize import save_tokenizer
 
-    check_parent(parent, config)
+    check_parent("export", parent, config)
     sources = resolve_sources(parent)
     spec, _, threads = prepare(config)
     model, tokenizer = load_hf_model(sources.fp32)
@@ -349,7 +317,7 @@ def export(config: Config, parent: str | Path | Checkpoint | None = None, output
         raise TinycompressError(f"output folder {output} already exists", "pass a new folder to --output, or remove it first")
     if not isinstance(parent, Checkpoint):
         parent = resolve_input(parent, workdir=config.workdir, task=config.task, stage="export")
-    check_parent(parent, config)
+    check_parent("export", parent, config)
     with tempfile.TemporaryDirectory(prefix="tinycompress-export-") as staging:
         return write_export(config, run_export(config, parent, Path(staging)), output)
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import TinycompressError
 from .tasks import TaskSpec
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .checkpoint import Checkpoint, load_hf_model, resolve_input, save_hf_model, write_checkpoint
-from .config import Config, load_config, read_yaml
+from .config import Config
 from .data import Encoded, Examples, iterate_batches
 from .errors import TinycompressError
+from .lineage import check_parent
 
-PARENT_STAGES = ("finetune", "prune")
 # FLOPs depend on the sequence length; 128 is the default max_length, so numbers from
 # different runs and tasks are comparable whatever their own max_length.
 FLOPS_SEQ_LEN = 128
@@ -48,49 +48,6 @@ class PruneResult:
     parent: Checkpoint
     metrics: dict[str, Any]
     details: dict[str, Any]
-
-
-# ------------------------------------------------------------------------------ the parent
-
-
-def find_parent(explicit: str | Path | None, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Checkpoint:
-    """The checkpoint the CLI prunes: ``explicit``, else the newest finetune of the task.
-
-    The flags are validated first (without a base), so ``--ratio 1.5`` reports the ratio rather
-    than a missing checkpoint. The task is the one asked for (flag or config file), else the
-    workspace's most recent one.
-    """
-    overrides = overrides or {}
-    flags = load_config(config_file, overrides)
-    asked_task = overrides.get("task") or (read_yaml(config_file).get("task") if config_file else None)
-    return resolve_input(explicit, workdir=flags.workdir, task=asked_task, stage="prune")
-
-
-def parent_base(parent: Checkpoint) -> dict[str, Any]:
-    """The parent's resolved config, to build the prune config on (``load_config(base=...)``).
-
-    Data, model, max length and fine-tune settings carry over. The parent's ``prune`` section is
-    dropped, so a pruned parent's ratio is not silently applied again; the workdir becomes the
-    parent's workspace, so the new folder lands beside its parent unless --workdir says otherwise.
-    """
-    base = copy.deepcopy(parent.manifest["config"])
-    base.pop("prune", None)
-    base["workdir"] = str(parent.path.resolve().parent.parent)
-    return base
-
-
-def check_parent(parent: Checkpoint, config: Config) -> None:
-    """Refuse a parent this stage cannot prune, before any work is done."""
-    if parent.stage not in PARENT_STAGES:
-        raise TinycompressError(
-            f"{parent.path} is a {parent.stage} checkpoint; prune needs a finetune or prune checkpoint",
-            f"pass a finetune-v<N> folder, e.g. {parent.path.parent / 'finetune-v1'}",
-        )
-    if parent.task != config.task:
-        raise TinycompressError(
-            f"{parent.path} was trained for task {parent.task}, not {config.task}",
-            f"drop --task, or pass a {config.task} checkpoint",
-        )
 
 
 # ------------------------------------------------------------------------------ building blocks
@@ -361,7 +318,7 @@ def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
     """
     from .pruning import compute_importance
 
-    check_parent(parent, config)
+    check_parent("prune", parent, config)
     job = _load_job(config, parent)
     model = copy.deepcopy(job.teacher)
     start = time.perf_counter()

@@ -42,53 +42,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .checkpoint import Checkpoint, load_hf_model, resolve_input, write_checkpoint
-from .config import Config, QuantizeSettings, load_config, read_yaml
+from .config import Config, QuantizeSettings
 from .errors import TinycompressError
+from .lineage import check_parent
 from .runtime import ONNX_FILE
 
-PARENT_STAGES = ("finetune", "prune")
 CALIBRATION_BATCH_SIZE = 32
 
 
-# ------------------------------------------------------------------------------ the parent
-
-
-def find_parent(explicit: str | Path | None, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Checkpoint:
-    """The checkpoint the CLI quantizes: ``explicit``, else the newest prune of the task.
-
-    The flags are validated first (without a base), so ``--backend tflite`` reports the backend
-    rather than a missing checkpoint.
-    """
-    overrides = overrides or {}
-    flags = load_config(config_file, overrides)
-    asked_task = overrides.get("task") or (read_yaml(config_file).get("task") if config_file else None)
-    return resolve_input(explicit, workdir=flags.workdir, task=asked_task, stage="quantize")
-
-
-def parent_base(parent: Checkpoint) -> dict[str, Any]:
-    """The parent's resolved config, to build the quantize config on (``load_config(base=...)``).
-
-    Everything carries over (data, model, max length, and any quantize/report settings of the
-    YAML the chain was started with); the workdir becomes the parent's workspace, so the new
-    folder lands beside its parent unless --workdir says otherwise.
-    """
-    base = copy.deepcopy(parent.manifest["config"])
-    base["workdir"] = str(parent.path.resolve().parent.parent)
-    return base
-
-
-def check_parent(parent: Checkpoint, config: Config) -> None:
-    """Refuse a parent or settings this stage cannot quantize, before any work is done."""
-    if parent.stage not in PARENT_STAGES:
-        raise TinycompressError(
-            f"{parent.path} is {'an' if parent.stage[0] in 'aeiou' else 'a'} {parent.stage} checkpoint, which is already quantized or exported; "
-            "quantize needs a finetune or prune checkpoint",
-            f"pass a prune-v<N> or finetune-v<N> folder, e.g. {parent.path.parent / 'prune-v1'}",
-        )
-    if parent.task != config.task:
-        raise TinycompressError(
-            f"{parent.path} was trained for task {parent.task}, not {config.task}", f"drop --task, or pass a {config.task} checkpoint"
-        )
+def check_settings(config: Config) -> None:
+    """Refuse setting combinations that have no implementation, before any work."""
     if config.quantize.mode == "static" and config.quantize.backend != "onnx":
         raise TinycompressError("quantize.mode static is only implemented for quantize.backend onnx", "use --backend onnx, or --mode dynamic")
 
@@ -249,7 +212,8 @@ def run_quantize(config: Config, parent: Checkpoint, staging: Path) -> QuantizeR
     from .pruning import head_counts
     from .runtime import load_predictor
 
-    check_parent(parent, config)  # again: callers may skip quantize()
+    check_parent("quantize", parent, config)  # again: callers may skip quantize()
+    check_settings(config)
     spec, _, threads = prepare(config)
     model, tokenizer = load_hf_model(parent)
     data = load_data(config, spec)
@@ -302,6 +266,7 @@ def quantize(config: Config, parent: str | Path | Checkpoint | None = None) -> C
     """
     if not isinstance(parent, Checkpoint):
         parent = resolve_input(parent, workdir=config.workdir, task=config.task, stage="quantize")
-    check_parent(parent, config)
+    check_parent("quantize", parent, config)
+    check_settings(config)
     with tempfile.TemporaryDirectory(prefix="tinycompress-quantize-") as staging:
         return write_quantize(config, run_quantize(config, parent, Path(staging)))
