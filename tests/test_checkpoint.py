@@ -81,3 +81,32 @@ def test_format_version_and_garbage_manifest(tmp_path):
         read_checkpoint(tmp_path)
     with pytest.raises(TinycompressError, match="not found"):
         read_checkpoint(tmp_path / "nope")
+
+
+def test_folder_without_manifest_is_skipped_not_overwritten(tmp_path):
+    stray = tmp_path / "sst2" / "finetune-v1"
+    stray.mkdir(parents=True)
+    (stray / "partial.bin").write_bytes(b"left by someone")
+    written = _write(tmp_path, {"model.safetensors": b"w"})
+    assert written.name == "finetune-v2"
+    assert (stray / "partial.bin").read_bytes() == b"left by someone"
+    assert sorted(os.listdir(tmp_path / "sst2")) == ["finetune-v1", "finetune-v2"]
+
+
+def test_files_not_in_the_manifest_are_refused(tmp_path):
+    checkpoint = _write(tmp_path, {"model.safetensors": b"w"})
+    (checkpoint.path / "model.torchscript.pt").write_bytes(b"not ours")
+    with pytest.raises(TinycompressError, match="model.torchscript.pt is not listed in the manifest"):
+        read_checkpoint(checkpoint.path)
+
+
+def test_parent_changed_after_the_child_was_written(tmp_path):
+    parent = _write(tmp_path, {"model.safetensors": b"p"})
+    child = write_checkpoint(tmp_path, "sst2", "prune", lambda f: (f / "x.bin").write_bytes(b"c"),
+                             config=load_config(), metrics={}, seed=1, parent=parent)
+    manifest_path = parent.path / MANIFEST_NAME
+    manifest = yaml.safe_load(manifest_path.read_text())
+    manifest["metrics"]["test/accuracy"] = 0.99
+    manifest_path.write_text(yaml.safe_dump(manifest))
+    with pytest.raises(TinycompressError, match="changed after it was written"):
+        child.parent()

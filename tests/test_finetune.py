@@ -54,3 +54,13 @@ def test_distilbert_finetunes(tiny_distilbert_dir, toy_glue, tmp_path):
     assert checkpoint.metrics["test/accuracy"] >= 0.9
     model, _ = load_hf_model(checkpoint)
     assert model.config.model_type == "distilbert"
+
+
+def test_nan_dev_metric_still_keeps_a_best_epoch(tiny_bert_dir, toy_glue, tmp_path, monkeypatch):
+    import tinycompress.training as training
+    from conftest import tiny_finetune_overrides
+
+    monkeypatch.setattr(training, "evaluate", lambda *a, **k: {"accuracy": float("nan")})
+    checkpoint = finetune(load_config(None, tiny_finetune_overrides(tiny_bert_dir, toy_glue, tmp_path, **{"finetune.epochs": 2})))
+    assert checkpoint.metrics["best_epoch"] == 1
+    assert len(checkpoint.manifest["details"]["history"]) == 2

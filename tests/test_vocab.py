@@ -238,7 +238,7 @@ def test_pruned_model_gives_the_same_logits_after_save_and_reload(kind, tiny_ber
     new = rewrite_tokenizer(old, kept)
     assert (logits(model, new, KEPT_TEXTS) - expected).abs().max().item() <= 1e-6
 
-    save_hf_model(tmp_path, model, new)
+    save_hf_model(tmp_path, model, new, 64)
     reloaded, tokenizer = reload(tmp_path)
     assert reloaded.config.model_type == kind and reloaded.config.vocab_size == len(kept) == len(tokenizer)
     assert tuple(reloaded.get_input_embeddings().weight.shape) == (len(kept), 32)
@@ -264,7 +264,7 @@ def test_pad_id_and_padding_idx_are_remapped(tmp_path):
     prune_embeddings_(model, kept)
     new = rewrite_tokenizer(old, kept)
     assert model.config.pad_token_id == 0 == new.pad_token_id == model.get_input_embeddings().padding_idx
-    save_hf_model(tmp_path, model, new)
+    save_hf_model(tmp_path, model, new, 64)
     reloaded, tokenizer = reload(tmp_path)
     assert reloaded.config.pad_token_id == 0 and reloaded.get_input_embeddings().padding_idx == 0
     assert (logits(reloaded, tokenizer, texts) - expected).abs().max().item() <= 1e-6
@@ -367,7 +367,7 @@ def test_real_minilm_vocab_pruning_on_sst2_rows(real_glue, tmp_path):
     expected = logits(model, old, sample)
     prune_embeddings_(model, kept)
     new = rewrite_tokenizer(old, kept)
-    save_hf_model(tmp_path, model, new)
+    save_hf_model(tmp_path, model, new, 64)
     reloaded, tokenizer = reload(tmp_path)
     assert reloaded.get_input_embeddings().num_embeddings == len(kept) < 30522 // 4
     assert (logits(reloaded, tokenizer, sample) - expected).abs().max().item() <= 1e-6

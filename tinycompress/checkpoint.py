@@ -1,4 +1,5 @@
-"""The checkpoint directory format. Only this module writes or reads checkpoint folders.
+"""The checkpoint directory format: the one module that lays out, verifies and publishes
+checkpoint folders (stages hand it a function that writes their model files).
 
 Layout of a workspace (default ``./runs``)::
 
@@ -19,7 +20,6 @@ import hashlib
 import os
 import re
 import shutil
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -89,8 +89,13 @@ class Checkpoint:
         parent = self.manifest.get("parent")
         if not parent:
             return None
-        # Stored relative to the task folder, so a workspace can be moved or copied whole.
-        return read_checkpoint((self.path.parent / parent["path"]).resolve())
+        found = read_checkpoint((self.path.parent / parent["path"]).resolve())
+        if sha256_file(found.path / MANIFEST_NAME) != parent["manifest_sha256"]:
+            raise TinycompressError(
+                f"{self.path}: its parent {found.path} changed after it was written (manifest sha256 differs)",
+                f"re-run `{producing_command(self.stage, self.task)}` from the current parent",
+            )
+        return found
 
 
 # ------------------------------------------------------------------------------ hashing & sizes
@@ -216,6 +221,14 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
             f"re-run `{producing_command(stage, task)}` with this version",
         )
     if verify:
+        # A file the manifest does not list was not written by the stage: refuse it rather than
+        # let a loader pick it up (a stray TorchScript pickle, say).
+        unlisted = sorted(name for name in (str(p.relative_to(path)) for p in _files_under(path)) if name not in manifest["files"])
+        if unlisted:
+            raise TinycompressError(
+                f"{path}: file {unlisted[0]} is not listed in the manifest",
+                f"remove it, or re-run `{producing_command(stage, task)}` to write a new checkpoint",
+            )
         for name, digest in manifest["files"].items():
             file = path / name
             if not file.is_file():
@@ -286,53 +299,70 @@ def write_checkpoint(
     tmp.mkdir()
     try:
         write_files(tmp)
-        base = base_model or (parent.manifest.get("base_model") if parent else None) or "unknown"
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "stage": stage,
-            "task": task,
-            "version": 0,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "base_model": base,
-            "parent": None,
-            "seed": seed,
-            "metrics": metrics,
-            "details": details or {},
-            "config": config.to_dict(),
-            "versions": library_versions(),
-        }
-        if parent is not None:
-            parent_rel = os.path.relpath(parent.path.resolve(), root.resolve())
-            manifest["parent"] = {"path": parent_rel, "stage": parent.stage, "manifest_sha256": sha256_file(parent.path / MANIFEST_NAME)}
-        while True:
-            if destination is None:
-                version = (stage_versions(workdir, task, stage)[-1][0] if stage_versions(workdir, task, stage) else 0) + 1
-            else:
-                version = 1
-            manifest["version"] = version
-            (tmp / "README.md").write_text(_model_card(task, stage, version, base, metrics), encoding="utf-8")
-            manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in _files_under(tmp)}
-            manifest["size_bytes"] = size_bytes(_files_under(tmp))
-            manifest["model_bytes"] = size_bytes(model_files(tmp))
-            (tmp / MANIFEST_NAME).write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True), encoding="utf-8")
-            final = root / f"{stage}-v{version}" if destination is None else destination
-            if destination is not None:
-                # rename would silently replace an empty folder created meanwhile.
-                _refuse_existing(destination)
+        manifest = _new_manifest(task, stage, root, config=config, metrics=metrics, seed=seed, parent=parent, base_model=base_model, details=details)
+        if destination is not None:
+            _seal(tmp, manifest, version=1)
+            _refuse_existing(destination)  # rename would silently replace an empty folder made meanwhile
+            os.rename(tmp, destination)
+            return read_checkpoint(destination)
+        version = _next_version(root, stage)
+        for _attempt in range(100):
+            _seal(tmp, manifest, version)
+            final = root / f"{stage}-v{version}"
             try:
                 # rename refuses to replace a non-empty folder: another process took this version.
                 os.rename(tmp, final)
-                break
+                return read_checkpoint(final)
             except OSError:
                 if not final.exists():
                     raise
-                if destination is not None:
-                    _refuse_existing(destination)
-                time.sleep(0.01)
+                version += 1
+        raise TinycompressError(f"could not find a free {stage}-v<N> name in {root}", "remove stray folders there")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return read_checkpoint(final)
+
+
+def _new_manifest(task: str, stage: str, root: Path, *, config, metrics, seed, parent, base_model, details) -> dict[str, Any]:
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "stage": stage,
+        "task": task,
+        "version": 0,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": base_model or (parent.manifest.get("base_model") if parent else None) or "unknown",
+        "parent": None,
+        "seed": seed,
+        "metrics": metrics,
+        "details": details or {},
+        "config": config.to_dict(),
+        "versions": library_versions(),
+    }
+    if parent is not None:
+        # Relative to the task folder, so a workspace can be moved or copied whole.
+        parent_rel = os.path.relpath(parent.path.resolve(), root.resolve())
+        manifest["parent"] = {"path": parent_rel, "stage": parent.stage, "manifest_sha256": sha256_file(parent.path / MANIFEST_NAME)}
+    return manifest
+
+
+def _seal(folder: Path, manifest: dict[str, Any], version: int) -> None:
+    """Add the model card, then the manifest (checksums of everything else) as the last file."""
+    manifest["version"] = version
+    (folder / "README.md").write_text(
+        _model_card(manifest["task"], manifest["stage"], version, manifest["base_model"], manifest["metrics"]), encoding="utf-8"
+    )
+    files = _files_under(folder)
+    manifest["files"] = {str(p.relative_to(folder)): sha256_file(p) for p in files}
+    manifest["size_bytes"] = size_bytes(files)
+    manifest["model_bytes"] = size_bytes(model_files(folder))
+    (folder / MANIFEST_NAME).write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def _next_version(root: Path, stage: str) -> int:
+    """One past the highest ``<stage>-v<N>`` name in ``root``, complete or not, so a folder left
+    without a manifest is never a rename target."""
+    numbers = [int(m["version"]) for m in (_STAGE_DIR.match(c.name) for c in root.iterdir()) if m and m["stage"] == stage]
+    return max(numbers, default=0) + 1
 
 
 def _refuse_existing(destination: Path) -> None:
@@ -343,11 +373,20 @@ def _refuse_existing(destination: Path) -> None:
 # ------------------------------------------------------------------------------ models
 
 
-def save_hf_model(directory: Path, model, tokenizer) -> None:
+def save_tokenizer(directory: Path, tokenizer, max_length: int) -> None:
+    """The tokenizer files, with ``model_max_length`` set to the length the model was measured
+    with, so plain ``AutoTokenizer(..., truncation=True)`` users truncate the same way."""
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(directory)
+
+
+def save_hf_model(directory: Path, model, tokenizer, max_length: int) -> None:
     """HF-format weights (safetensors), config and tokenizer files."""
     model.save_pretrained(directory, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    save_tokenizer(directory, tokenizer, max_length)
 
 
 def load_hf_model(checkpoint: Checkpoint):

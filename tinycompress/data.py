@@ -246,6 +246,12 @@ def batch_order(lengths: Sequence[int], batch_size: int, *, shuffle: bool, group
     return batches
 
 
+def padding_id(tokenizer) -> int:
+    """The id to pad batches with; 0 for tokenizers that define no pad token (padding is
+    masked out by the attention mask, so any valid id works)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def collate(encoded: Encoded, indices: Sequence[int], pad_id: int, *, regression: bool, with_labels: bool = True) -> dict:
     """A padded batch of tensors for ``model(**batch)``."""
     import torch

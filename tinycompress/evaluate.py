@@ -11,7 +11,7 @@ from typing import Any
 
 from .checkpoint import MANIFEST_NAME, read_checkpoint
 from .config import load_config
-from .data import encode
+from .data import encode, padding_id
 from .errors import TinycompressError
 
 
@@ -22,8 +22,7 @@ def evaluate_predictor(predictor, config, spec) -> dict[str, float]:
 
     data = load_data(config, spec)
     encoded = encode(predictor.tokenizer, data.test, config.model.max_length)
-    pad_id = predictor.tokenizer.pad_token_id or 0
-    metrics = evaluate(None, encoded, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad_id, forward=predictor.forward)
+    metrics = evaluate(None, encoded, spec, batch_size=config.finetune.eval_batch_size, pad_id=padding_id(predictor.tokenizer), forward=predictor.forward)
     return {f"test/{k}": v for k, v in metrics.items()}
 
 

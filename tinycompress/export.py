@@ -234,7 +234,7 @@ def run_export(config: Config, parent: Checkpoint, staging: Path) -> ExportResul
     on the test split; writes no checkpoint."""
     from .finetune import load_data, prepare
     from .modeling import count_parameters
-    from .quantize import save_tokenizer
+    from .checkpoint import save_tokenizer
 
     check_parent("export", parent, config)
     sources = resolve_sources(parent)
@@ -249,7 +249,7 @@ def run_export(config: Config, parent: Checkpoint, staging: Path) -> ExportResul
     if "torchscript" in formats:
         artifacts += write_torchscript(sources, model, staging, config, batches)
     model.config.save_pretrained(staging)
-    save_tokenizer(tokenizer, staging, config.model.max_length)
+    save_tokenizer(staging, tokenizer, config.model.max_length)
     metrics = measure_artifacts(staging, artifacts, config, spec, threads)
     metrics |= {f"parent/{k}": v for k, v in parent.metrics.items() if k.startswith("test/")}
     metrics |= {"parameters": count_parameters(model), "test_rows": len(data.test), "parity_passed": all(a.to_dict()["passed"] for a in artifacts)}

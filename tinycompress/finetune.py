@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .checkpoint import Checkpoint, save_hf_model, write_checkpoint
 from .config import Config
-from .data import encode, load_task_data
+from .data import encode, load_task_data, padding_id
 from .modeling import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_HUB_ID,
@@ -52,13 +52,13 @@ def finetune(config: Config) -> Checkpoint:
     model, tokenizer, source = load_pretrained_classifier(config.model.name, spec, config.seed)
     max_length = config.model.max_length
     train_enc, dev_enc, test_enc = (encode(tokenizer, split, max_length) for split in (data.train, data.dev, data.test))
-    pad_id = tokenizer.pad_token_id
+    pad = padding_id(tokenizer)
     # The "original" row of the report: the pretrained encoder with its fresh, seeded head,
     # measured on the same test rows before any training.
-    original = evaluate(model, test_enc, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad_id, device=device)
+    original = evaluate(model, test_enc, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad, device=device)
     with make_progress() as progress:
-        result = train(model, train_enc, dev_enc, spec, config.finetune, pad_id=pad_id, device=device, seed=config.seed, progress=progress)
-    test = evaluate(model, test_enc, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad_id, device=device)
+        result = train(model, train_enc, dev_enc, spec, config.finetune, pad_id=pad, device=device, seed=config.seed, progress=progress)
+    test = evaluate(model, test_enc, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad, device=device)
     metrics = {
         **{f"test/{k}": v for k, v in test.items()},
         **{f"dev/{k}": v for k, v in result.best_dev.items()},
@@ -79,7 +79,7 @@ def finetune(config: Config) -> Checkpoint:
         config.workdir,
         spec.name,
         "finetune",
-        lambda folder: save_hf_model(folder, model, tokenizer),
+        lambda folder: save_hf_model(folder, model, tokenizer, max_length),
         config=config,
         metrics=metrics,
         seed=config.seed,

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 from .checkpoint import Checkpoint, load_hf_model, resolve_input, save_hf_model, write_checkpoint
 from .config import Config
 from .data import Encoded, Examples, iterate_batches
+from .data import padding_id
 from .errors import TinycompressError
 from .lineage import check_parent
 
@@ -233,7 +234,7 @@ def _load_job(config: Config, parent: Checkpoint) -> _Job:
             raise TinycompressError(f"cannot prune the vocabulary of {parent.path}: {exc}", "drop --vocab") from None
     data = load_data(config, spec)
     train, dev, test = (encode(tokenizer, split, config.model.max_length) for split in (data.train, data.dev, data.test))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(tokenizer)
     batches = importance_batches(
         train, config.prune.importance_samples, batch_size=config.finetune.batch_size,
         pad_id=pad_id, regression=spec.is_regression, seed=config.seed,
@@ -289,7 +290,7 @@ def _prune_vocab(model, job: _Job, config: Config) -> tuple[Any, dict[str, Any],
     except ValueError as exc:
         raise TinycompressError(f"cannot prune the vocabulary: {exc}", "drop --vocab") from None
     test = encode(new_tokenizer, job.test_examples, config.model.max_length)
-    pad_id = new_tokenizer.pad_token_id if new_tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(new_tokenizer)
     pruned_test = measure_test(model, test, job.spec, config, pad_id=pad_id, device=job.device)
     # Under the ORIGINAL tokenizer: test tokens whose row is gone (now [UNK] or re-spelled).
     rate = oov_rate(job.test.input_ids, kept, ignore_ids=special_ids(old_tokenizer) - {old_tokenizer.unk_token_id})
@@ -359,7 +360,7 @@ def write_prune(config: Config, result: PruneResult) -> Checkpoint:
         config.workdir,
         result.parent.task,
         "prune",
-        lambda folder: save_hf_model(folder, result.model, result.tokenizer),
+        lambda folder: save_hf_model(folder, result.model, result.tokenizer, config.model.max_length),
         config=config,
         metrics=result.metrics,
         seed=config.seed,

@@ -31,7 +31,6 @@ vector extensions).
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import tempfile
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoint import Checkpoint, load_hf_model, resolve_input, write_checkpoint
+from .checkpoint import Checkpoint, load_hf_model, resolve_input, save_tokenizer, write_checkpoint
 from .config import Config, QuantizeSettings
 from .errors import TinycompressError
 from .lineage import check_parent
@@ -119,10 +118,11 @@ def quantize_onnx_model(model, path: Path, settings: QuantizeSettings, *, opset:
 def calibration_batches(tokenizer, examples, rows: int, *, max_length: int, seed: int) -> list[dict]:
     """Input dicts (no labels) over ``rows`` seeded-random rows of ``examples`` (training rows)."""
     from .data import encode, iterate_batches
+    from .data import padding_id
     from .prune import subset_rows
 
     subset = subset_rows(encode(tokenizer, examples, max_length), rows, seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(tokenizer)
     batches = []
     for _, batch in iterate_batches(subset, CALIBRATION_BATCH_SIZE, pad_id, regression=False):
         batch.pop("labels", None)
@@ -167,14 +167,6 @@ def _versions() -> dict[str, str]:
     return {name: metadata.version(name) for name in ("onnxruntime", "torch")}
 
 
-def save_tokenizer(tokenizer, folder: Path, max_length: int) -> None:
-    """The tokenizer files, with ``model_max_length`` set to the length the model was measured
-    with, so plain ``AutoTokenizer(..., truncation=True)`` users truncate the same way."""
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.model_max_length = max_length
-    tokenizer.save_pretrained(folder)
-
-
 # ------------------------------------------------------------------------------ the stage
 
 
@@ -199,7 +191,7 @@ def build_artifact(config: Config, model, tokenizer, staging: Path, data) -> dic
     else:
         details = quantize_torch_model(model, staging, settings)
     model.config.save_pretrained(staging)
-    save_tokenizer(tokenizer, staging, config.model.max_length)
+    save_tokenizer(staging, tokenizer, config.model.max_length)
     details["calibration_rows"] = min(settings.calibration_samples, len(data.train)) if calibration is not None else 0
     return details
 

@@ -205,6 +205,12 @@ def load_predictor(path: str | Path, *, threads: int | None = None) -> Predictor
     path = Path(path)
     checkpoint = read_checkpoint(path) if (path / MANIFEST_NAME).is_file() or not path.exists() else None
     max_length = _manifest_max_length(checkpoint)
+    if checkpoint is not None and checkpoint.stage in ("finetune", "prune"):
+        # PyTorch stages hold safetensors weights only; nothing else in them is ever loaded.
+        model, tokenizer = load_hf_model(checkpoint)
+        predictor = torch_predictor(model, tokenizer, max_length=max_length)
+        predictor.artifact = path / "model.safetensors"
+        return predictor
     if (path / ONNX_FILE).is_file():
         return onnx_predictor(path, threads=threads, max_length=max_length)
     if (path / INT8_RECIPE_FILE).is_file():
@@ -212,12 +218,7 @@ def load_predictor(path: str | Path, *, threads: int | None = None) -> Predictor
     for file in (TORCHSCRIPT_INT8_FILE, TORCHSCRIPT_FILE):
         if (path / file).is_file():
             return torchscript_predictor(path, file, max_length=max_length)
-    if checkpoint is not None:
-        model, tokenizer = load_hf_model(checkpoint)
-        predictor = torch_predictor(model, tokenizer, max_length=max_length)
-        predictor.artifact = path / "model.safetensors"
-        return predictor
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() and checkpoint is None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         return torch_predictor(AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path))

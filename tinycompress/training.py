@@ -156,8 +156,11 @@ def train(
         if progress:  # one line per epoch, also when stderr is a log file rather than a terminal
             scores = " ".join(f"dev/{k}={v:.4f}" for k, v in dev.items())
             progress.console.log(f"{description} epoch {epoch}/{epochs}: loss {running:.4f} {scores} {seen / train_seconds:.0f} samples/s")
-        if dev[spec.primary_metric] > best_score:
-            best_score, result.best_dev, result.best_epoch = dev[spec.primary_metric], dev, epoch
+        # NaN (e.g. a correlation of constant predictions) ranks lowest, but epoch 1 is always kept.
+        score = dev[spec.primary_metric]
+        score = -math.inf if math.isnan(score) else score
+        if best_state is None or score > best_score:
+            best_score, result.best_dev, result.best_epoch = score, dev, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     result.train_seconds = train_seconds
     result.samples_per_second = seen / train_seconds if train_seconds else 0.0
