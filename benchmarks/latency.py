@@ -57,8 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------ the variants
 
 
-def onnx_folder(model, tokenizer, folder: Path, *, int8: bool, fused: bool, opset: int) -> Path:
+def onnx_folder(model, tokenizer, folder: Path, *, int8: bool, fused: bool, opset: int, max_length: int) -> Path:
     """``folder`` with model.onnx (built with the quantize stage's functions), config and tokenizer."""
+    from tinycompress.checkpoint import save_config_and_tokenizer
     from tinycompress.config import QuantizeSettings
     from tinycompress.onnx_utils import export_onnx
     from tinycompress.quantize import export_optimized_onnx, quantize_onnx_model
@@ -71,8 +72,7 @@ def onnx_folder(model, tokenizer, folder: Path, *, int8: bool, fused: bool, opse
             export_optimized_onnx(model, folder / "model.onnx", opset=opset, scratch=Path(scratch))
     else:
         export_onnx(model, folder / "model.onnx", opset=opset)
-    model.config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_config_and_tokenizer(folder, model.config, tokenizer, max_length)
     return folder
 
 
@@ -92,12 +92,13 @@ def build_variants(args, finetuned, pruned, scratch: Path) -> list[tuple[str, An
     from tinycompress.checkpoint import load_hf_model
     from tinycompress.runtime import onnx_predictor, torch_predictor
 
-    opset = pruned.config.export.opset
+    opset, max_length = pruned.config.export.opset, pruned.config.model.max_length
     ft_model, ft_tokenizer = load_hf_model(finetuned)
     pr_model, pr_tokenizer = load_hf_model(pruned)
 
     def onnx(name: str, model, tokenizer, **kind):
-        return onnx_predictor(onnx_folder(model, tokenizer, scratch / name, opset=opset, **kind), threads=args.threads)
+        folder = onnx_folder(model, tokenizer, scratch / name, opset=opset, max_length=max_length, **kind)
+        return onnx_predictor(folder, threads=args.threads)
 
     if args.pruned_int8:
         pruned_int8 = quantized_predictor(args.pruned_int8, args.threads)
@@ -121,14 +122,10 @@ def build_variants(args, finetuned, pruned, scratch: Path) -> list[tuple[str, An
 
 
 def time_variants(variants, texts, max_length: int, runs: int, warmup: int) -> list[dict[str, Any]]:
-    from tinycompress.bench import latency_batches, measure_latency
+    from tinycompress.bench import measure_predictor
 
-    results = []
-    for name, predictor in variants:
-        row: dict[str, Any] = {"variant": name}
-        for size, inputs in latency_batches(predictor.tokenizer, texts, max_length).items():
-            row[f"batch_{size}"] = measure_latency(lambda inputs=inputs: predictor.forward(inputs), runs=runs, warmup=warmup)
-        results.append(row)
+    results = [{"variant": name, **measure_predictor(predictor, texts, max_length=max_length, runs=runs, warmup=warmup)}
+               for name, predictor in variants]
     base = results[0]
     for row in results:
         for key in ("batch_1", "batch_32"):

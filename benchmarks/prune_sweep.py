@@ -83,8 +83,8 @@ class Sweep:
     def __init__(self, args: argparse.Namespace):
         from tinycompress.checkpoint import load_hf_model, read_checkpoint
         from tinycompress.config import load_config
-        from tinycompress.data import encode
-        from tinycompress.finetune import load_data, prepare
+        from tinycompress.data import encode, load_config_data, padding_id
+        from tinycompress.modeling import prepare
         from tinycompress.prune import importance_batches
 
         parent = read_checkpoint(args.checkpoint)
@@ -96,10 +96,10 @@ class Sweep:
         self.spec, self.device, self.threads = prepare(self.config)
         self.model, self.tokenizer = load_hf_model(parent)
         self.model.to(self.device)
-        data = load_data(self.config, self.spec)
+        data = load_config_data(self.config, self.spec)
         max_length = self.config.model.max_length
         self.train, self.dev, self.test = (encode(self.tokenizer, s, max_length) for s in (data.train, data.dev, data.test))
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad_id = padding_id(self.tokenizer)
         self.batches = importance_batches(
             self.train, args.importance_samples, batch_size=self.config.finetune.batch_size,
             pad_id=self.pad_id, regression=self.spec.is_regression, seed=self.config.seed,
@@ -121,7 +121,8 @@ class Sweep:
 
     def row(self, model, criterion: str, ratio: float, *, recovered: bool, recovery_rows: int = 0, seconds: float = 0.0) -> dict:
         from tinycompress.prune import FLOPS_SEQ_LEN
-        from tinycompress.pruning import count_parameters, estimate_flops, head_counts
+        from tinycompress.modeling import count_parameters
+        from tinycompress.pruning import estimate_flops, head_counts
 
         start = time.perf_counter()
         metrics = self.measure(model)
@@ -155,7 +156,8 @@ def sweep_criterion(sweep: Sweep, criterion: str, ratios: list[float]) -> tuple[
 
 def recovered_rows(sweep: Sweep, criterion: str, importance, ratios: list[float], train_rows: int) -> list[dict]:
     """Rows for ``criterion`` after 1 epoch of distillation on ``train_rows`` training rows."""
-    from tinycompress.prune import recover, subset_rows
+    from tinycompress.data import subset_rows
+    from tinycompress.prune import recover
 
     seed = sweep.config.seed
     train = subset_rows(sweep.train, train_rows, seed)

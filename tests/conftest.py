@@ -1,4 +1,4 @@
-"""Shared fixtures: a toy GLUE folder, tiny random BERT / DistilBERT model folders, real data."""
+"""Shared fixtures: toy GLUE folders (SST-2, STS-B), tiny random BERT / DistilBERT model folders, real data."""
 
 from __future__ import annotations
 
@@ -35,10 +35,31 @@ def write_toy_sst2(root: Path, *, n_train: int = 240, n_test: int = 80, seed: in
     return root
 
 
+def write_toy_stsb(root: Path, *, n_train: int = 160, n_test: int = 40, seed: int = 0) -> Path:
+    """STS-B layout (sentence pairs, a 0-5 float score): pairs of the same sentiment score high."""
+    rng = random.Random(seed)
+    folder = root / "stsb"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, count in (("train", n_train), ("validation", n_test)):
+        rows = ["sentence1\tsentence2\tscore"]
+        for _ in range(count):
+            first, second = rng.randint(0, 1), rng.randint(0, 1)
+            score = (4.5 if first == second else 0.5) + rng.uniform(-0.5, 0.5)
+            rows.append(f"{toy_sentence(rng, first)}\t{toy_sentence(rng, second)}\t{score:.3f}")
+        (folder / f"{name}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return root
+
+
 @pytest.fixture(scope="session")
 def toy_glue(tmp_path_factory) -> Path:
     """A GLUE folder (our layout) with a separable toy SST-2."""
     return write_toy_sst2(tmp_path_factory.mktemp("toy_glue"))
+
+
+@pytest.fixture(scope="session")
+def toy_stsb(tmp_path_factory) -> Path:
+    """A GLUE folder (our layout) with a toy STS-B: regression on sentence pairs."""
+    return write_toy_stsb(tmp_path_factory.mktemp("toy_stsb"))
 
 
 def _toy_tokenizer(folder: Path):

@@ -1,3 +1,4 @@
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,11 @@ def test_dev_split_is_seeded_and_disjoint(toy_glue):
     c = load_task_data(spec, data_dir=str(toy_glue), dev_fraction=0.25, seed=2)
     assert a.dev.texts == b.dev.texts and a.dev.texts != c.dev.texts
     assert len(a.train) + len(a.dev) == 240 and len(a.dev) == 60
+    # Disjoint: train and dev together are exactly the rows of the train file, none in both.
+    every = read_tsv(toy_glue / "sst2" / "train.tsv", spec, with_labels=True)
+    assert len(set(every.texts)) == len(every)  # the toy sentences are all different
+    assert not set(a.train.texts) & set(a.dev.texts)
+    assert Counter(a.train.texts) + Counter(a.dev.texts) == Counter(every.texts)
 
 
 def test_length_grouping_cuts_padding_and_keeps_every_row():

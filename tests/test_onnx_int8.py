@@ -28,7 +28,6 @@ from tinycompress.onnx_utils import (
     attention_head_counts,
     export_onnx,
     format_parity,
-    onnx_file_bytes,
     optimize_onnx,
     parity_check,
     quantize_onnx_dynamic,
@@ -215,7 +214,7 @@ def test_dynamic_int8_quantizes_matmul_and_gather(models, exported, tmp_path):
     # 3 QKV + 1 output + 2 FFN per layer, + pooler and classifier (pre-processing turns
     # their Gemm into MatMul); activation x activation MatMuls (QK^T, AV) stay fp32.
     assert counts["MatMul"] == 6 * LAYERS + 2
-    assert onnx_file_bytes(out) < onnx_file_bytes(exported["bert"])
+    assert out.stat().st_size < exported["bert"].stat().st_size
 
     reference, candidate = torch_logits_fn(models["bert"]), OnnxClassifier(out)
     (result,) = parity_check(reference, candidate, {"fixed": FIXED}, atol=0.1)
@@ -228,7 +227,7 @@ def test_dynamic_int8_of_fused_pruned_graph(models, optimized, tmp_path):
     counts = quantize_onnx_dynamic(fused, out, op_types=FUSED_GRAPH_OP_TYPES)
     assert counts["Attention"] == LAYERS and counts["EmbedLayerNormalization"] == 1 and counts["MatMul"] > 0
     assert attention_head_counts(out) == [2, 4]
-    assert onnx_file_bytes(out) < onnx_file_bytes(fused)
+    assert out.stat().st_size < fused.stat().st_size
     (result,) = parity_check(torch_logits_fn(models["pruned"]), OnnxClassifier(out), {"fixed": FIXED}, atol=0.1)
     assert result.label_agreement_pct == 100.0, format_parity([result])
 
@@ -246,6 +245,9 @@ def test_static_qdq_runs(models, exported, tmp_path):
     assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > 0 and counts["MatMul"] > 0
     logits = OnnxClassifier(out)(**BATCHES["long"])
     assert logits.shape == (5, LABELS) and np.isfinite(logits).all()
+    # int8 rounding, not a broken graph: close to the fp32 model, same labels.
+    results = parity_check(torch_logits_fn(models["distilbert"]), OnnxClassifier(out), BATCHES, atol=0.1)
+    assert all(r.passed and r.label_agreement_pct == 100.0 for r in results), format_parity(results)
 
 
 # ----------------------------------------------------------------------------- torch int8
@@ -287,7 +289,7 @@ def test_torch_int8_round_trip_is_exact_and_pickle_free(models, tmp_path, monkey
     monkeypatch.undo()
     model.save_pretrained(tmp_path / "fp32")  # safetensors
     fp32_bytes = sum(p.stat().st_size for p in (tmp_path / "fp32").glob("*.safetensors"))
-    assert int8.int8_checkpoint_bytes(tmp_path / "ckpt") < fp32_bytes
+    assert sum(p.stat().st_size for p in written) < fp32_bytes
 
 
 def test_torch_int8_per_channel_round_trip(models, tmp_path):
@@ -325,15 +327,6 @@ def test_torchscript_round_trip_matches_eager(models, tmp_path, name, quantized)
 
 
 # ----------------------------------------------------------------------------- helpers & errors
-
-
-def test_onnx_file_bytes_counts_external_data(exported, tmp_path):
-    model = onnx.load(str(exported["bert"]))
-    path = tmp_path / "ext.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, location="ext.data", size_threshold=0)
-    total = path.stat().st_size + (tmp_path / "ext.data").stat().st_size
-    assert onnx_file_bytes(path) == total
-    assert onnx_file_bytes(exported["bert"]) == exported["bert"].stat().st_size
 
 
 def test_parity_reports_failures_and_rejects_shape_mismatch():

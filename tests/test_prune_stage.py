@@ -11,15 +11,17 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import tiny_finetune_overrides
-from tinycompress.bench import latency_batches, measure_latency, torch_forward
+from tinycompress.bench import latency_batches, measure_latency, measure_predictor
 from tinycompress.checkpoint import MANIFEST_NAME, load_hf_model, read_checkpoint
 from tinycompress.cli import app
 from tinycompress.config import load_config
 from tinycompress.data import collate, encode, load_task_data
 from tinycompress.errors import TinycompressError
 from tinycompress.lineage import parent_base
-from tinycompress.prune import FLOPS_SEQ_LEN, prune, run_prune, write_prune
-from tinycompress.pruning import count_parameters, current_head_ids, head_counts
+from tinycompress.modeling import count_parameters
+from tinycompress.prune import FLOPS_SEQ_LEN, check_feasible, prune, run_prune, write_prune
+from tinycompress.pruning import current_head_ids, head_counts
+from tinycompress.runtime import torch_predictor
 from tinycompress.tasks import get_task
 
 runner = CliRunner()
@@ -136,6 +138,16 @@ def test_refusals_write_nothing(parent):
     assert listing(workspace) == before
 
 
+def test_unsupported_model_family_is_its_own_error(parent):
+    model, _ = load_hf_model(parent)
+    with pytest.raises(TinycompressError, match="cannot prune: .*lower --ratio"):
+        check_feasible(model, prune_config(parent, **{"prune.ratio": 0.9}))
+    model.config.model_type = "gpt2"  # what an unsupported family looks like to the adapter table
+    with pytest.raises(TinycompressError, match="'gpt2' is not supported; supported: bert, distilbert") as caught:
+        check_feasible(model, prune_config(parent, **{"prune.ratio": 0.5}))
+    assert "--ratio" not in str(caught.value)
+
+
 def test_refuses_a_parent_of_another_stage(parent, tmp_path):
     quantized = tmp_path / "other" / "sst2" / "quantize-v1"
     shutil.copytree(parent.path, quantized)
@@ -224,8 +236,10 @@ def test_latency_batches_and_measure_latency(tiny_finetuned):
     batches = latency_batches(tokenizer, texts, 32)
     assert batches[1]["input_ids"].tolist() == tokenizer(["a warm story"], return_tensors="pt")["input_ids"].tolist()
     assert batches[32]["input_ids"].shape[0] == 32 and batches[32]["attention_mask"][1].all()
-    timing = measure_latency(torch_forward(model, batches[32]), runs=3, warmup=1)
-    assert set(timing) == {"median_ms", "p90_ms", "runs"} and timing["runs"] == 3
-    assert 0 < timing["median_ms"] <= timing["p90_ms"]
+    timings = measure_predictor(torch_predictor(model, tokenizer), texts, max_length=32, runs=3, warmup=1)
+    assert set(timings) == {"batch_1", "batch_32"}
+    for timing in timings.values():
+        assert set(timing) == {"median_ms", "p90_ms", "runs"} and timing["runs"] == 3
+        assert 0 < timing["median_ms"] <= timing["p90_ms"]
     with pytest.raises(ValueError, match="runs"):
         measure_latency(lambda: None, runs=0)

@@ -12,12 +12,13 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
-from tinycompress.arch import get_arch, get_module, layers
+from tinycompress.arch import get_arch, get_module, layers, ort_model_type
+from tinycompress.errors import TinycompressError
+from tinycompress.modeling import count_parameters
 from tinycompress.pruning import (
     STRUCTURE_ATTR,
     apply_structure_,
     compute_importance,
-    count_parameters,
     cumulative_schedule,
     estimate_flops,
     ffn_sizes,
@@ -96,8 +97,14 @@ KINDS = ["bert", "distilbert"]
 
 
 def test_get_arch_rejects_unsupported_type():
-    with pytest.raises(ValueError, match="bert, distilbert"):
+    with pytest.raises(TinycompressError, match="'gpt2' is not supported; supported: bert, distilbert") as caught:
         get_arch(type("Cfg", (), {"model_type": "gpt2"})())
+    assert "\n" not in caught.value.one_line()
+
+
+def test_ort_model_type_comes_from_the_arch_table():
+    # ORT has no DistilBERT entry: its BERT fusions cover both families; ORT's own names pass through.
+    assert [ort_model_type(t) for t in ("bert", "distilbert", "gpt2")] == ["bert", "bert", "gpt2"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

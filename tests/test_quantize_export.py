@@ -165,8 +165,26 @@ def test_static_quantize_leaves_no_temp_files(own_chain, tmp_path, monkeypatch):
     details = q.details
     assert (details["mode"], details["per_channel"], details["calibration_rows"]) == ("static", True, 40)
     assert details["quantized_ops"]["MatMul"] > 0 and details["quantized_ops"]["DequantizeLinear"] > 0
-    assert 0.0 <= q.metrics["test/accuracy"] <= 1.0
+    # Calibrated int8 keeps the parent's accuracy (80 test rows: 0.05 is 4 rows).
+    assert q.metrics["parent/test/accuracy"] == own_chain.prune.metrics["test/accuracy"]
+    assert q.metrics["test/accuracy"] == pytest.approx(q.metrics["parent/test/accuracy"], abs=0.05)
     assert list(cwd.iterdir()) == []
+
+
+def test_quantize_refuses_an_unsupported_model_family_before_any_work(own_chain, monkeypatch):
+    import tinycompress.quantize as quantize_module
+    from tinycompress.errors import TinycompressError
+
+    def load_unsupported(checkpoint):
+        model, tokenizer = load_hf_model(checkpoint)
+        model.config.model_type = "gpt2"
+        return model, tokenizer
+
+    monkeypatch.setattr(quantize_module, "load_hf_model", load_unsupported)
+    before = listing(own_chain.workspace)
+    with pytest.raises(TinycompressError, match="'gpt2' is not supported; supported: bert, distilbert"):
+        quantize(load_config(None, FAST, base=parent_base(own_chain.prune, "quantize")), own_chain.prune)
+    assert listing(own_chain.workspace) == before
 
 
 def test_cli_quantizes_newest_prune_and_an_explicit_finetune(own_chain):

@@ -19,7 +19,8 @@ from tinycompress.export import export
 from tinycompress.lineage import parent_base
 from tinycompress.prune import prune
 from tinycompress.quantize import quantize
-from tinycompress.report import build_report, report_files, write_report
+from tinycompress.report import build_report
+from tinycompress.report_render import report_files, write_report
 
 runner = CliRunner()
 FAST = {"prune.importance_samples": 64, "prune.recover_epochs": 0, "report.bench_runs": 5, "threads": 1}
@@ -108,6 +109,8 @@ def test_rows_are_the_chain_in_order_with_manifest_values(chain):
         assert row.compression == pytest.approx(fine.size_bytes / row.size_bytes)
     assert report.stage_seconds["finetune"] == finetuned.metrics["train_seconds"]
     assert report.stage_seconds["quantize"] == quantized.metrics["quantize_seconds"]
+    assert report.stage_seconds["export"] == exported.metrics["export_seconds"]
+    assert report.stage_timing["export-v1"]["source"] == "manifest: metrics.export_seconds"
     assert any("GLUE validation set (GLUE test labels are hidden)" in note for note in report.footnotes)
     # The task folder or the export folder as target: the same chain.
     assert build_report(chain["workdir"] / "sst2").chain == build_report(exported.path).chain == report.chain
@@ -204,6 +207,32 @@ def test_files_written_and_replaced(chain, tmp_path):
     assert (foreign / "thesis.tex").read_text() == "precious"
 
 
+def test_failed_replace_restores_the_earlier_report(chain, tmp_path, monkeypatch):
+    """B8: when the new report cannot be renamed into place, the old one is put back."""
+    import os
+
+    workdir = tmp_path / "ws"
+    shutil.copytree(chain["workdir"], workdir)
+    report = build_report(workdir=workdir, task="sst2")
+    out = write_report(report)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_rename, failed = os.rename, []
+
+    def rename_failing_once(src, dst):
+        if Path(src).name.startswith(".tmp-") and not failed:
+            failed.append(src)
+            raise OSError("simulated failure")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename_failing_once)
+    with pytest.raises(OSError, match="simulated failure"):
+        write_report(report)
+    assert failed and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not any(p.name.startswith((".tmp-", ".old-")) for p in out.parent.iterdir())
+    write_report(report)  # and the next attempt replaces it as usual
+    assert {p.name for p in out.iterdir()} == set(before)
+
+
 def test_report_errors_are_one_line(tmp_path, chain):
     _one_line_error(runner.invoke(app, ["report", "--workdir", str(tmp_path / "empty")]), "no checkpoints in workspace")
     _one_line_error(runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--task", "sst3"]), "unknown task 'sst3'")
@@ -286,3 +315,22 @@ def test_stage_fingerprint_compares_the_stage_sections_with_absolute_paths(tmp_p
     changed = load_config(None, {"data.data_dir": "glue", "quantize.backend": "torch"})
     assert stage_fingerprint("prune", changed) == stage_fingerprint("prune", relative)
     assert stage_fingerprint("quantize", changed) != stage_fingerprint("quantize", relative)
+
+
+def test_quantize_with_another_opset_is_not_reused(tiny_finetuned, tmp_path):
+    """B4: quantize exports its ONNX graph with export.opset, so that belongs to its fingerprint."""
+    from tinycompress.pipeline import find_reusable, stage_fingerprint
+
+    opset17, opset18 = load_config(None, {"export.opset": 17}), load_config(None, {"export.opset": 18})
+    assert stage_fingerprint("prune", opset17) == stage_fingerprint("prune", opset18)
+    assert stage_fingerprint("quantize", opset17) != stage_fingerprint("quantize", opset18)
+
+    # A quantize checkpoint written with opset 17 is reused for 17, never for 18.
+    finetuned = _copy_finetune(tiny_finetuned, tmp_path)
+    config = load_config(None, {**FAST, "prune.ratio": 0.25}, base=parent_base(finetuned, "prune"))
+    pruned = prune(config, finetuned)
+    quantized = quantize(config, pruned)
+    assert quantized.details["opset"] == 17
+    assert find_reusable("quantize", config, pruned, log=lambda _: None).path == quantized.path
+    other = config.model_copy(update={"export": config.export.model_copy(update={"opset": 18})})
+    assert find_reusable("quantize", other, pruned, log=lambda _: None) is None

@@ -1,8 +1,9 @@
 """Architecture adapter: where the prunable pieces live in each supported model family.
 
 Everything that differs between model families (attribute paths, config field
-names, per-module head-count attributes) is in the single ``_ARCHS`` table below,
-so the pruning code never branches on ``model_type``.
+names, per-module head-count attributes, the ONNX Runtime optimizer's name for the
+family) is in the single ``_ARCHS`` table below, so no other module branches on
+``model_type``.
 
 Paths are dotted attribute paths. ``layers_path`` is relative to the *base*
 model (``model.base_model``), so it works for both ``BertModel`` and
@@ -15,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+
+from .errors import TinycompressError
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ class ArchSpec:
     ffn_field: str
     layers_field: str
     hidden_field: str
+    # The model type whose fusions ONNX Runtime's transformer optimizer applies to this
+    # family (None: export unfused). DistilBERT and MiniLM have no entry of their own in ORT;
+    # its BERT fusions cover them.
+    ort_model_type: str | None
 
     def head_size(self, config) -> int:
         """Width of one attention head. Fixed by the (unpruned) config, so it
@@ -70,6 +77,7 @@ _ARCHS: dict[str, ArchSpec] = {
         ffn_field="intermediate_size",
         layers_field="num_hidden_layers",
         hidden_field="hidden_size",
+        ort_model_type="bert",
     ),
     "distilbert": ArchSpec(
         model_type="distilbert",
@@ -89,6 +97,7 @@ _ARCHS: dict[str, ArchSpec] = {
         ffn_field="hidden_dim",
         layers_field="n_layers",
         hidden_field="dim",
+        ort_model_type="bert",
     ),
 }
 
@@ -97,14 +106,23 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ARCHS))
 
 def get_arch(model_or_config) -> ArchSpec:
     """Return the ArchSpec for a model or config (anything with ``.model_type``
-    or ``.config.model_type``). Raises ValueError for unsupported families."""
+    or ``.config.model_type``). Raises TinycompressError for unsupported families."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type not in _ARCHS:
-        raise ValueError(
-            f"Unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        raise TinycompressError(
+            f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
+            "use a BERT-family checkpoint (BERT, MiniLM, TinyBERT) or a DistilBERT one",
         )
     return _ARCHS[model_type]
+
+
+def ort_model_type(model_type: str) -> str | None:
+    """The name ONNX Runtime's transformer optimizer knows ``model_type`` by: the
+    :attr:`ArchSpec.ort_model_type` of a supported family, else ``model_type`` itself (ORT's
+    own names, e.g. ``"bert"`` or ``"gpt2"``)."""
+    spec = _ARCHS.get(model_type)
+    return spec.ort_model_type if spec is not None else model_type
 
 
 def get_module(root: nn.Module, dotted_path: str) -> nn.Module:

@@ -1,7 +1,8 @@
-"""Latency measurement shared by the benchmarks and the report.
+"""Latency measurement shared by the quantize and export stages, the report and the benchmarks.
 
 Every model in a comparison must see the same inputs, so :func:`latency_batches` builds them
-once from real task texts and the callers time each model's forward on those same tensors.
+from real task texts and :func:`measure_predictor` times each model's forward on them: the one
+way latency is measured anywhere in tinycompress.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import time
 from typing import Any, Callable, Sequence
 
 LATENCY_BATCH_SIZES = (1, 32)
+DEFAULT_WARMUP = 5
 
 
-def measure_latency(forward: Callable[[], Any], *, runs: int = 50, warmup: int = 5) -> dict[str, float | int]:
+def measure_latency(forward: Callable[[], Any], *, runs: int = 50, warmup: int = DEFAULT_WARMUP) -> dict[str, float | int]:
     """Wall-clock latency of ``forward()``: ``{"median_ms", "p90_ms", "runs"}``.
 
     ``forward`` takes no arguments and runs one complete inference (bind the inputs in a
-    closure, see :func:`torch_forward`). ``warmup`` untimed calls come first, so lazy
+    closure, as :func:`measure_predictor` does). ``warmup`` untimed calls come first, so lazy
     initialisation and allocator growth are not measured. Raises ValueError for runs < 1 or
     warmup < 0.
     """
@@ -52,31 +54,33 @@ def latency_batches(tokenizer, texts: Sequence[str | tuple[str, ...]], max_lengt
     typical request, not the shortest or longest); batch 32 is the first 32 rows (cycled when
     fewer), padded to the longest of them. Raises ValueError when ``texts`` is empty.
     """
+    from .data import encode_rows
+
     rows = [(t,) if isinstance(t, str) else tuple(t) for t in texts]
     if not rows:
         raise ValueError("latency_batches needs at least one text")
-    lengths = [len(_tokenize(tokenizer, [row], max_length)["input_ids"][0]) for row in rows]
+    lengths = [len(ids) for ids in encode_rows(tokenizer, rows, max_length, return_tensors=None)["input_ids"]]
     by_length = sorted(range(len(rows)), key=lambda i: (lengths[i], i))
     median_row = rows[by_length[len(by_length) // 2]]
     batch32 = [rows[i % len(rows)] for i in range(32)]
-    return {1: _tokenize(tokenizer, [median_row], max_length, tensors=True), 32: _tokenize(tokenizer, batch32, max_length, tensors=True)}
+    return {1: encode_rows(tokenizer, [median_row], max_length), 32: encode_rows(tokenizer, batch32, max_length)}
 
 
-def _tokenize(tokenizer, rows: list[tuple[str, ...]], max_length: int, tensors: bool = False) -> dict:
-    columns = [list(column) for column in zip(*rows)]
-    return dict(
-        tokenizer(*columns, truncation=True, max_length=max_length, padding=tensors, return_tensors="pt" if tensors else None)
-    )
+def measure_predictor(predictor, texts: Sequence, *, max_length: int, runs: int, warmup: int = DEFAULT_WARMUP) -> dict[str, dict]:
+    """``{"batch_1": {median_ms, p90_ms, runs}, "batch_32": {...}}``: the latency of a
+    :class:`~tinycompress.runtime.Predictor` on :func:`latency_batches` of ``texts``, tokenized
+    by its own tokenizer and truncated to ``max_length`` tokens."""
+    return {
+        f"batch_{size}": measure_latency(lambda inputs=inputs: predictor.forward(inputs), runs=runs, warmup=warmup)
+        for size, inputs in latency_batches(predictor.tokenizer, texts, max_length).items()
+    }
 
 
-def torch_forward(model, inputs: dict) -> Callable[[], Any]:
-    """A no-argument closure running ``model(**inputs)`` without autograd, for measure_latency."""
-    import torch
+def artifact_latency(predictor, texts: Sequence, *, runs: int, threads: int) -> dict[str, Any]:
+    """:func:`measure_predictor` at the predictor's own max length, plus ``"machine"``: the
+    latency record a stage keeps in its manifest (``details.latency``)."""
+    from .envinfo import machine_info
 
-    model.eval()
-
-    def forward():
-        with torch.inference_mode():
-            return model(**inputs).logits
-
-    return forward
+    result: dict[str, Any] = measure_predictor(predictor, texts, max_length=predictor.max_length, runs=runs)
+    result["machine"] = machine_info(threads)
+    return result

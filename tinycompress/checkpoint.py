@@ -49,6 +49,16 @@ def producing_command(stage: str, task: str | None) -> str:
 
 
 @dataclass
+class Measured:
+    """What a stage's ``write_files`` may return (see :func:`write_checkpoint`): metrics and
+    details measured on the files it has just written. Quantize and export measure the
+    artifact itself, so these exist only once the files do."""
+
+    metrics: dict[str, Any]
+    details: dict[str, Any]
+
+
+@dataclass
 class Checkpoint:
     """A verified checkpoint folder and its manifest."""
 
@@ -270,11 +280,11 @@ def write_checkpoint(
     workdir: str | Path,
     task: str,
     stage: str,
-    write_files: Callable[[Path], None],
+    write_files: Callable[[Path], Measured | None],
     *,
     config,
-    metrics: dict[str, Any],
     seed: int,
+    metrics: dict[str, Any] | None = None,
     parent: Checkpoint | None = None,
     base_model: str | None = None,
     details: dict[str, Any] | None = None,
@@ -282,9 +292,11 @@ def write_checkpoint(
 ) -> Checkpoint:
     """Write a new ``<stage>-v<N>`` folder atomically and return it, verified.
 
-    ``write_files(tmp_dir)`` puts the model files in a temporary folder; the model card and
-    manifest are added, then the folder is renamed into place. Any failure or Ctrl-C removes
-    the temporary folder and leaves earlier versions as they were.
+    ``write_files(tmp_dir)`` puts the model files in a temporary folder; a stage that measures
+    what it wrote there returns a :class:`Measured`, whose metrics and details are added to
+    ``metrics`` and ``details``. The model card and manifest are added, then the folder is
+    renamed into place. Any failure or Ctrl-C removes the temporary folder and leaves earlier
+    versions as they were.
 
     ``destination`` (e.g. ``tinycompress export --output DIR``) replaces
     ``<workdir>/<task>/<stage>-v<N>``: it must not exist, the temporary folder is made beside
@@ -298,7 +310,9 @@ def write_checkpoint(
     tmp = root / f".tmp-{stage}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        write_files(tmp)
+        measured = write_files(tmp)
+        if isinstance(measured, Measured):
+            metrics, details = {**(metrics or {}), **measured.metrics}, {**(details or {}), **measured.details}
         manifest = _new_manifest(task, stage, root, config=config, metrics=metrics, seed=seed, parent=parent, base_model=base_model, details=details)
         if destination is not None:
             _seal(tmp, manifest, version=1)
@@ -333,7 +347,7 @@ def _new_manifest(task: str, stage: str, root: Path, *, config, metrics, seed, p
         "base_model": base_model or (parent.manifest.get("base_model") if parent else None) or "unknown",
         "parent": None,
         "seed": seed,
-        "metrics": metrics,
+        "metrics": metrics or {},
         "details": details or {},
         "config": config.to_dict(),
         "versions": library_versions(),
@@ -381,6 +395,13 @@ def save_tokenizer(directory: Path, tokenizer, max_length: int) -> None:
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.model_max_length = max_length
     tokenizer.save_pretrained(directory)
+
+
+def save_config_and_tokenizer(directory: Path, model_config, tokenizer, max_length: int) -> None:
+    """``config.json`` (labels, architecture, pruned structure) and the tokenizer files: what a
+    folder holding an ONNX graph or int8 weights needs besides them to be loaded and run."""
+    model_config.save_pretrained(directory)
+    save_tokenizer(directory, tokenizer, max_length)
 
 
 def save_hf_model(directory: Path, model, tokenizer, max_length: int) -> None:

@@ -1,7 +1,8 @@
 """The command line: parses flags into a Config and delegates to one stage function.
 
 No training, pruning or file logic lives here. Heavy libraries are imported inside the
-commands so that ``tinycompress --help`` stays instant.
+commands so that ``tinycompress --help`` stays instant. Commands are listed in ``--help`` in the
+order they are registered below, which is the order a user meets them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import typer
 
@@ -27,19 +28,46 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Options shared by every command: same spelling, same meaning everywhere.
+
+def _from_config(default: str) -> str:
+    """How help texts state a default: a YAML file or a parent checkpoint's config may change it."""
+    return f"(default: from the config, {default} if unset)"
+
+
+# Options used by more than one command: same spelling, same meaning, same help everywhere.
 TaskOpt = Annotated[Optional[str], typer.Option("--task", "-t", help="GLUE task: sst2, cola, mrpc, rte, stsb, qnli, qqp, mnli.")]
-DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder of GLUE TSVs (else $TINYCOMPRESS_DATA_DIR, else the hub).")]
-WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", "-w", help="Workspace holding runs/<task>/<stage>-v<N> folders (default: runs).")]
+DataDirOpt = Annotated[Optional[Path], typer.Option(
+    "--data-dir", help="Folder of GLUE TSVs (default: from the config, else $TINYCOMPRESS_DATA_DIR, else the hub).")]
+WorkdirOpt = Annotated[Optional[Path], typer.Option(
+    "--workdir", "-w", help=f"Workspace holding runs/<task>/<stage>-v<N> folders {_from_config('runs')}.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/); flags override it.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | mps (auto = cuda > mps > cpu).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: 42).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch / ONNX Runtime (default: all cores).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help=f"auto | cpu | cuda | mps (auto = cuda > mps > cpu) {_from_config('auto')}.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help=f"Random seed {_from_config('42')}.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help=f"CPU threads for torch / ONNX Runtime {_from_config('all cores')}.")]
 MaxTrainOpt = Annotated[Optional[int], typer.Option("--max-train-samples", help="Use only this many training rows (quick runs).")]
 MaxTestOpt = Annotated[Optional[int], typer.Option("--max-test-samples", help="Evaluate on only this many test rows.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help=f"'default' (all-MiniLM-L6-v2, offline), an HF id or a local folder {_from_config('default')}.")]
+EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help=f"Fine-tuning epochs {_from_config('3')}.")]
+LearningRateOpt = Annotated[Optional[float], typer.Option("--lr", "--learning-rate", help=f"Fine-tuning learning rate {_from_config('5e-5')}.")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", help=f"Fine-tuning batch size {_from_config('32')}.")]
+MaxLengthOpt = Annotated[Optional[int], typer.Option("--max-length", help=f"Tokens per example; longer texts are truncated {_from_config('128')}.")]
+RatioOpt = Annotated[Optional[float], typer.Option("--ratio", help=f"Fraction of all attention heads removed, in [0, 1) {_from_config('0.5')}.")]
+FfnRatioOpt = Annotated[Optional[float], typer.Option("--ffn-ratio", help=f"Fraction of all FFN neurons removed, in [0, 1) {_from_config('0')}.")]
+# Plain strings, not Choices: the config schema validates them, so a typo is one error line.
+CriterionOpt = Annotated[Optional[str], typer.Option("--criterion", help=f"taylor | fisher | magnitude | random {_from_config('taylor')}.")]
+RecoverEpochsOpt = Annotated[Optional[int], typer.Option(
+    "--recover-epochs", help=f"Epochs of distillation from the parent after pruning; 0 = none {_from_config('1')}.")]
+BackendOpt = Annotated[Optional[str], typer.Option(
+    "--backend", help=f"Quantization backend: onnx (ONNX Runtime) | torch (torch int8 Linear + int8 embedding) {_from_config('onnx')}.")]
+FormatOpt = Annotated[Optional[str], typer.Option("--format", "-f", help=f"Export format: onnx | torchscript | all {_from_config('onnx')}.")]
+SweepOpt = Annotated[Optional[Path], typer.Option(
+    "--sweep", help="A prune_sweep.csv from benchmarks/prune_sweep.py (default: the newest under runs/<task>/sweeps/).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder, replaced on each run (default: runs/<task>/report).")]
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -77,6 +105,18 @@ def common_overrides(task, data_dir, workdir, device, seed, threads) -> dict[str
     }
 
 
+def finetune_overrides(model, max_length, epochs, learning_rate, batch_size, max_train_samples, max_test_samples) -> dict[str, Any]:
+    return {
+        "model.name": model,
+        "model.max_length": max_length,
+        "finetune.epochs": epochs,
+        "finetune.learning_rate": learning_rate,
+        "finetune.batch_size": batch_size,
+        "data.max_train_samples": max_train_samples,
+        "data.max_test_samples": max_test_samples,
+    }
+
+
 def build_config(config_file: Optional[Path], overrides: dict[str, Any], base: dict[str, Any] | None = None):
     from .config import load_config
 
@@ -93,6 +133,66 @@ def _examples(*lines: str) -> str:
 
 
 @app.command(epilog=_examples(
+    "tinycompress run --task sst2 --data-dir ../shared/data/glue",
+    "tinycompress run --config configs/sst2.yaml --data-dir ../shared/data/glue",
+    "tinycompress run --task sst2 --max-train-samples 2000 --max-test-samples 200 --epochs 1 --recover-epochs 0",
+    "tinycompress run --task sst2 --ratio 0.3      # re-runs prune, quantize, export only",
+))
+def run(
+    task: TaskOpt = None,
+    data_dir: DataDirOpt = None,
+    workdir: WorkdirOpt = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    threads: ThreadsOpt = None,
+    model: ModelOpt = None,
+    epochs: EpochsOpt = None,
+    learning_rate: LearningRateOpt = None,
+    batch_size: BatchSizeOpt = None,
+    max_length: MaxLengthOpt = None,
+    max_train_samples: MaxTrainOpt = None,
+    max_test_samples: MaxTestOpt = None,
+    ratio: RatioOpt = None,
+    ffn_ratio: FfnRatioOpt = None,
+    criterion: CriterionOpt = None,
+    recover_epochs: RecoverEpochsOpt = None,
+    backend: BackendOpt = None,
+    export_format: FormatOpt = None,
+    bench: Annotated[Optional[bool], typer.Option(
+        "--bench/--no-bench", help="Measure every row's latency for the final table (default: on, unless the config sets report.bench).")] = None,
+    sweep: SweepOpt = None,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run finetune → prune → quantize → export → report, reusing stages already done with the
+    same settings and parent; prints the results table."""
+
+    def work():
+        from .pipeline import run_pipeline
+        from .report_render import print_report, report_json
+
+        overrides = common_overrides(task, data_dir, workdir, device, seed, threads) | finetune_overrides(
+            model, max_length, epochs, learning_rate, batch_size, max_train_samples, max_test_samples,
+        ) | {
+            "prune.ratio": ratio,
+            "prune.ffn_ratio": ffn_ratio,
+            "prune.criterion": criterion,
+            "prune.recover_epochs": recover_epochs,
+            "quantize.backend": backend,
+            "export.format": export_format,
+            "report.bench": bench,
+        }
+        result = run_pipeline(build_config(config, overrides), out_dir=out, sweep=sweep)
+        if as_json:
+            typer.echo(report_json(result.report, result.report_dir))
+        else:
+            print_report(result.report)
+
+    run_command(work)
+
+
+@app.command(epilog=_examples(
     "tinycompress finetune --task sst2 --data-dir ../shared/data/glue",
     "tinycompress finetune --task sst2 --max-train-samples 2000 --epochs 1",
     "tinycompress finetune --config configs/distilbert-sst2.yaml",
@@ -105,11 +205,11 @@ def finetune(
     device: DeviceOpt = None,
     seed: SeedOpt = None,
     threads: ThreadsOpt = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="'default' (all-MiniLM-L6-v2, offline), an HF id or a local folder.")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option("--lr", "--learning-rate")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
-    max_length: Annotated[Optional[int], typer.Option("--max-length")] = None,
+    model: ModelOpt = None,
+    epochs: EpochsOpt = None,
+    learning_rate: LearningRateOpt = None,
+    batch_size: BatchSizeOpt = None,
+    max_length: MaxLengthOpt = None,
     max_train_samples: MaxTrainOpt = None,
     max_test_samples: MaxTestOpt = None,
 ) -> None:
@@ -118,75 +218,10 @@ def finetune(
     def work():
         from .finetune import finetune as run_finetune
 
-        overrides = common_overrides(task, data_dir, workdir, device, seed, threads) | {
-            "model.name": model,
-            "model.max_length": max_length,
-            "finetune.epochs": epochs,
-            "finetune.learning_rate": learning_rate,
-            "finetune.batch_size": batch_size,
-            "data.max_train_samples": max_train_samples,
-            "data.max_test_samples": max_test_samples,
-        }
+        overrides = common_overrides(task, data_dir, workdir, device, seed, threads) | finetune_overrides(
+            model, max_length, epochs, learning_rate, batch_size, max_train_samples, max_test_samples,
+        )
         _print_checkpoint(run_finetune(build_config(config, overrides)))
-
-    run_command(work)
-
-
-@app.command(epilog=_examples(
-    "tinycompress evaluate default --task sst2",
-    "tinycompress evaluate runs/sst2/prune-v1",
-    "tinycompress evaluate runs/sst2/quantize-v1 --json",
-))
-def evaluate(
-    target: Annotated[str, typer.Argument(help="A checkpoint or export folder, 'default', an HF id or a model folder.")],
-    task: TaskOpt = None,
-    data_dir: DataDirOpt = None,
-    config: ConfigOpt = None,
-    device: DeviceOpt = None,
-    seed: SeedOpt = None,
-    threads: ThreadsOpt = None,
-    max_test_samples: MaxTestOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
-) -> None:
-    """Measure any model on the task's test set (GLUE validation); prints its metrics.
-
-    A plain model (not a checkpoint) gets a freshly initialised, seeded classification head:
-    that is the "original" row of the report.
-    """
-
-    def work():
-        from .evaluate import evaluate_target
-
-        overrides = common_overrides(task, data_dir, None, device, seed, threads) | {"data.max_test_samples": max_test_samples}
-        metrics = evaluate_target(target, config_file=config, overrides=overrides)
-        if as_json:
-            typer.echo(json.dumps(metrics, indent=2))
-        else:
-            typer.echo("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-
-    run_command(work)
-
-
-@app.command(epilog=_examples("tinycompress env", "tinycompress env --data-dir ../shared/data/glue --json"))
-def env(
-    data_dir: DataDirOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
-) -> None:
-    """Print versions, device, threads, CPU vector extensions, and where the model and data are."""
-
-    def work():
-        from .envinfo import environment_report
-
-        report = environment_report(str(data_dir) if data_dir else None)
-        if as_json:
-            typer.echo(json.dumps(report, indent=2))
-            return
-        versions = report.pop("versions")
-        for name, version in versions.items():
-            typer.echo(f"{name:<20} {version}")
-        for key, value in report.items():
-            shown = ", ".join(value) if isinstance(value, list) else value
-            typer.echo(f"{key:<20} {shown}")
 
     run_command(work)
 
@@ -208,16 +243,19 @@ def prune(
     device: DeviceOpt = None,
     seed: SeedOpt = None,
     threads: ThreadsOpt = None,
-    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of all attention heads removed, in [0, 1) (default: 0.5).")] = None,
-    ffn_ratio: Annotated[Optional[float], typer.Option("--ffn-ratio", help="Fraction of all FFN neurons removed, in [0, 1) (default: 0).")] = None,
-    # A plain string, not a Choice: the config schema validates it, so a typo is one error line.
-    criterion: Annotated[Optional[str], typer.Option("--criterion", help="taylor | fisher | magnitude | random (default: taylor).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Prune in this many steps, re-scoring between them (default: 1).")] = None,
-    recover_epochs: Annotated[Optional[int], typer.Option("--recover-epochs", help="Epochs of distillation from the parent after pruning; 0 = none (default: 1).")] = None,
-    importance_samples: Annotated[Optional[int], typer.Option("--importance-samples", help="Training rows used to score importance (default: 1024).")] = None,
-    vocab: Annotated[Optional[bool], typer.Option("--vocab/--no-vocab", help="Also drop the word-embedding rows of tokens the train and dev texts never use (default: off).")] = None,
-    vocab_min_frequency: Annotated[Optional[int], typer.Option("--vocab-min-frequency", help="With --vocab: keep tokens seen at least this often (default: 1).")] = None,
-    vocab_top_k: Annotated[Optional[int], typer.Option("--vocab-top-k", help="With --vocab: keep at most this many of the most frequent tokens, special tokens aside (default: no limit).")] = None,
+    ratio: RatioOpt = None,
+    ffn_ratio: FfnRatioOpt = None,
+    criterion: CriterionOpt = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help=f"Prune in this many steps, re-scoring between them {_from_config('1')}.")] = None,
+    recover_epochs: RecoverEpochsOpt = None,
+    importance_samples: Annotated[Optional[int], typer.Option(
+        "--importance-samples", help=f"Training rows used to score importance {_from_config('1024')}.")] = None,
+    vocab: Annotated[Optional[bool], typer.Option(
+        "--vocab/--no-vocab", help=f"Also drop the word-embedding rows of tokens the train and dev texts never use {_from_config('off')}.")] = None,
+    vocab_min_frequency: Annotated[Optional[int], typer.Option(
+        "--vocab-min-frequency", help=f"With --vocab: keep tokens seen at least this often {_from_config('1')}.")] = None,
+    vocab_top_k: Annotated[Optional[int], typer.Option(
+        "--vocab-top-k", help=f"With --vocab: keep at most this many of the most frequent tokens, special tokens aside {_from_config('no limit')}.")] = None,
     max_train_samples: MaxTrainOpt = None,
     max_test_samples: MaxTestOpt = None,
 ) -> None:
@@ -254,137 +292,30 @@ def prune(
 
 
 @app.command(epilog=_examples(
-    "tinycompress report --task sst2",
-    "tinycompress report runs/sst2/quantize-v2 --bench --threads 4",
-    "tinycompress report --task sst2 --sweep runs/sst2/sweeps/prune_sweep.csv --out results/",
-    "tinycompress report --task sst2 --json",
-))
-def report(
-    run_dir: Annotated[Optional[Path], typer.Argument(help="A checkpoint folder (the chain ending there), a task folder (runs/sst2) or a workspace (default: the newest chain of --task in --workdir).")] = None,
-    task: TaskOpt = None,
-    workdir: WorkdirOpt = None,
-    config: ConfigOpt = None,
-    data_dir: DataDirOpt = None,
-    threads: ThreadsOpt = None,
-    bench: Annotated[Optional[bool], typer.Option("--bench/--no-bench", help="Measure every row's latency on this machine now (default: read it from the manifests).")] = None,
-    bench_runs: Annotated[Optional[int], typer.Option("--runs", help="Timed runs per row and batch size with --bench (default: 50).")] = None,
-    sweep: Annotated[Optional[Path], typer.Option("--sweep", help="A prune_sweep.csv from benchmarks/prune_sweep.py (default: the newest under runs/<task>/sweeps/).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder, replaced on each run (default: runs/<task>/report).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
-) -> None:
-    """Print the results table of one chain (original → fine-tuned → pruned → quantized → exported)
-    and write report.md / .json / .csv and plots. Test metrics are on the GLUE validation set."""
-
-    def work():
-        from .config import read_yaml
-        from .report import build_report, print_report, report_json, write_report
-
-        settings = build_config(config, {"workdir": str(workdir) if workdir else None, "threads": threads,
-                                         "report.bench": bench, "report.bench_runs": bench_runs})
-        # Config.task defaults to sst2; a report without --task means "the most recent task".
-        asked_task = task or (read_yaml(config).get("task") if config else None)
-        built = build_report(run_dir, workdir=settings.workdir, task=asked_task, bench=settings.report.bench,
-                             bench_runs=settings.report.bench_runs, threads=settings.threads,
-                             data_dir=str(data_dir) if data_dir else None, sweep=sweep)
-        written = write_report(built, out)
-        if as_json:
-            typer.echo(report_json(built, written))
-        else:
-            print_report(built)
-        typer.echo(f"wrote {written}", err=True)
-
-    run_command(work)
-
-
-@app.command(epilog=_examples(
-    "tinycompress run --task sst2 --data-dir ../shared/data/glue",
-    "tinycompress run --config configs/sst2.yaml --data-dir ../shared/data/glue",
-    "tinycompress run --task sst2 --max-train-samples 2000 --max-test-samples 200 --epochs 1 --recover-epochs 0",
-    "tinycompress run --task sst2 --ratio 0.3      # re-runs prune, quantize, export only",
-))
-def run(
-    task: TaskOpt = None,
-    data_dir: DataDirOpt = None,
-    workdir: WorkdirOpt = None,
-    config: ConfigOpt = None,
-    device: DeviceOpt = None,
-    seed: SeedOpt = None,
-    threads: ThreadsOpt = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="'default' (all-MiniLM-L6-v2, offline), an HF id or a local folder.")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Fine-tuning epochs.")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option("--lr", "--learning-rate")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
-    max_length: Annotated[Optional[int], typer.Option("--max-length")] = None,
-    max_train_samples: MaxTrainOpt = None,
-    max_test_samples: MaxTestOpt = None,
-    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of all attention heads removed (default: 0.5).")] = None,
-    ffn_ratio: Annotated[Optional[float], typer.Option("--ffn-ratio", help="Fraction of all FFN neurons removed (default: 0).")] = None,
-    criterion: Annotated[Optional[str], typer.Option("--criterion", help="taylor | fisher | magnitude | random (default: taylor).")] = None,
-    recover_epochs: Annotated[Optional[int], typer.Option("--recover-epochs", help="Distillation epochs after pruning; 0 = none (default: 1).")] = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="Quantization backend: onnx | torch (default: onnx).")] = None,
-    export_format: Annotated[Optional[str], typer.Option("--format", help="Export format: onnx | torchscript | all (default: onnx).")] = None,
-    bench: Annotated[Optional[bool], typer.Option("--bench/--no-bench", help="Measure every row's latency for the final table (default: on, unless the config sets report.bench).")] = None,
-    sweep: Annotated[Optional[Path], typer.Option("--sweep", help="A prune_sweep.csv to plot in the report.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default: runs/<task>/report).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print only the report JSON on stdout.")] = False,
-) -> None:
-    """Run finetune → prune → quantize → export → report, reusing stages already done with the
-    same settings and parent; prints the results table."""
-
-    def work():
-        from .pipeline import run_pipeline
-        from .report import print_report, report_json
-
-        overrides = common_overrides(task, data_dir, workdir, device, seed, threads) | {
-            "model.name": model,
-            "model.max_length": max_length,
-            "finetune.epochs": epochs,
-            "finetune.learning_rate": learning_rate,
-            "finetune.batch_size": batch_size,
-            "data.max_train_samples": max_train_samples,
-            "data.max_test_samples": max_test_samples,
-            "prune.ratio": ratio,
-            "prune.ffn_ratio": ffn_ratio,
-            "prune.criterion": criterion,
-            "prune.recover_epochs": recover_epochs,
-            "quantize.backend": backend,
-            "export.format": export_format,
-            "report.bench": bench,
-        }
-        result = run_pipeline(build_config(config, overrides), out_dir=out, sweep=sweep)
-        if as_json:
-            typer.echo(report_json(result.report, result.report_dir))
-        else:
-            print_report(result.report)
-
-    run_command(work)
-
-
-def _size_mb(n_bytes) -> str:
-    return f"{n_bytes / 1e6:.2f} MB" if isinstance(n_bytes, (int, float)) else "?"
-
-
-@app.command(epilog=_examples(
     "tinycompress quantize --task sst2",
     "tinycompress quantize runs/sst2/finetune-v1",
     "tinycompress quantize --backend torch",
     "tinycompress quantize --mode static --per-channel --calibration-samples 256",
 ))
 def quantize(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="A prune (or finetune, for the unpruned comparison) checkpoint folder (default: the task's newest prune-v<N>).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Argument(
+        help="A prune (or finetune, for the unpruned comparison) checkpoint folder (default: the task's newest prune-v<N>).")] = None,
     task: TaskOpt = None,
     data_dir: DataDirOpt = None,
     workdir: WorkdirOpt = None,
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     threads: ThreadsOpt = None,
-    # Plain strings, not Choices: the config schema validates them, so a typo is one error line.
-    backend: Annotated[Optional[str], typer.Option("--backend", help="onnx (ONNX Runtime) | torch (torch int8 Linear + int8 embedding) (default: onnx).")] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="dynamic | static (ONNX QDQ, calibrated on training rows) (default: dynamic).")] = None,
-    per_channel: Annotated[Optional[bool], typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor (default: per tensor).")] = None,
-    embeddings: Annotated[Optional[bool], typer.Option("--embeddings/--no-embeddings", help="Quantize the word embedding too (default: yes).")] = None,
-    calibration_samples: Annotated[Optional[int], typer.Option("--calibration-samples", help="Training rows calibrating static quantization (default: 128).")] = None,
-    bench_runs: Annotated[Optional[int], typer.Option("--bench-runs", help="Timed runs per batch size for the recorded latency (default: 50).")] = None,
+    backend: BackendOpt = None,
+    mode: Annotated[Optional[str], typer.Option(
+        "--mode", help=f"dynamic | static (ONNX QDQ, calibrated on training rows) {_from_config('dynamic')}.")] = None,
+    per_channel: Annotated[Optional[bool], typer.Option(
+        "--per-channel/--per-tensor", help=f"Weight scales per output channel or per tensor {_from_config('per tensor')}.")] = None,
+    embeddings: Annotated[Optional[bool], typer.Option("--embeddings/--no-embeddings", help=f"Quantize the word embedding too {_from_config('yes')}.")] = None,
+    calibration_samples: Annotated[Optional[int], typer.Option(
+        "--calibration-samples", help=f"Training rows calibrating static quantization {_from_config('128')}.")] = None,
+    bench_runs: Annotated[Optional[int], typer.Option(
+        "--bench-runs", help=f"Timed runs per batch size for the recorded latency {_from_config('50')}.")] = None,
     max_test_samples: MaxTestOpt = None,
 ) -> None:
     """Post-training int8 quantization; writes runs/<task>/quantize-v<N>/ with test metrics measured on the int8 model.
@@ -396,6 +327,7 @@ def quantize(
     def work():
         from .lineage import find_parent, parent_base
         from .quantize import quantize as run_quantize
+        from .quantize import summary_line
 
         overrides = common_overrides(task, data_dir, workdir, None, seed, threads) | {
             "quantize.backend": backend,
@@ -409,12 +341,7 @@ def quantize(
         parent = find_parent("quantize", checkpoint, config, overrides)
         written = run_quantize(build_config(config, overrides, base=parent_base(parent, "quantize")), parent)
         _print_checkpoint(written)
-        latency = written.details["latency"]
-        typer.echo(
-            f"size {_size_mb(written.manifest.get('model_bytes'))} (parent {_size_mb(written.metrics.get('parent/model_bytes'))}); "
-            f"latency median batch 1 {latency['batch_1']['median_ms']:.2f} ms, batch 32 {latency['batch_32']['median_ms']:.2f} ms "
-            f"({latency['machine']['threads']} threads)"
-        )
+        typer.echo(summary_line(written))
 
     run_command(work)
 
@@ -425,15 +352,17 @@ def quantize(
     "tinycompress export runs/sst2/quantize-v1 --output deploy/sst2-int8",
 ))
 def export(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="A quantize, prune or finetune checkpoint folder (default: the task's newest, in that order).")] = None,
-    format_: Annotated[Optional[str], typer.Option("--format", "-f", help="onnx | torchscript | all (default: onnx).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this new folder instead of runs/<task>/export-v<N>/ (must not exist).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Argument(
+        help="A quantize, prune or finetune checkpoint folder (default: the task's newest, in that order).")] = None,
+    format_: FormatOpt = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Write to this new folder instead of runs/<task>/export-v<N>/ (must not exist).")] = None,
     task: TaskOpt = None,
     data_dir: DataDirOpt = None,
     workdir: WorkdirOpt = None,
     config: ConfigOpt = None,
     threads: ThreadsOpt = None,
-    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset of fp32 exports (default: 17).")] = None,
+    opset: Annotated[Optional[int], typer.Option("--opset", help=f"ONNX opset of fp32 exports {_from_config('17')}.")] = None,
 ) -> None:
     """Export to ONNX and/or TorchScript and check parity against PyTorch on real test sentences.
 
@@ -459,6 +388,47 @@ def export(
 
 
 @app.command(epilog=_examples(
+    "tinycompress report --task sst2",
+    "tinycompress report runs/sst2/quantize-v2 --bench --threads 4",
+    "tinycompress report --task sst2 --sweep runs/sst2/sweeps/prune_sweep.csv --out results/",
+    "tinycompress report --task sst2 --json",
+))
+def report(
+    run_dir: Annotated[Optional[Path], typer.Argument(
+        help="A checkpoint folder (the chain ending there), a task folder (runs/sst2) or a workspace "
+             "(default: the newest chain of --task in --workdir).")] = None,
+    task: TaskOpt = None,
+    workdir: WorkdirOpt = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    threads: ThreadsOpt = None,
+    bench: Annotated[Optional[bool], typer.Option(
+        "--bench/--no-bench", help=f"Measure every row's latency on this machine now, rather than read it from the manifests {_from_config('off')}.")] = None,
+    bench_runs: Annotated[Optional[int], typer.Option("--runs", help=f"Timed runs per row and batch size with --bench {_from_config('50')}.")] = None,
+    sweep: SweepOpt = None,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the results table of one chain (original → fine-tuned → pruned → quantized → exported)
+    and write report.md / .json / .csv and plots. Test metrics are on the GLUE validation set."""
+
+    def work():
+        from .report import run_report
+        from .report_render import print_report, report_json
+
+        overrides = {"workdir": str(workdir) if workdir else None, "threads": threads, "report.bench": bench, "report.bench_runs": bench_runs}
+        built, written = run_report(run_dir, config_file=config, overrides=overrides, task=task,
+                                    data_dir=str(data_dir) if data_dir else None, sweep=sweep, out_dir=out)
+        if as_json:
+            typer.echo(report_json(built, written))
+        else:
+            print_report(built)
+        typer.echo(f"wrote {written}", err=True)
+
+    run_command(work)
+
+
+@app.command(epilog=_examples(
     'tinycompress predict runs/sst2/export-v1 "a gripping, funny film" "dull and far too long"',
     "tinycompress predict runs/sst2/quantize-v1 --file reviews.txt --json",
 ))
@@ -466,7 +436,7 @@ def predict(
     path: Annotated[Path, typer.Argument(help="An export folder or a finetune / prune / quantize checkpoint.")],
     texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify (pair tasks: the two sentences separated by a tab).")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", help="A UTF-8 file with one text per line.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
+    as_json: JsonOpt = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per forward pass (default: 32).")] = 32,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -482,6 +452,65 @@ def predict(
         else:
             for prediction in predictions:
                 typer.echo(format_prediction(prediction))
+
+    run_command(work)
+
+
+@app.command(epilog=_examples(
+    "tinycompress evaluate default --task sst2",
+    "tinycompress evaluate runs/sst2/prune-v1",
+    "tinycompress evaluate runs/sst2/quantize-v1 --json",
+))
+def evaluate(
+    target: Annotated[str, typer.Argument(help="A checkpoint or export folder, 'default', an HF id or a model folder.")],
+    task: TaskOpt = None,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    threads: ThreadsOpt = None,
+    max_test_samples: MaxTestOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure any model on the task's test set (GLUE validation); prints its metrics.
+
+    A plain model (not a checkpoint) gets a freshly initialised, seeded classification head:
+    that is the "original" row of the report.
+    """
+
+    def work():
+        from .evaluate import evaluate_target
+
+        overrides = common_overrides(task, data_dir, None, device, seed, threads) | {"data.max_test_samples": max_test_samples}
+        metrics = evaluate_target(target, config_file=config, overrides=overrides)
+        if as_json:
+            typer.echo(json.dumps(metrics, indent=2))
+        else:
+            typer.echo("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+
+    run_command(work)
+
+
+@app.command(epilog=_examples("tinycompress env", "tinycompress env --data-dir ../shared/data/glue --json"))
+def env(
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print versions, device, threads, CPU vector extensions, and where the model and data are."""
+
+    def work():
+        from .envinfo import environment_report
+
+        report = environment_report(str(data_dir) if data_dir else None)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+            return
+        versions = report.pop("versions")
+        for name, version in versions.items():
+            typer.echo(f"{name:<20} {version}")
+        for key, value in report.items():
+            shown = ", ".join(value) if isinstance(value, list) else value
+            typer.echo(f"{key:<20} {shown}")
 
     run_command(work)
 

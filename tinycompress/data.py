@@ -13,12 +13,17 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .errors import TinycompressError
 from .tasks import TaskSpec
 
+if TYPE_CHECKING:
+    from .config import Config
+
 DATA_DIR_ENV = "TINYCOMPRESS_DATA_DIR"
+# The inputs an HF text classifier may take, in the order ONNX graphs and traced modules declare them.
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass
@@ -204,6 +209,19 @@ def load_task_data(
     return TaskData(train_all.subset(sorted(train_idx)), train_all.subset(sorted(dev_idx)), test, extra, source)
 
 
+def load_config_data(config: "Config", spec: TaskSpec, seed: int | None = None) -> TaskData:
+    """:func:`load_task_data` with ``config.data``'s settings; the dev split is carved with
+    ``seed`` (default: ``config.seed``)."""
+    return load_task_data(
+        spec,
+        data_dir=config.data.data_dir,
+        dev_fraction=config.data.dev_fraction,
+        seed=config.seed if seed is None else seed,
+        max_train_samples=config.data.max_train_samples,
+        max_test_samples=config.data.max_test_samples,
+    )
+
+
 # ---------------------------------------------------------------------------------- batching
 
 
@@ -219,11 +237,38 @@ class Encoded:
         return len(self.input_ids)
 
 
+def encode_rows(tokenizer, rows: Sequence[str | Sequence[str]], max_length: int, *, return_tensors: str | None = "pt") -> dict:
+    """Model inputs (only :data:`MODEL_INPUT_NAMES`) for text rows, truncated to ``max_length`` tokens.
+
+    The one place texts become token ids. A row is a string or a tuple of one or two strings
+    (a sentence pair); all rows must have the same number. ``return_tensors`` "pt" or "np":
+    int64 tensors / arrays padded to the longest row; None: unpadded lists of ids per row.
+    """
+    rows = [(row,) if isinstance(row, str) else tuple(row) for row in rows]
+    columns = [list(column) for column in zip(*rows)] or [[]]
+    padded = return_tensors is not None
+    encoded = tokenizer(*columns, truncation=True, max_length=max_length, padding=padded, return_tensors=return_tensors)
+    return {name: value for name, value in encoded.items() if name in MODEL_INPUT_NAMES}
+
+
 def encode(tokenizer, examples: Examples, max_length: int) -> Encoded:
-    columns = list(zip(*examples.texts)) if examples.texts else [[]]
-    out = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length, padding=False)
-    token_types = out.get("token_type_ids")
-    return Encoded(out["input_ids"], token_types, examples.labels)
+    """Token ids of every row of a split, unpadded (batches are padded by :func:`collate`)."""
+    out = encode_rows(tokenizer, examples.texts, max_length, return_tensors=None)
+    return Encoded(out["input_ids"], out.get("token_type_ids"), examples.labels)
+
+
+def subset_rows(encoded: Encoded, rows: int, seed: int) -> Encoded:
+    """``rows`` seeded-random rows of ``encoded`` (all of them when there are fewer), in order.
+
+    Random rather than the first rows: a train split is in file order, which may be sorted by
+    source or label.
+    """
+    chosen = sorted(random.Random(seed).sample(range(len(encoded)), min(rows, len(encoded))))
+
+    def pick(column):
+        return None if column is None else [column[i] for i in chosen]
+
+    return Encoded(pick(encoded.input_ids), pick(encoded.token_type_ids), pick(encoded.labels))
 
 
 def batch_order(lengths: Sequence[int], batch_size: int, *, shuffle: bool, group_by_length: bool, seed: int) -> list[list[int]]:

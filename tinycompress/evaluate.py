@@ -11,16 +11,15 @@ from typing import Any
 
 from .checkpoint import MANIFEST_NAME, read_checkpoint
 from .config import load_config
-from .data import encode, padding_id
+from .data import encode, load_config_data, padding_id
 from .errors import TinycompressError
 
 
 def evaluate_predictor(predictor, config, spec) -> dict[str, float]:
     """Test metrics of a :class:`~tinycompress.runtime.Predictor` on ``config``'s data."""
-    from .finetune import load_data
     from .training import evaluate
 
-    data = load_data(config, spec)
+    data = load_config_data(config, spec)
     encoded = encode(predictor.tokenizer, data.test, config.model.max_length)
     metrics = evaluate(None, encoded, spec, batch_size=config.finetune.eval_batch_size, pad_id=padding_id(predictor.tokenizer), forward=predictor.forward)
     return {f"test/{k}": v for k, v in metrics.items()}
@@ -34,8 +33,7 @@ def _looks_like_path(target: str) -> bool:
 
 def evaluate_target(target: str, *, config_file=None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Metrics of a checkpoint / export folder, or of a pretrained model with a fresh head."""
-    from .finetune import prepare
-    from .modeling import count_parameters, load_pretrained_classifier
+    from .modeling import count_parameters, load_pretrained_classifier, prepare
     from .runtime import load_predictor, torch_predictor
 
     path = Path(target).expanduser()

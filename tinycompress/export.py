@@ -42,19 +42,19 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .checkpoint import Checkpoint, load_hf_model, resolve_input, write_checkpoint
+from .checkpoint import Checkpoint, Measured, load_hf_model, resolve_input, save_config_and_tokenizer, write_checkpoint
 from .config import Config
+from .data import encode_rows
 from .errors import TinycompressError
 from .lineage import check_parent
 from .runtime import ONNX_FILE, TORCHSCRIPT_FILE, TORCHSCRIPT_INT8_FILE
 
 FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "all": ("onnx", "torchscript")}
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PARITY_ROWS = {"short": 4, "max_length": 4, "mixed": 8}
 
 
@@ -90,14 +90,14 @@ def parity_batches(tokenizer, rows: Sequence, max_length: int) -> dict[str, dict
     rows = [(r,) if isinstance(r, str) else tuple(r) for r in rows]
     if not rows:
         raise TinycompressError("the test split is empty; parity needs test sentences", "check data.max_test_samples and the data folder")
-    lengths = [len(tokenizer(*row, truncation=True, max_length=max_length)["input_ids"]) for row in rows]
+    lengths = [len(ids) for ids in encode_rows(tokenizer, rows, max_length, return_tensors=None)["input_ids"]]
     by_length = sorted(range(len(rows)), key=lambda i: (lengths[i], i))
     mixed_count = min(PARITY_ROWS["mixed"], len(rows))
     mixed = [by_length[round(k * (len(rows) - 1) / max(mixed_count - 1, 1))] for k in range(mixed_count)]
     return {
-        "short": _encode_rows(tokenizer, [rows[i] for i in by_length[: PARITY_ROWS["short"]]], max_length),
-        "max_length": _encode_rows(tokenizer, _long_rows(tokenizer, rows, max_length, PARITY_ROWS["max_length"]), max_length),
-        "mixed": _encode_rows(tokenizer, [rows[i] for i in mixed], max_length),
+        "short": encode_rows(tokenizer, [rows[i] for i in by_length[: PARITY_ROWS["short"]]], max_length),
+        "max_length": encode_rows(tokenizer, _long_rows(tokenizer, rows, max_length, PARITY_ROWS["max_length"]), max_length),
+        "mixed": encode_rows(tokenizer, [rows[i] for i in mixed], max_length),
     }
 
 
@@ -108,19 +108,13 @@ def _long_rows(tokenizer, rows: list[tuple], max_length: int, count: int) -> lis
         joined = rows[start % len(rows)]
         # Bounded: every row adds at least a word; the cap only guards against all-empty texts.
         for step in range(1, 4 * max_length):
-            if len(tokenizer(*joined, truncation=True, max_length=max_length + 1)["input_ids"]) > max_length:
+            if len(encode_rows(tokenizer, [joined], max_length + 1, return_tensors=None)["input_ids"][0]) > max_length:
                 break
             extra = rows[(start + step) % len(rows)]
             joined = tuple(f"{a} {b}" for a, b in zip(joined, extra))
         long_rows.append(joined)
         start += 1
     return long_rows
-
-
-def _encode_rows(tokenizer, rows: list[tuple], max_length: int) -> dict:
-    columns = [list(column) for column in zip(*rows)]
-    encoded = tokenizer(*columns, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    return {k: v for k, v in encoded.items() if k in _MODEL_INPUTS}
 
 
 # ------------------------------------------------------------------------------ writing and checking files
@@ -181,11 +175,11 @@ def torchscript_logits_fn(module) -> Callable:
     return run
 
 
-def write_onnx(sources: Sources, model, staging: Path, config: Config, batches: dict, threads: int) -> Artifact:
+def write_onnx(sources: Sources, model, folder: Path, config: Config, batches: dict, threads: int) -> Artifact:
     """``model.onnx``: the quantize checkpoint's int8 graph copied, else an fp32 export of ``model``."""
     from .onnx_utils import OnnxClassifier, export_onnx, torch_logits_fn
 
-    path = staging / ONNX_FILE
+    path = folder / ONNX_FILE
     if sources.backend == "onnx":
         shutil.copyfile(sources.quantized.path / ONNX_FILE, path)
         artifact = Artifact(ONNX_FILE, "int8", sources.quantized.name, f"PyTorch fp32 {sources.fp32.name}", config.export.int8_atol)
@@ -205,75 +199,71 @@ def _trace_and_check(module, path: Path, artifact: Artifact, batches: dict) -> A
     return check_parity(artifact, torch_logits_fn(module), torchscript_logits_fn(load_torchscript(path)), batches)
 
 
-def write_torchscript(sources: Sources, model, staging: Path, config: Config, batches: dict) -> list[Artifact]:
+def write_torchscript(sources: Sources, model, folder: Path, config: Config, batches: dict) -> list[Artifact]:
     """``model.torchscript.pt`` (fp32) and, for a torch quantize parent, ``model_int8.torchscript.pt``."""
     from .runtime import load_torch_int8_model
 
     fp32 = Artifact(TORCHSCRIPT_FILE, "fp32", sources.fp32.name, f"PyTorch fp32 {sources.fp32.name}", config.export.atol)
-    artifacts = [_trace_and_check(model, staging / TORCHSCRIPT_FILE, fp32, batches)]
+    artifacts = [_trace_and_check(model, folder / TORCHSCRIPT_FILE, fp32, batches)]
     if sources.backend == "torch":
         qmodel = load_torch_int8_model(sources.quantized.path)
         int8 = Artifact(TORCHSCRIPT_INT8_FILE, "int8", sources.quantized.name, f"PyTorch int8 {sources.quantized.name}", config.export.atol)
-        artifacts.append(_trace_and_check(qmodel, staging / TORCHSCRIPT_INT8_FILE, int8, batches))
+        artifacts.append(_trace_and_check(qmodel, folder / TORCHSCRIPT_INT8_FILE, int8, batches))
     return artifacts
 
 
 # ------------------------------------------------------------------------------ the stage
 
 
-@dataclass
-class ExportResult:
-    staging: Path
-    parent: Checkpoint
-    metrics: dict[str, Any]
-    details: dict[str, Any]
-
-
-def run_export(config: Config, parent: Checkpoint, staging: Path) -> ExportResult:
-    """Write the requested files into ``staging``, check each against PyTorch and measure each
-    on the test split; writes no checkpoint."""
-    from .finetune import load_data, prepare
-    from .modeling import count_parameters
-    from .checkpoint import save_tokenizer
+def run_export(config: Config, parent: Checkpoint, folder: Path) -> Measured:
+    """Write the requested files into ``folder``, check each against PyTorch and measure each
+    on the test split; returns the metrics and details for the manifest. Used as
+    :func:`~tinycompress.checkpoint.write_checkpoint`'s ``write_files`` (see :func:`export`)."""
+    from .data import load_config_data
+    from .modeling import count_parameters, prepare
 
     check_parent("export", parent, config)
     sources = resolve_sources(parent)
     spec, _, threads = prepare(config)
     model, tokenizer = load_hf_model(sources.fp32)
-    data = load_data(config, spec)
+    data = load_config_data(config, spec)
     batches = parity_batches(tokenizer, data.test.texts, config.model.max_length)
+    start = time.perf_counter()
     artifacts: list[Artifact] = []
     formats = FORMATS[config.export.format]
     if "onnx" in formats:
-        artifacts.append(write_onnx(sources, model, staging, config, batches, threads))
+        artifacts.append(write_onnx(sources, model, folder, config, batches, threads))
     if "torchscript" in formats:
-        artifacts += write_torchscript(sources, model, staging, config, batches)
-    model.config.save_pretrained(staging)
-    save_tokenizer(staging, tokenizer, config.model.max_length)
-    metrics = measure_artifacts(staging, artifacts, config, spec, threads)
+        artifacts += write_torchscript(sources, model, folder, config, batches)
+    save_config_and_tokenizer(folder, model.config, tokenizer, config.model.max_length)
+    seconds = time.perf_counter() - start  # writing and parity-checking the files
+    metrics = measure_artifacts(folder, artifacts, config, spec, threads)
     metrics |= {f"parent/{k}": v for k, v in parent.metrics.items() if k.startswith("test/")}
-    metrics |= {"parameters": count_parameters(model), "test_rows": len(data.test), "parity_passed": all(a.to_dict()["passed"] for a in artifacts)}
+    metrics |= {
+        "parameters": count_parameters(model), "test_rows": len(data.test),
+        "parity_passed": all(a.to_dict()["passed"] for a in artifacts), "export_seconds": round(seconds, 1),
+    }
     details = {
         "format": config.export.format, "opset": config.export.opset, "fp32_source": sources.fp32.name,
         "int8_source": sources.quantized.name if sources.quantized else None, "quantize_backend": sources.backend,
         "parity_batches": {name: list(batch["input_ids"].shape) for name, batch in batches.items()},
         "files": {a.file: a.to_dict() for a in artifacts},
     }
-    if (staging / ONNX_FILE).is_file():
-        from .quantize import artifact_latency
+    if (folder / ONNX_FILE).is_file():
+        from .bench import artifact_latency
         from .runtime import onnx_predictor
 
-        onnx = onnx_predictor(staging, threads=threads, max_length=config.model.max_length)
+        onnx = onnx_predictor(folder, threads=threads, max_length=config.model.max_length)
         details["latency"] = artifact_latency(onnx, data.test.texts, runs=config.report.bench_runs, threads=threads)
-    return ExportResult(staging, parent, metrics, details)
+    return Measured(metrics, details)
 
 
 # Metric prefix of each file; the report reads "<prefix>/test/<metric>" per artifact.
 METRIC_PREFIX = {ONNX_FILE: "onnx", TORCHSCRIPT_FILE: "torchscript", TORCHSCRIPT_INT8_FILE: "torchscript_int8"}
 
 
-def measure_artifacts(staging: Path, artifacts: list[Artifact], config: Config, spec, threads: int) -> dict[str, Any]:
-    """Test metrics of every written file, run from ``staging`` (``onnx/test/accuracy``, ...),
+def measure_artifacts(folder: Path, artifacts: list[Artifact], config: Config, spec, threads: int) -> dict[str, Any]:
+    """Test metrics of every written file, run from ``folder`` (``onnx/test/accuracy``, ...),
     plus ``test/<m>`` of the file :func:`tinycompress.runtime.load_predictor` runs for this folder."""
     from .evaluate import evaluate_predictor
     from .runtime import onnx_predictor, torchscript_predictor
@@ -281,28 +271,15 @@ def measure_artifacts(staging: Path, artifacts: list[Artifact], config: Config, 
     metrics: dict[str, Any] = {}
     for artifact in artifacts:
         if artifact.file == ONNX_FILE:
-            predictor = onnx_predictor(staging, threads=threads, max_length=config.model.max_length)
+            predictor = onnx_predictor(folder, threads=threads, max_length=config.model.max_length)
         else:
-            predictor = torchscript_predictor(staging, artifact.file, max_length=config.model.max_length)
+            predictor = torchscript_predictor(folder, artifact.file, max_length=config.model.max_length)
         measured = evaluate_predictor(predictor, config, spec)
         metrics |= {f"{METRIC_PREFIX[artifact.file]}/{k}": v for k, v in measured.items()}
     primary = next(f for f in (ONNX_FILE, TORCHSCRIPT_INT8_FILE, TORCHSCRIPT_FILE) if any(a.file == f for a in artifacts))
     prefix = f"{METRIC_PREFIX[primary]}/"
     metrics |= {k[len(prefix):]: v for k, v in list(metrics.items()) if k.startswith(prefix)}
     return metrics
-
-
-def write_export(config: Config, result: ExportResult, output: str | Path | None = None) -> Checkpoint:
-    """Move the staged files into the next ``export-v<N>`` folder (or ``output``)."""
-
-    def move_files(folder: Path) -> None:
-        for item in result.staging.iterdir():
-            shutil.move(str(item), str(folder / item.name))
-
-    return write_checkpoint(
-        config.workdir, result.parent.task, "export", move_files,
-        config=config, metrics=result.metrics, seed=config.seed, parent=result.parent, details=result.details, destination=output,
-    )
 
 
 def export(config: Config, parent: str | Path | Checkpoint | None = None, output: str | Path | None = None) -> Checkpoint:
@@ -318,8 +295,10 @@ def export(config: Config, parent: str | Path | Checkpoint | None = None, output
     if not isinstance(parent, Checkpoint):
         parent = resolve_input(parent, workdir=config.workdir, task=config.task, stage="export")
     check_parent("export", parent, config)
-    with tempfile.TemporaryDirectory(prefix="tinycompress-export-") as staging:
-        return write_export(config, run_export(config, parent, Path(staging)), output)
+    return write_checkpoint(
+        config.workdir, parent.task, "export", lambda folder: run_export(config, parent, folder),
+        config=config, seed=config.seed, parent=parent, destination=output,
+    )
 
 
 # ------------------------------------------------------------------------------ reporting

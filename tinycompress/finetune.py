@@ -7,36 +7,8 @@ from __future__ import annotations
 
 from .checkpoint import Checkpoint, save_hf_model, write_checkpoint
 from .config import Config
-from .data import encode, load_task_data, padding_id
-from .modeling import (
-    DEFAULT_MODEL,
-    DEFAULT_MODEL_HUB_ID,
-    configure_threads,
-    count_parameters,
-    load_pretrained_classifier,
-    quiet_hf,
-    resolve_device,
-)
-from .tasks import get_task
-
-
-def prepare(config: Config):
-    """(task spec, device, thread count) with threads and HF noise set up."""
-    quiet_hf()
-    spec = get_task(config.task)
-    threads = configure_threads(config.threads)
-    return spec, resolve_device(config.device), threads
-
-
-def load_data(config: Config, spec, seed: int | None = None):
-    return load_task_data(
-        spec,
-        data_dir=config.data.data_dir,
-        dev_fraction=config.data.dev_fraction,
-        seed=config.seed if seed is None else seed,
-        max_train_samples=config.data.max_train_samples,
-        max_test_samples=config.data.max_test_samples,
-    )
+from .data import encode, load_config_data, padding_id
+from .modeling import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, count_parameters, load_pretrained_classifier, prepare
 
 
 def finetune(config: Config) -> Checkpoint:
@@ -48,7 +20,7 @@ def finetune(config: Config) -> Checkpoint:
     from .training import evaluate, make_progress, train
 
     spec, device, threads = prepare(config)
-    data = load_data(config, spec)
+    data = load_config_data(config, spec)
     model, tokenizer, source = load_pretrained_classifier(config.model.name, spec, config.seed)
     max_length = config.model.max_length
     train_enc, dev_enc, test_enc = (encode(tokenizer, split, max_length) for split in (data.train, data.dev, data.test))

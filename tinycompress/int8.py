@@ -57,7 +57,6 @@ __all__ = [
     "INT8_RECIPE_FILE",
     "INT8_WEIGHTS_FILE",
     "Int8Embedding",
-    "int8_checkpoint_bytes",
     "load_torch_int8",
     "load_torchscript",
     "quantize_torch_dynamic",
@@ -266,7 +265,7 @@ def save_torch_int8(qmodel: nn.Module, directory: str | Path) -> list[Path]:
     """Write a ``quantize_torch_dynamic`` model as safetensors + JSON (no pickle).
 
     Returns the files written (``int8_weights.safetensors``, ``int8_recipe.json``); their
-    summed size is the model's honest size on disk (see ``int8_checkpoint_bytes``).
+    summed size is the model's honest size on disk.
     """
     directory = Path(directory)
     tensors, recipe = _collect(qmodel)
@@ -275,12 +274,6 @@ def save_torch_int8(qmodel: nn.Module, directory: str | Path) -> list[Path]:
     save_file(tensors, str(weights), metadata={"format": _FORMAT, "version": str(_FORMAT_VERSION)})
     recipe_path.write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
     return [weights, recipe_path]
-
-
-def int8_checkpoint_bytes(directory: str | Path) -> int:
-    """Bytes on disk of a ``save_torch_int8`` checkpoint (weights + recipe)."""
-    directory = Path(directory)
-    return sum((directory / f).stat().st_size for f in (INT8_WEIGHTS_FILE, INT8_RECIPE_FILE))
 
 
 def _read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import TinycompressError
-from .tasks import TaskSpec
+from .tasks import TaskSpec, get_task
 
 if TYPE_CHECKING:
     import torch
+
+    from .config import Config
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -115,7 +117,17 @@ def load_pretrained_classifier(name: str, spec: TaskSpec, seed: int):
 
 
 def count_parameters(model) -> int:
+    """Number of (unique) parameters; tied weights are counted once."""
     return sum(p.numel() for p in model.parameters())
+
+
+def prepare(config: "Config") -> tuple[TaskSpec, "torch.device", int]:
+    """(task spec, device, thread count) for a stage run with ``config``; threads and HF's
+    logging are set up on the way."""
+    quiet_hf()
+    spec = get_task(config.task)
+    threads = configure_threads(config.threads)
+    return spec, resolve_device(config.device), threads
 
 
 def quiet_hf() -> None:

@@ -50,6 +50,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from .data import MODEL_INPUT_NAMES
+
 __all__ = [
     "DEFAULT_DYNAMIC_OP_TYPES",
     "FUSED_GRAPH_OP_TYPES",
@@ -61,7 +63,6 @@ __all__ = [
     "format_parity",
     "make_example_batch",
     "model_input_names",
-    "onnx_file_bytes",
     "optimize_onnx",
     "parity_check",
     "quantize_onnx_dynamic",
@@ -71,8 +72,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Inputs an HF text classifier may take, in the order the ONNX graph declares them.
-_CANDIDATE_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _REQUIRED_INPUTS = ("input_ids", "attention_mask")
 
 #: Default op types for dynamic quantisation of an *unfused* export: every Linear (MatMul)
@@ -108,7 +107,7 @@ def model_input_names(model: torch.nn.Module) -> list[str]:
     keywords through ``**kwargs``, so a "does it accept it" probe would wrongly say yes.
     """
     params = inspect.signature(model.forward).parameters
-    names = [n for n in _CANDIDATE_INPUTS if n in params]
+    names = [n for n in MODEL_INPUT_NAMES if n in params]
     missing = [n for n in _REQUIRED_INPUTS if n not in names]
     if missing:
         raise ValueError(
@@ -418,11 +417,11 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
 def _canonical_model_type(model_type: str) -> str:
     from onnxruntime.transformers.optimizer import MODEL_TYPES
 
-    # ORT has no separate DistilBERT/MiniLM entry; its BERT fusions cover them.
-    aliases = {"distilbert": "bert", "minilm": "bert", "roberta": "bert"}
-    canonical = aliases.get(model_type.lower(), model_type.lower())
+    from .arch import SUPPORTED_MODEL_TYPES, ort_model_type
+
+    canonical = ort_model_type(model_type.lower())
     if canonical not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {model_type!r}; ORT knows {sorted(MODEL_TYPES)} (+ distilbert)")
+        raise ValueError(f"unknown model_type {model_type!r}; ORT knows {sorted(MODEL_TYPES)} (+ {', '.join(SUPPORTED_MODEL_TYPES)})")
     return canonical
 
 
@@ -465,8 +464,9 @@ def optimize_onnx(
     Args:
         in_path: fp32 graph from ``export_onnx`` (legacy exporter for Attention fusion).
         out_path: where to write the fused graph.
-        model_type: ``"bert"`` or ``"distilbert"`` (both use ORT's BERT fusions) or any
-            other key of ``onnxruntime.transformers.optimizer.MODEL_TYPES``.
+        model_type: an HF model type of :mod:`tinycompress.arch` (``"bert"``, ``"distilbert"``:
+            mapped through ``ArchSpec.ort_model_type``) or any key of
+            ``onnxruntime.transformers.optimizer.MODEL_TYPES``.
         num_heads, hidden_size: 0 = detect. Head counts are pinned per layer before
             fusion (see module docstring), so pruned layers are detected correctly and
             these values only matter for graphs whose heads could not be pinned.
@@ -759,39 +759,6 @@ class OnnxClassifier:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         feed = _feed_for(batch, self.input_names)
         return self.session.run([self.output_name], feed)[0]
-
-
-def onnx_file_bytes(path: str | Path) -> int:
-    """Bytes on disk of an ONNX model: the ``.onnx`` file plus its external-data files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    model = onnx.load(str(path), load_external_data=False)
-    locations = set()
-    for tensor in _all_tensors(model.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            entries = {e.key: e.value for e in tensor.external_data}
-            locations.add(entries["location"])
-    total = path.stat().st_size
-    for location in sorted(locations):
-        data_file = path.parent / location
-        if not data_file.is_file():
-            raise FileNotFoundError(f"external data {data_file} referenced by {path} is missing")
-        total += data_file.stat().st_size
-    return total
-
-
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_tensors(sub)
 
 
 # --------------------------------------------------------------------------------------

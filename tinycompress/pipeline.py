@@ -25,14 +25,15 @@ from .config import Config
 from .errors import TinycompressError
 
 PIPELINE_STAGES = ("finetune", "prune", "quantize", "export")
-# The config sections that decide what a stage produces, given its parent. Sections of earlier
-# stages are included: the parent's identity already pins them, but a checkpoint made with other
-# upstream settings (e.g. different data) must not be mistaken for this run's.
+# The config sections (or dotted single keys) that decide what a stage produces, given its parent.
+# Sections of earlier stages are included: the parent's identity already pins them, but a
+# checkpoint made with other upstream settings (e.g. different data) must not be mistaken for
+# this run's. Quantize exports the ONNX graph it quantizes with export.opset.
 _BASE_SECTIONS = ("task", "seed", "model", "data", "finetune")
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "finetune": _BASE_SECTIONS,
     "prune": _BASE_SECTIONS + ("prune",),
-    "quantize": _BASE_SECTIONS + ("prune", "quantize"),
+    "quantize": _BASE_SECTIONS + ("prune", "quantize", "export.opset"),
     "export": _BASE_SECTIONS + ("prune", "quantize", "export"),
 }
 
@@ -56,10 +57,18 @@ def _log(message: str) -> None:
 # ------------------------------------------------------------------------------ resuming
 
 
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    """``config["a"]["b"]`` for ``"a.b"``; None where a level is missing."""
+    value: Any = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def _normalised(config: dict[str, Any], sections: tuple[str, ...]) -> dict[str, Any]:
     """The named sections of a config dict, with paths made absolute so that `../data` and
     `/abs/data` compare equal whatever folder the command ran from."""
-    picked = {name: config.get(name) for name in sections}
+    picked = {name: _lookup(config, name) for name in sections}
     data = dict(picked.get("data") or {})
     if data.get("data_dir"):
         data["data_dir"] = str(Path(data["data_dir"]).expanduser().resolve())
@@ -173,7 +182,8 @@ def run_pipeline(
     Returns a :class:`PipelineResult`; raises :class:`TinycompressError` as the stages do,
     leaving the checkpoints written so far in place for the next run to reuse.
     """
-    from .report import build_report, default_out_dir, previous_measured_seconds, write_report
+    from .report import build_report
+    from .report_render import default_out_dir, previous_measured_seconds, write_report
     from .tasks import get_task
 
     config = config.model_copy(update={"task": get_task(config.task).name})

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .data import encode_rows
 from .errors import TinycompressError
 
 DEFAULT_BATCH_SIZE = 32
@@ -41,12 +42,6 @@ def _rows(text: str) -> tuple[str, ...]:
     return tuple(text.split("\t", 1)) if "\t" in text else (text,)
 
 
-def _encode(tokenizer, rows: list[tuple[str, ...]], max_length: int) -> dict:
-    columns = [list(column) for column in zip(*rows)]
-    encoded = tokenizer(*columns, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
 def predict_logits(predictor, texts: Sequence[str], batch_size: int) -> np.ndarray:
     """Logits [len(texts), labels], batching texts with the same number of segments together."""
     rows = [_rows(t) for t in texts]
@@ -55,7 +50,7 @@ def predict_logits(predictor, texts: Sequence[str], batch_size: int) -> np.ndarr
         indices = [i for i, r in enumerate(rows) if len(r) == arity]
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
-            logits = predictor.forward(_encode(predictor.tokenizer, [rows[i] for i in chunk], predictor.max_length))
+            logits = predictor.forward(encode_rows(predictor.tokenizer, [rows[i] for i in chunk], predictor.max_length))
             logits = np.asarray(logits.float().numpy() if hasattr(logits, "numpy") else logits, dtype=np.float32)
             if out is None:
                 out = np.zeros((len(texts), logits.shape[-1]), dtype=np.float32)

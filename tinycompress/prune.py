@@ -22,7 +22,6 @@ neuron is removed (``--ratio 0``) there is nothing to recover and recovery is sk
 from __future__ import annotations
 
 import copy
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,7 @@ from typing import Any, Callable, Iterator
 
 from .checkpoint import Checkpoint, load_hf_model, resolve_input, save_hf_model, write_checkpoint
 from .config import Config
-from .data import Encoded, Examples, iterate_batches
-from .data import padding_id
+from .data import Encoded, Examples, iterate_batches, padding_id, subset_rows
 from .errors import TinycompressError
 from .lineage import check_parent
 
@@ -52,20 +50,6 @@ class PruneResult:
 
 
 # ------------------------------------------------------------------------------ building blocks
-
-
-def subset_rows(encoded: Encoded, rows: int, seed: int) -> Encoded:
-    """``rows`` seeded-random rows of ``encoded`` (all of them when there are fewer), in order.
-
-    Random rather than the first rows: a train split is in file order, which may be sorted by
-    source or label.
-    """
-    chosen = sorted(random.Random(seed).sample(range(len(encoded)), min(rows, len(encoded))))
-
-    def pick(column):
-        return None if column is None else [column[i] for i in chosen]
-
-    return Encoded(pick(encoded.input_ids), pick(encoded.token_type_ids), pick(encoded.labels))
 
 
 def importance_batches(encoded: Encoded, rows: int, *, batch_size: int, pad_id: int, regression: bool, seed: int) -> Callable[[], Iterator[dict]]:
@@ -112,7 +96,8 @@ def _sig(value: float, digits: int = 4) -> float:
 
 
 def _structure(model) -> dict[str, Any]:
-    from .pruning import count_parameters, current_head_ids, estimate_flops, ffn_sizes
+    from .modeling import count_parameters
+    from .pruning import current_head_ids, estimate_flops, ffn_sizes
 
     heads = current_head_ids(model)
     return {
@@ -139,15 +124,19 @@ def check_feasible(model, config: Config) -> None:
     """Refuse ratios that would take a layer below its minimum, before data is loaded or scored.
 
     Selection on all-equal scores fails exactly when the real selection would, and costs nothing.
+    An unsupported model family raises its own error (no ratio would help).
     """
     import torch
 
+    from .arch import get_arch
     from .pruning import ffn_sizes, head_counts, select_heads, select_neurons
 
     settings = config.prune
+    get_arch(model)
+    heads, neurons = head_counts(model), ffn_sizes(model)
     try:
-        select_heads([torch.zeros(n) for n in head_counts(model)], settings.ratio, settings.min_heads_per_layer)
-        select_neurons([torch.zeros(n) for n in ffn_sizes(model)], settings.ffn_ratio, settings.min_neurons_per_layer)
+        select_heads([torch.zeros(n) for n in heads], settings.ratio, settings.min_heads_per_layer)
+        select_neurons([torch.zeros(n) for n in neurons], settings.ffn_ratio, settings.min_neurons_per_layer)
     except ValueError as exc:
         raise TinycompressError(
             f"cannot prune: {exc}", "lower --ratio / --ffn-ratio, or prune.min_heads_per_layer / prune.min_neurons_per_layer"
@@ -219,8 +208,8 @@ class _Job:
 
 
 def _load_job(config: Config, parent: Checkpoint) -> _Job:
-    from .data import encode
-    from .finetune import load_data, prepare
+    from .data import encode, load_config_data
+    from .modeling import prepare
 
     spec, device, threads = prepare(config)
     teacher, tokenizer = load_hf_model(parent)
@@ -232,7 +221,7 @@ def _load_job(config: Config, parent: Checkpoint) -> _Job:
             check_prunable(teacher, tokenizer)
         except ValueError as exc:
             raise TinycompressError(f"cannot prune the vocabulary of {parent.path}: {exc}", "drop --vocab") from None
-    data = load_data(config, spec)
+    data = load_config_data(config, spec)
     train, dev, test = (encode(tokenizer, split, config.model.max_length) for split in (data.train, data.dev, data.test))
     pad_id = padding_id(tokenizer)
     batches = importance_batches(

@@ -517,11 +517,6 @@ def apply_structure_(model: nn.Module, structure: Mapping | None = None) -> None
 # --------------------------------------------------------------------------- #
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of (unique) parameters; tied weights are counted once."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 def estimate_flops(model: nn.Module, seq_len: int) -> int:
     """Encoder FLOPs for one sequence of ``seq_len`` tokens (2 FLOPs per MAC).
 

@@ -36,11 +36,10 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoint import Checkpoint, load_hf_model, resolve_input, save_tokenizer, write_checkpoint
+from .checkpoint import Checkpoint, Measured, load_hf_model, resolve_input, save_config_and_tokenizer, write_checkpoint
 from .config import Config, QuantizeSettings
 from .errors import TinycompressError
 from .lineage import check_parent
@@ -62,24 +61,20 @@ def export_optimized_onnx(model, path: Path, *, opset: int, scratch: Path) -> di
     """Export ``model`` to ONNX and fuse it with ORT's transformer optimizer into ``path``.
 
     Returns ``{"fused_ops": {op: count > 0}, "attention_fusion": bool, "fused_attention_heads":
-    [heads per fused layer]}``. Model types ORT has no fusions for are exported unfused.
+    [heads per fused layer]}``. Families ORT has no fusions for (``ArchSpec.ort_model_type``
+    None) are exported unfused.
     """
+    from .arch import get_arch
     from .onnx_utils import attention_head_counts, export_onnx, optimize_onnx
 
     raw = export_onnx(model, scratch / "fp32-raw.onnx", opset=opset)
-    if not _ort_can_fuse(model.config.model_type):
+    ort_type = get_arch(model).ort_model_type
+    if ort_type is None:
         shutil.copyfile(raw, path)
         return {"fused_ops": {}, "attention_fusion": False, "fused_attention_heads": []}
-    stats = optimize_onnx(raw, path, model_type=model.config.model_type)
+    stats = optimize_onnx(raw, path, model_type=ort_type)
     fused = {op: n for op, n in stats.items() if n and op != "pinned_attention_layers"}
     return {"fused_ops": fused, "attention_fusion": fused.get("Attention", 0) > 0, "fused_attention_heads": attention_head_counts(path)}
-
-
-def _ort_can_fuse(model_type: str) -> bool:
-    from onnxruntime.transformers.optimizer import MODEL_TYPES
-
-    # onnx_utils.optimize_onnx maps these BERT relatives onto ORT's "bert" fusions.
-    return model_type in MODEL_TYPES or model_type in ("distilbert", "minilm", "roberta")
 
 
 def _dynamic_op_types(quantize_embeddings: bool) -> tuple[str, ...]:
@@ -117,9 +112,7 @@ def quantize_onnx_model(model, path: Path, settings: QuantizeSettings, *, opset:
 
 def calibration_batches(tokenizer, examples, rows: int, *, max_length: int, seed: int) -> list[dict]:
     """Input dicts (no labels) over ``rows`` seeded-random rows of ``examples`` (training rows)."""
-    from .data import encode, iterate_batches
-    from .data import padding_id
-    from .prune import subset_rows
+    from .data import encode, iterate_batches, padding_id, subset_rows
 
     subset = subset_rows(encode(tokenizer, examples, max_length), rows, seed)
     pad_id = padding_id(tokenizer)
@@ -147,20 +140,6 @@ def quantize_torch_model(model, folder: Path, settings: QuantizeSettings) -> dic
 # ------------------------------------------------------------------------------ measuring the artifact
 
 
-def artifact_latency(predictor, texts: Sequence, *, runs: int, threads: int) -> dict[str, Any]:
-    """``{"batch_1": {median_ms, p90_ms, runs}, "batch_32": {...}, "machine": {...}}`` of a
-    predictor on real texts (the same rows :func:`tinycompress.bench.latency_batches` picks
-    for every model compared)."""
-    from .bench import latency_batches, measure_latency
-    from .envinfo import machine_info
-
-    result: dict[str, Any] = {}
-    for size, inputs in latency_batches(predictor.tokenizer, texts, predictor.max_length).items():
-        result[f"batch_{size}"] = measure_latency(lambda inputs=inputs: predictor.forward(inputs), runs=runs)
-    result["machine"] = machine_info(threads)
-    return result
-
-
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -170,37 +149,45 @@ def _versions() -> dict[str, str]:
 # ------------------------------------------------------------------------------ the stage
 
 
-@dataclass
-class QuantizeResult:
-    """A quantized model written to a staging folder, measured, not yet a checkpoint."""
-
-    staging: Path
-    parent: Checkpoint
-    metrics: dict[str, Any]
-    details: dict[str, Any]
+def _size_mb(n_bytes) -> str:
+    return f"{n_bytes / 1e6:.2f} MB" if isinstance(n_bytes, (int, float)) else "?"
 
 
-def build_artifact(config: Config, model, tokenizer, staging: Path, data) -> dict[str, Any]:
-    """Write the int8 model, config.json and tokenizer files into ``staging``; returns details."""
+def summary_line(checkpoint: Checkpoint) -> str:
+    """``size 5.81 MB (parent 22.71 MB); latency median batch 1 2.10 ms, batch 32 41.00 ms (2 threads)``
+    of a quantize checkpoint, from its manifest."""
+    latency = checkpoint.details["latency"]
+    return (
+        f"size {_size_mb(checkpoint.manifest.get('model_bytes'))} (parent {_size_mb(checkpoint.metrics.get('parent/model_bytes'))}); "
+        f"latency median batch 1 {latency['batch_1']['median_ms']:.2f} ms, batch 32 {latency['batch_32']['median_ms']:.2f} ms "
+        f"({latency['machine']['threads']} threads)"
+    )
+
+
+def build_artifact(config: Config, model, tokenizer, folder: Path, data) -> dict[str, Any]:
+    """Write the int8 model, config.json and tokenizer files into ``folder``; returns details."""
     settings = config.quantize
     calibration = None
     if settings.backend == "onnx" and settings.mode == "static":
         calibration = calibration_batches(tokenizer, data.train, settings.calibration_samples, max_length=config.model.max_length, seed=config.seed)
     if settings.backend == "onnx":
-        details = quantize_onnx_model(model, staging / ONNX_FILE, settings, opset=config.export.opset, calibration=calibration)
+        details = quantize_onnx_model(model, folder / ONNX_FILE, settings, opset=config.export.opset, calibration=calibration)
     else:
-        details = quantize_torch_model(model, staging, settings)
-    model.config.save_pretrained(staging)
-    save_tokenizer(staging, tokenizer, config.model.max_length)
+        details = quantize_torch_model(model, folder, settings)
+    save_config_and_tokenizer(folder, model.config, tokenizer, config.model.max_length)
     details["calibration_rows"] = min(settings.calibration_samples, len(data.train)) if calibration is not None else 0
     return details
 
 
-def run_quantize(config: Config, parent: Checkpoint, staging: Path) -> QuantizeResult:
-    """Quantize ``parent`` into ``staging`` and measure the artifact; writes no checkpoint."""
+def run_quantize(config: Config, parent: Checkpoint, folder: Path) -> Measured:
+    """Quantize ``parent`` into ``folder`` and measure the artifact there; returns the metrics
+    and details for the manifest. Used as :func:`~tinycompress.checkpoint.write_checkpoint`'s
+    ``write_files`` (see :func:`quantize`), so ``folder`` is the checkpoint's temporary folder."""
+    from .arch import get_arch
+    from .bench import artifact_latency
+    from .data import load_config_data
     from .evaluate import evaluate_predictor
-    from .finetune import load_data, prepare
-    from .modeling import count_parameters
+    from .modeling import count_parameters, prepare
     from .pruning import head_counts
     from .runtime import load_predictor
 
@@ -208,12 +195,13 @@ def run_quantize(config: Config, parent: Checkpoint, staging: Path) -> QuantizeR
     check_settings(config)
     spec, _, threads = prepare(config)
     model, tokenizer = load_hf_model(parent)
-    data = load_data(config, spec)
+    get_arch(model)  # an unsupported model family fails here, before any work
+    data = load_config_data(config, spec)
     start = time.perf_counter()
-    built = build_artifact(config, model, tokenizer, staging, data)
+    built = build_artifact(config, model, tokenizer, folder, data)
     seconds = time.perf_counter() - start
     # The artifact itself is measured: nothing about int8 accuracy is assumed.
-    predictor = load_predictor(staging, threads=threads)
+    predictor = load_predictor(folder, threads=threads)
     predictor.max_length = config.model.max_length
     metrics = evaluate_predictor(predictor, config, spec)
     metrics |= {f"parent/{k}": v for k, v in parent.metrics.items() if k.startswith("test/")}
@@ -232,20 +220,7 @@ def run_quantize(config: Config, parent: Checkpoint, staging: Path) -> QuantizeR
         "latency": artifact_latency(predictor, data.test.texts, runs=config.report.bench_runs, threads=threads),
     }
     details["machine"] = details["latency"]["machine"]
-    return QuantizeResult(staging, parent, metrics, details)
-
-
-def write_quantize(config: Config, result: QuantizeResult) -> Checkpoint:
-    """Move the staged files into the next ``quantize-v<N>`` folder of the parent's task."""
-
-    def move_files(folder: Path) -> None:
-        for item in result.staging.iterdir():
-            shutil.move(str(item), str(folder / item.name))
-
-    return write_checkpoint(
-        config.workdir, result.parent.task, "quantize", move_files,
-        config=config, metrics=result.metrics, seed=config.seed, parent=result.parent, details=result.details,
-    )
+    return Measured(metrics, details)
 
 
 def quantize(config: Config, parent: str | Path | Checkpoint | None = None) -> Checkpoint:
@@ -260,5 +235,7 @@ def quantize(config: Config, parent: str | Path | Checkpoint | None = None) -> C
         parent = resolve_input(parent, workdir=config.workdir, task=config.task, stage="quantize")
     check_parent("quantize", parent, config)
     check_settings(config)
-    with tempfile.TemporaryDirectory(prefix="tinycompress-quantize-") as staging:
-        return write_quantize(config, run_quantize(config, parent, Path(staging)))
+    return write_checkpoint(
+        config.workdir, parent.task, "quantize", lambda folder: run_quantize(config, parent, folder),
+        config=config, seed=config.seed, parent=parent,
+    )

@@ -17,20 +17,16 @@ this machine, the same inputs for every row) and the sweep curve (a ``prune_swee
 by ``benchmarks/prune_sweep.py``: ``--sweep CSV``, else the newest ``prune_sweep.csv`` under
 ``runs/<task>/sweeps/``).
 
-:func:`build_report` gathers a :class:`Report`; :func:`write_report` writes ``report.md``,
-``report.json``, ``report.csv`` and PNG plots into a folder (``runs/<task>/report`` by default),
-replacing it whole; :func:`render_table` makes the Rich table the CLI prints.
+:func:`build_report` gathers a :class:`Report`; :func:`run_report` is the ``tinycompress report``
+command as a function (settings, build, write). Showing and writing it -- the Rich table,
+``report.md``, ``report.json``, ``report.csv`` and PNG plots -- is :mod:`tinycompress.report_render`.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
-import os
-import shutil
 import sys
-import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,13 +46,9 @@ from .checkpoint import (
 from .errors import TinycompressError
 
 REPORT_SCHEMA = 1
-REPORT_DIR_NAME = "report"
 SWEEP_DIR_NAME = "sweeps"
 SWEEP_FILE_NAME = "prune_sweep.csv"
 TEST_SPLIT_NOTE = "Test metrics are on the GLUE validation set (GLUE test labels are hidden)."
-PLOT_SIZE = "accuracy_vs_size.png"
-PLOT_SWEEP = "prune_sweep.png"
-REPORT_FILES = ("report.md", "report.json", "report.csv", PLOT_SIZE)
 BATCH_KEYS = ("batch_1", "batch_32")
 # Files an export folder may hold: (file, runtime format, title, prefix of its test metrics).
 EXPORT_ARTIFACT_FILES = (
@@ -65,8 +57,7 @@ EXPORT_ARTIFACT_FILES = (
     ("model_int8.torchscript.pt", "torchscript", "TorchScript", "torchscript_int8"),
 )
 # Where the seconds a stage spent are recorded in its manifest (metrics, then details).
-SECONDS_KEYS = ("train_seconds", "prune_seconds", "quantize_seconds", "calibration_seconds", "export_seconds", "seconds")
-MISSING = "—"
+SECONDS_KEYS = ("train_seconds", "prune_seconds", "quantize_seconds", "export_seconds")
 
 
 # ------------------------------------------------------------------------------ data
@@ -262,7 +253,7 @@ def _structure(folder: Path) -> tuple[int, int, int, int] | None:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         spec = get_arch(SimpleNamespace(model_type=config.get("model_type")))
         layers, heads, ffn = config[spec.layers_field], config[spec.heads_field], config[spec.ffn_field]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, TinycompressError):
         return None
     structure = config.get("tinycompress_pruning") or {}
     heads_kept = sum(len(h) for h in structure["heads_kept"]) if "heads_kept" in structure else layers * heads
@@ -453,12 +444,12 @@ def build_rows(chain: list[Checkpoint], task: str, workdir: Path, names: list[st
 def _test_texts(finetune: Checkpoint, data_dir: str | None, limit: int = 512) -> list[tuple[str, ...]]:
     """Real test rows of the task, with the data settings the chain was trained with."""
     from .config import load_config
-    from .finetune import load_data
+    from .data import load_config_data
     from .tasks import get_task
 
     overrides = {"data.data_dir": data_dir} if data_dir else {}
     config = load_config(None, overrides, base=finetune.manifest["config"])
-    data = load_data(config, get_task(config.task))
+    data = load_config_data(config, get_task(config.task))
     return data.test.texts[:limit]
 
 
@@ -482,7 +473,7 @@ def bench_rows(rows: list[Row], chain: list[Checkpoint], *, runs: int = 50, thre
     (the median-length row) and a batch of 32 (see :func:`tinycompress.bench.latency_batches`).
     The original row has the fine-tuned architecture, so it gets the fine-tuned latency.
     """
-    from .bench import latency_batches, measure_latency
+    from .bench import DEFAULT_WARMUP, LATENCY_BATCH_SIZES, measure_predictor
     from .envinfo import machine_info
     from .modeling import configure_threads, quiet_hf
 
@@ -501,9 +492,8 @@ def bench_rows(rows: list[Row], chain: list[Checkpoint], *, runs: int = 50, thre
         except TinycompressError as exc:
             row.notes.append(f"latency not measured: {exc.problem}")
             continue
-        for size, inputs in latency_batches(predictor.tokenizer, texts, max_length).items():
-            timing = measure_latency(lambda inputs=inputs: predictor.forward(inputs), runs=runs)
-            row.latency_ms[f"batch_{size}"] = timing["median_ms"]
+        timings = measure_predictor(predictor, texts, max_length=max_length, runs=runs)
+        row.latency_ms = {key: timing["median_ms"] for key, timing in timings.items()}
         row.latency_source = "bench"
     finetune_row = next((r for r in rows if r.key == "finetune" and r.status == "ok"), None)
     original = next((r for r in rows if r.key == "original" and r.status == "ok"), None)
@@ -515,8 +505,8 @@ def bench_rows(rows: list[Row], chain: list[Checkpoint], *, runs: int = 50, thre
         if row.latency_source == "bench":
             row.latency_machine = machine
     return {
-        "source": "bench", "machine": machine, "runs": runs, "warmup": 5, "statistic": "median",
-        "batch_sizes": [1, 32], "max_length": max_length,
+        "source": "bench", "machine": machine, "runs": runs, "warmup": DEFAULT_WARMUP, "statistic": "median",
+        "batch_sizes": list(LATENCY_BATCH_SIZES), "max_length": max_length,
         "inputs": f"{len(texts)} real test rows: batch 1 = the median-length row, batch 32 = the first 32 rows padded to the longest",
     }
 
@@ -719,282 +709,37 @@ def build_report(
     )
 
 
-# ------------------------------------------------------------------------------ formatting
+def run_report(
+    target: str | Path | None = None,
+    *,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    task: str | None = None,
+    data_dir: str | None = None,
+    sweep: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] = _log,
+) -> tuple[Report, Path]:
+    """Build the report of one chain and write its files: ``tinycompress report`` as a function.
 
-
-def _fmt_size(row: Row) -> str:
-    if row.size_mb is None:
-        return MISSING
-    return f"{row.size_mb:.1f}" if row.size_mb >= 10 else f"{row.size_mb:.3f}" if row.size_mb < 1 else f"{row.size_mb:.2f}"
-
-
-def _fmt_metric(value) -> str:
-    return MISSING if value is None else f"{value:.4f}"
-
-
-def _fmt_params(value) -> str:
-    if value is None:
-        return MISSING
-    return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value:,}"
-
-
-def _fmt_count(kept, total) -> str:
-    return MISSING if kept is None else f"{kept}/{total}" if total is not None else str(kept)
-
-
-def _fmt_ms(value) -> str:
-    return MISSING if value is None else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
-
-
-def _fmt_ratio(value) -> str:
-    return MISSING if value is None else f"{value:.2f}×"
-
-
-TABLE_COLUMNS = ("version", "checkpoint", "runtime", "size (MB)", "{metrics}", "params", "heads", "FFN neurons",
-                 "b1 (ms)", "b32 (ms)", "compression", "speed-up b1", "speed-up b32")
-
-
-def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
-    """(headers, rows of cells) shared by the terminal table and report.md."""
-    headers = []
-    for column in TABLE_COLUMNS:
-        headers += report.metrics if column == "{metrics}" else [column]
-    body = []
-    for row in report.rows:
-        if row.status != "ok":
-            cells = [row.label, f"not run: `{row.command}`" if row.command else "not run"] + [MISSING] * (len(headers) - 2)
-        else:
-            where = row.checkpoint or (row.metrics_from or "").split(":")[0] + " (original/*)"
-            cells = [row.label, where, row.runtime or MISSING, _fmt_size(row)]
-            cells += [_fmt_metric(row.metrics.get(m)) for m in report.metrics]
-            cells += [_fmt_params(row.parameters), _fmt_count(row.heads_kept, row.heads_total), _fmt_count(row.ffn_kept, row.ffn_total),
-                      _fmt_ms(row.latency_ms.get("batch_1")), _fmt_ms(row.latency_ms.get("batch_32")), _fmt_ratio(row.compression),
-                      _fmt_ratio(row.speedup.get("batch_1")), _fmt_ratio(row.speedup.get("batch_32"))]
-        body.append(cells)
-    return headers, body
-
-
-def render_table(report: Report):
-    """A Rich table of the report (footnotes are printed separately, see :func:`print_report`)."""
-    from rich.table import Table
-
-    headers, body = table_cells(report)
-    table = Table(title=f"tinycompress report: {report.task} — test {report.primary_metric} on GLUE validation")
-    for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i < 3 else "right", no_wrap=i != 1)
-    for cells in body:
-        table.add_row(*[c.replace("`", "") for c in cells])
-    return table
-
-
-def print_report(report: Report, console=None) -> None:
-    """The table and its footnotes on ``console`` (default: stdout, wide when not a terminal)."""
-    from rich.console import Console
-
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            # Piped or captured output has no width; do not squeeze 14 columns into 80.
-            console = Console(width=200)
-    console.print(render_table(report))
-    for note in report.footnotes:
-        console.print(f"• {note}", soft_wrap=True, highlight=False)
-
-
-def to_markdown(report: Report) -> str:
-    headers, body = table_cells(report)
-    lines = [f"# tinycompress report: {report.task}", "",
-             f"Chain: {' → '.join(report.chain)} (workspace `{report.workspace}`). Created {report.created}.", "",
-             f"**{TEST_SPLIT_NOTE}**", "",
-             "| " + " | ".join(headers) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(headers))) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
-    lines += ["", "## Notes", ""] + [f"- {note}" for note in report.footnotes]
-    lines += ["", "## Time per stage", "", "| checkpoint | stage | seconds | source |", "|---|---|---:|---|"]
-    for name, item in report.stage_timing.items():
-        seconds = MISSING if item["seconds"] is None else f"{item['seconds']:.1f}"
-        lines.append(f"| {name} | {item['stage']} | {seconds} | {item['source'] or MISSING} |")
-    lines += ["", "## Plots", "", f"![test {report.primary_metric} against size]({PLOT_SIZE})"]
-    if report.sweep is not None:
-        lines += ["", f"Pruning sweep from `{report.sweep['csv']}`:", "", f"![pruning sweep]({PLOT_SWEEP})"]
-    return "\n".join(lines) + "\n"
-
-
-CSV_COLUMNS = ("label", "status", "checkpoint", "runtime", "size_bytes", "size_mb", "{metrics}", "parameters", "heads_kept",
-               "heads_total", "ffn_kept", "ffn_total", "latency_b1_ms", "latency_b32_ms", "latency_source", "compression",
-               "speedup_b1", "speedup_b32", "command")
-
-
-def to_csv(report: Report) -> str:
-    columns = []
-    for column in CSV_COLUMNS:
-        columns += [f"test_{m}" for m in report.metrics] if column == "{metrics}" else [column]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in report.rows:
-        item = {
-            "label": row.label, "status": row.status, "checkpoint": row.checkpoint, "runtime": row.runtime,
-            "size_bytes": row.size_bytes, "size_mb": None if row.size_mb is None else round(row.size_mb, 3),
-            "parameters": row.parameters, "heads_kept": row.heads_kept, "heads_total": row.heads_total,
-            "ffn_kept": row.ffn_kept, "ffn_total": row.ffn_total, "latency_b1_ms": row.latency_ms.get("batch_1"),
-            "latency_b32_ms": row.latency_ms.get("batch_32"), "latency_source": row.latency_source,
-            "compression": row.compression, "speedup_b1": row.speedup.get("batch_1"), "speedup_b32": row.speedup.get("batch_32"),
-            "command": row.command,
-        } | {f"test_{m}": row.metrics.get(m) for m in report.metrics}
-        writer.writerow({k: "" if v is None else v for k, v in item.items()})
-    return buffer.getvalue()
-
-
-# ------------------------------------------------------------------------------ plots
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers, CI or over ssh
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_size(report: Report, path: Path) -> None:
-    """Primary test metric against size on disk, one labelled point per version.
-
-    Versions at the same spot (an ONNX export is a copy of the quantized file) share one label.
+    Settings (workdir, threads, ``report.bench``, ``report.bench_runs``) come from
+    ``config_file`` < ``overrides`` (dotted keys, None = not given). The task is ``task``, else
+    the config file's, else the workspace's most recent one -- not Config's default, since a
+    report without a task means "the latest results". ``target``, ``data_dir`` and ``sweep`` are
+    as for :func:`build_report`; ``out_dir`` as for
+    :func:`~tinycompress.report_render.write_report`. Returns (report, folder written).
     """
-    plt = _pyplot()
-    metric = report.primary_metric
-    spots: dict[tuple[float, float], list[str]] = {}
-    for r in report.rows:
-        if r.status == "ok" and r.size_mb is not None and r.metrics.get(metric) is not None:
-            spots.setdefault((r.size_mb, r.metrics[metric]), []).append(r.label)
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    sizes = [size for size, _ in spots]
-    middle = (min(sizes) + max(sizes)) / 2 if sizes else 0.0
-    for i, ((size, score), labels) in enumerate(sorted(spots.items())):
-        ax.scatter([size], [score], s=40, zorder=3)
-        # Labels point inwards (no clipping at the edges) and alternate above / below, so
-        # neighbours with equal scores do not overprint each other.
-        right = size > middle
-        ax.annotate("\n".join(labels), (size, score), textcoords="offset points", xytext=(-6 if right else 6, 8 if i % 2 == 0 else -10),
-                    ha="right" if right else "left", va="bottom" if i % 2 == 0 else "top", fontsize=8)
-    if not spots:
-        ax.text(0.5, 0.5, "no version has both a size and a test metric", ha="center", va="center", transform=ax.transAxes)
-    ax.margins(x=0.15, y=0.15)
-    ax.set_xlabel("size on disk (MB)")
-    ax.set_ylabel(f"test {metric} (GLUE validation)")
-    ax.set_title(f"{report.task}: {metric} against size")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from .config import load_config, read_yaml
+    from .report_render import write_report
 
-
-def plot_sweep(report: Report, path: Path) -> None:
-    """The sweep's test metric against the fraction of heads removed, per criterion, with this chain's prune."""
-    plt = _pyplot()
-    metric = report.primary_metric
-    fig, ax = plt.subplots(figsize=(7, 5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    criteria = list(dict.fromkeys(r["criterion"] for r in report.sweep_rows if r["criterion"] != "unpruned"))
-    for color, criterion in zip(colors, criteria):
-        for recovered, style in ((False, "-o"), (True, "--s")):
-            points = sorted((r["head_ratio"], r["score"]) for r in report.sweep_rows if r["criterion"] == criterion and r["recovered"] == recovered)
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, style, color=color, markersize=4, label=f"{criterion} + recovery" if recovered else criterion)
-    unpruned = [r["score"] for r in report.sweep_rows if r["criterion"] == "unpruned"]
-    if unpruned:
-        ax.axhline(unpruned[0], color="grey", linestyle=":", label="unpruned")
-    prune = report.row("prune")
-    ratio = _prune_ratio(report)
-    if prune is not None and prune.status == "ok" and ratio is not None and prune.metrics.get(metric) is not None:
-        # The sweep removes heads only; say so when this chain's prune removed FFN neurons too.
-        extra = ", FFN pruned too" if prune.ffn_kept is not None and prune.ffn_total and prune.ffn_kept < prune.ffn_total else ""
-        ax.scatter([ratio], [prune.metrics[metric]], marker="*", s=160, color="black", zorder=4, label=f"{prune.checkpoint} (this chain{extra})")
-    ax.set_xlabel("fraction of attention heads removed")
-    ax.set_ylabel(f"test {metric} (GLUE validation)")
-    ax.set_title(f"{report.task}: pruning sweep")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _prune_ratio(report: Report) -> float | None:
-    """The first prune's fraction of all heads removed (comparable with the sweep's x axis)."""
-    prune = report.row("prune")
-    if prune is None or prune.heads_kept is None or not prune.heads_total:
-        return None
-    return 1 - prune.heads_kept / prune.heads_total
-
-
-# ------------------------------------------------------------------------------ writing
-
-
-def default_out_dir(report: Report) -> Path:
-    return task_dir(report.workspace, report.task) / REPORT_DIR_NAME
-
-
-def report_files(report: Report) -> list[str]:
-    """The file names :func:`write_report` writes for ``report``."""
-    return list(REPORT_FILES) + ([PLOT_SWEEP] if report.sweep is not None else [])
-
-
-def write_report(report: Report, out_dir: str | Path | None = None) -> Path:
-    """Write the report files into ``out_dir`` (default ``<workspace>/<task>/report``); returns it.
-
-    The folder is derived output, replaced whole on every call: the files are written into a
-    temporary sibling that then takes its place, so readers never see half a report. A folder
-    that exists and holds anything but an earlier report is refused rather than deleted.
-    """
-    out = Path(out_dir) if out_dir is not None else default_out_dir(report)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
-        raise TinycompressError(f"{out} exists and is not a tinycompress report folder", "pass an empty or new folder to --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        data = report.to_dict() | {"files": report_files(report)}
-        (tmp / "report.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (tmp / "report.md").write_text(to_markdown(report), encoding="utf-8")
-        (tmp / "report.csv").write_text(to_csv(report), encoding="utf-8")
-        plot_size(report, tmp / PLOT_SIZE)
-        if report.sweep is not None:
-            plot_sweep(report, tmp / PLOT_SWEEP)
-        old = None
-        if out.exists():
-            old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def previous_measured_seconds(out_dir: Path) -> dict[str, float]:
-    """Wall seconds that an earlier ``tinycompress run`` timed, from the report it left in ``out_dir``."""
-    try:
-        data = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
-        return {name: float(item["seconds"]) for name, item in data.get("stage_timing", {}).items()
-                if item.get("source") == "run: wall time" and item.get("seconds") is not None}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return {}
-
-
-def report_json(report: Report, out_dir: Path | None = None) -> str:
-    """The JSON that ``--json`` prints (the report.json content)."""
-    data = report.to_dict() | {"files": report_files(report)}
-    if out_dir is not None:
-        data["out_dir"] = str(out_dir)
-    return json.dumps(data, indent=2, ensure_ascii=False)
+    settings = load_config(config_file, overrides)
+    asked_task = task or (read_yaml(config_file).get("task") if config_file is not None else None)
+    report = build_report(target, workdir=settings.workdir, task=asked_task, bench=settings.report.bench,
+                          bench_runs=settings.report.bench_runs, threads=settings.threads, data_dir=data_dir, sweep=sweep, log=log)
+    return report, write_report(report, out_dir)
 
 
 __all__ = [
-    "Report", "Row", "build_report", "write_report", "print_report", "render_table", "report_json",
-    "locate", "chain_end", "walk_chain", "find_sweep", "read_sweep", "stage_timing",
+    "Report", "Row", "build_report", "run_report", "locate", "chain_end", "walk_chain", "build_rows", "bench_rows",
+    "compute_ratios", "find_sweep", "read_sweep", "stage_timing",
 ]

@@ -84,6 +84,46 @@ def distillation_loss(student_logits, teacher_logits, labels, *, temperature: fl
     return alpha * soft + (1 - alpha) * hard
 
 
+def batch_loss(model, batch: dict, device, *, regression: bool, teacher=None, temperature: float = 2.0, alpha: float = 0.5):
+    """The training loss of one collated batch (labels included): cross-entropy or MSE, or with a
+    ``teacher`` the :func:`distillation_loss`. ``batch`` is consumed (its labels are popped)."""
+    labels = batch.pop("labels").to(device)
+    inputs = _model_inputs(batch, device)
+    logits = model(**inputs).logits
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs).logits
+        return distillation_loss(logits, teacher_logits, labels, temperature=temperature, alpha=alpha, regression=regression)
+    if regression:
+        return F.mse_loss(logits.squeeze(-1), labels)
+    return F.cross_entropy(logits, labels)
+
+
+class KeepBest:
+    """The best epoch so far by one dev metric, with a CPU copy of its weights.
+
+    NaN (e.g. a correlation of constant predictions) ranks lowest, but the first epoch offered
+    is always kept, so there is a best epoch whatever the scores.
+    """
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.score, self.epoch, self.dev = -math.inf, 0, {}
+        self.state: dict | None = None
+
+    def offer(self, model, epoch: int, dev: dict[str, float]) -> None:
+        score = dev[self.metric]
+        score = -math.inf if math.isnan(score) else score
+        if self.state is None or score > self.score:
+            self.score, self.epoch, self.dev = score, epoch, dev
+            self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def restore(self, model) -> None:
+        """Load the best epoch's weights back into ``model``."""
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
 def train(
     model,
     train_data: Encoded,
@@ -119,7 +159,7 @@ def train(
     lengths = [len(x) for x in train_data.input_ids]
 
     result = TrainResult(best_dev={}, best_epoch=0)
-    best_state, best_score = None, -math.inf
+    best = KeepBest(spec.primary_metric)
     seen, train_seconds = 0, 0.0
     task_id = progress.add_task(description, total=total_steps, loss=float("nan"), rate=0.0) if progress else None
     torch.manual_seed(seed)
@@ -129,17 +169,7 @@ def train(
         epoch_start = time.perf_counter()
         for indices in batch_order(lengths, settings.batch_size, shuffle=True, group_by_length=settings.group_by_length, seed=seed + epoch):
             batch = collate(train_data, indices, pad_id, regression=spec.is_regression)
-            labels = batch.pop("labels").to(device)
-            inputs = _model_inputs(batch, device)
-            logits = model(**inputs).logits
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(**inputs).logits
-                loss = distillation_loss(logits, teacher_logits, labels, temperature=temperature, alpha=alpha, regression=spec.is_regression)
-            elif spec.is_regression:
-                loss = F.mse_loss(logits.squeeze(-1), labels)
-            else:
-                loss = F.cross_entropy(logits, labels)
+            loss = batch_loss(model, batch, device, regression=spec.is_regression, teacher=teacher, temperature=temperature, alpha=alpha)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             optimizer.step()
@@ -156,16 +186,11 @@ def train(
         if progress:  # one line per epoch, also when stderr is a log file rather than a terminal
             scores = " ".join(f"dev/{k}={v:.4f}" for k, v in dev.items())
             progress.console.log(f"{description} epoch {epoch}/{epochs}: loss {running:.4f} {scores} {seen / train_seconds:.0f} samples/s")
-        # NaN (e.g. a correlation of constant predictions) ranks lowest, but epoch 1 is always kept.
-        score = dev[spec.primary_metric]
-        score = -math.inf if math.isnan(score) else score
-        if best_state is None or score > best_score:
-            best_score, result.best_dev, result.best_epoch = score, dev, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        best.offer(model, epoch, dev)
+    result.best_dev, result.best_epoch = best.dev, best.epoch
     result.train_seconds = train_seconds
     result.samples_per_second = seen / train_seconds if train_seconds else 0.0
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    best.restore(model)
     model.eval()
     return result
 

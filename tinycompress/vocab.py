@@ -123,11 +123,6 @@ def id_map(kept_ids: Sequence[int]) -> dict[int, int]:
     return {old: new for new, old in enumerate(_check_kept(kept_ids))}
 
 
-def remap_ids(ids: Sequence[int], mapping: Mapping[int, int], unk_id: int) -> list[int]:
-    """``ids`` in the new numbering; a dropped id becomes ``unk_id`` (a new id)."""
-    return [mapping.get(int(i), unk_id) for i in ids]
-
-
 # ------------------------------------------------------------------------------ the model
 
 
