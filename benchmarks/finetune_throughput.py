@@ -46,7 +46,8 @@ def hf_trainer(model_factory, rows, tokenizer, args, *, group_by_length: bool) -
         disable_tqdm=True,
         use_cpu=True,
         dataloader_num_workers=0,
-        group_by_length=group_by_length,
+        # transformers 5 names it train_sampling_strategy (4.x: group_by_length=True).
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
         seed=0,
     )
     trainer = Trainer(model=model_factory(), args=training_args, train_dataset=table, data_collator=DataCollatorWithPadding(tokenizer))
@@ -80,7 +81,7 @@ def main() -> None:
     results = [
         ("tinycompress (length-grouped, dynamic padding)", ours(factory, data.train, tokenizer, args)),
         ("HF Trainer + DataCollatorWithPadding", hf_trainer(factory, data.train, tokenizer, args, group_by_length=False)),
-        ("HF Trainer + DataCollatorWithPadding, group_by_length=True", hf_trainer(factory, data.train, tokenizer, args, group_by_length=True)),
+        ("HF Trainer + DataCollatorWithPadding, group_by_length", hf_trainer(factory, data.train, tokenizer, args, group_by_length=True)),
     ]
     baseline = results[1][1]
     print(f"\nall-MiniLM-L6-v2 on {len(data.train)} SST-2 rows, batch {args.batch_size}, {threads} threads, 1 epoch, CPU")

@@ -92,6 +92,13 @@ class Checkpoint:
         return config_from_dict(self.manifest["config"])
 
     @property
+    def model_bytes(self) -> int:
+        """Size on disk of the model's weight / graph files (tokenizer and config excluded)."""
+        recorded = self.manifest.get("model_bytes")
+        # Manifests written before the field existed: the same sum, from the verified files.
+        return recorded if recorded is not None else size_bytes(model_files(self.path))
+
+    @property
     def name(self) -> str:
         return self.path.name
 

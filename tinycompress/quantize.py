@@ -158,7 +158,7 @@ def summary_line(checkpoint: Checkpoint) -> str:
     of a quantize checkpoint, from its manifest."""
     latency = checkpoint.details["latency"]
     return (
-        f"size {_size_mb(checkpoint.manifest.get('model_bytes'))} (parent {_size_mb(checkpoint.metrics.get('parent/model_bytes'))}); "
+        f"size {_size_mb(checkpoint.model_bytes)} (parent {_size_mb(checkpoint.metrics.get('parent/model_bytes'))}); "
         f"latency median batch 1 {latency['batch_1']['median_ms']:.2f} ms, batch 32 {latency['batch_32']['median_ms']:.2f} ms "
         f"({latency['machine']['threads']} threads)"
     )
@@ -207,7 +207,7 @@ def run_quantize(config: Config, parent: Checkpoint, folder: Path) -> Measured:
     metrics |= {f"parent/{k}": v for k, v in parent.metrics.items() if k.startswith("test/")}
     metrics |= {
         "parameters": count_parameters(model),
-        "parent/model_bytes": parent.manifest.get("model_bytes"),
+        "parent/model_bytes": parent.model_bytes,
         "test_rows": len(data.test),
         "threads": threads,
         "quantize_seconds": round(seconds, 1),

@@ -300,7 +300,7 @@ def _stage_row(checkpoint: Checkpoint, names: list[str]) -> Row:
         runtime = _quantize_runtime(checkpoint)
     row = Row(
         key=checkpoint.stage, label=label, status="ok", checkpoint=checkpoint.name, path=str(checkpoint.path),
-        runtime=runtime, size_bytes=checkpoint.manifest.get("model_bytes"), metrics=_task_metrics(checkpoint, names),
+        runtime=runtime, size_bytes=checkpoint.model_bytes, metrics=_task_metrics(checkpoint, names),
         parameters=metrics.get("parameters"), test_rows=metrics.get("test_rows"),
     )
     structure = _structure(checkpoint.path)
@@ -346,7 +346,7 @@ def _export_rows(checkpoint: Checkpoint, chain: list[Checkpoint], names: list[st
         precision = info.get("precision") or precision_default
         own_files = _artifact_files(checkpoint.path, file)
         # A single artifact is the whole model_bytes of the manifest; several are sized each.
-        size = checkpoint.manifest.get("model_bytes") if len(files) == 1 else (sum(p.stat().st_size for p in own_files) or None)
+        size = checkpoint.model_bytes if len(files) == 1 else (sum(p.stat().st_size for p in own_files) or None)
         row = Row(
             key="export", label=f"exported ({title} {precision})", status="ok", checkpoint=checkpoint.name,
             path=str(checkpoint.path), artifact=file if file != "?" else None, runtime=f"{fmt} {precision}", size_bytes=size,
