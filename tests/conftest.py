@@ -15,6 +15,16 @@ NEUTRAL = ["the", "film", "movie", "plot", "actor", "story", "is", "was", "very"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def assert_one_line_error(result, *needles) -> None:
+    """A CliRunner result that failed with exactly one ``error:`` line on stderr, no traceback."""
+    assert result.exit_code != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
 def toy_sentence(rng: random.Random, label: int) -> str:
     """A few neutral words and one or two sentiment words: linearly separable by word identity."""
     words = rng.sample(NEUTRAL, rng.randint(2, 6)) + rng.sample(POSITIVE if label else NEGATIVE, rng.randint(1, 2))

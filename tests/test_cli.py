@@ -8,17 +8,10 @@ from typer.testing import CliRunner
 
 from tinycompress.cli import app
 from tinycompress.errors import TinycompressError
+from conftest import assert_one_line_error
 
 runner = CliRunner()
 
-
-def _one_line_error(result, *needles):
-    assert result.exit_code != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0]
 
 
 COMMANDS = ("run", "finetune", "prune", "quantize", "export", "report", "predict", "evaluate", "env")
@@ -55,19 +48,19 @@ def test_python_dash_m_works():
 
 
 def test_unknown_task(tmp_path):
-    _one_line_error(runner.invoke(app, ["finetune", "--task", "sst3", "--workdir", str(tmp_path)]), "unknown task 'sst3'", "sst2")
+    assert_one_line_error(runner.invoke(app, ["finetune", "--task", "sst3", "--workdir", str(tmp_path)]), "unknown task 'sst3'", "sst2")
     assert not any(tmp_path.iterdir())
 
 
 def test_bad_flag_values_listed_together(tmp_path):
     result = runner.invoke(app, ["finetune", "--epochs", "0", "--lr", "-1", "--workdir", str(tmp_path)])
-    _one_line_error(result, "finetune.epochs", "finetune.learning_rate")
+    assert_one_line_error(result, "finetune.epochs", "finetune.learning_rate")
 
 
 def test_malformed_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("finetune: {epochs: 3\n")
-    _one_line_error(runner.invoke(app, ["finetune", "--config", str(bad)]), "malformed YAML", "bad.yaml")
+    assert_one_line_error(runner.invoke(app, ["finetune", "--config", str(bad)]), "malformed YAML", "bad.yaml")
 
 
 def test_malformed_tsv(tmp_path):
@@ -75,18 +68,18 @@ def test_malformed_tsv(tmp_path):
     (tmp_path / "sst2" / "train.tsv").write_text("sentence\tlabel\ngood \t1\nbad \t5\n")
     (tmp_path / "sst2" / "validation.tsv").write_text("sentence\tlabel\ngood \t1\n")
     result = runner.invoke(app, ["finetune", "--data-dir", str(tmp_path), "--workdir", str(tmp_path / "ws")])
-    _one_line_error(result, "train.tsv:3", "out of range")
+    assert_one_line_error(result, "train.tsv:3", "out of range")
     assert not (tmp_path / "ws").exists() or not any((tmp_path / "ws").rglob("*-v*"))
 
 
 def test_missing_and_corrupt_checkpoint(tmp_path, tiny_finetuned):
-    _one_line_error(runner.invoke(app, ["evaluate", str(tmp_path / "nothing")]), "not found")
+    assert_one_line_error(runner.invoke(app, ["evaluate", str(tmp_path / "nothing")]), "not found")
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_finetuned.path, copy)
     (copy / "model.safetensors").write_bytes(b"garbage")
-    _one_line_error(runner.invoke(app, ["evaluate", str(copy)]), "model.safetensors is corrupt", "tinycompress finetune")
+    assert_one_line_error(runner.invoke(app, ["evaluate", str(copy)]), "model.safetensors is corrupt", "tinycompress finetune")
 
 
 def test_debug_variable_shows_traceback(tmp_path):

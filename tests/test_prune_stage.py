@@ -23,6 +23,7 @@ from tinycompress.prune import FLOPS_SEQ_LEN, check_feasible, prune, run_prune, 
 from tinycompress.pruning import current_head_ids, head_counts
 from tinycompress.runtime import torch_predictor
 from tinycompress.tasks import get_task
+from conftest import assert_one_line_error
 
 runner = CliRunner()
 # BertTokenizer in transformers 5 saves tokenizer.json + tokenizer_config.json (no vocab.txt).
@@ -175,14 +176,6 @@ def test_distilbert_round_trip(tiny_distilbert_dir, toy_glue, tmp_path):
 # ------------------------------------------------------------------------------ the command
 
 
-def _one_line_error(result, *needles):
-    assert result.exit_code != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0]
-
 
 def test_cli_prunes_the_newest_finetune_of_the_workspace(parent):
     workspace = parent.path.parent.parent
@@ -208,17 +201,17 @@ def test_cli_prunes_the_newest_finetune_of_the_workspace(parent):
 def test_cli_bad_input_is_one_line_and_writes_nothing(parent, extra, needles):
     workspace = parent.path.parent.parent
     before = listing(workspace)
-    _one_line_error(runner.invoke(app, ["prune", str(parent.path), "--recover-epochs", "0", *extra]), *needles)
+    assert_one_line_error(runner.invoke(app, ["prune", str(parent.path), "--recover-epochs", "0", *extra]), *needles)
     assert listing(workspace) == before
 
 
 def test_cli_missing_and_corrupt_checkpoint(parent, tmp_path):
-    _one_line_error(runner.invoke(app, ["prune", str(tmp_path / "nothing")]), "not found")
-    _one_line_error(runner.invoke(app, ["prune", "--workdir", str(tmp_path / "empty"), "--task", "sst2"]), "no finetune checkpoint")
+    assert_one_line_error(runner.invoke(app, ["prune", str(tmp_path / "nothing")]), "not found")
+    assert_one_line_error(runner.invoke(app, ["prune", "--workdir", str(tmp_path / "empty"), "--task", "sst2"]), "no finetune checkpoint")
     corrupt = tmp_path / "corrupt" / "sst2" / "finetune-v1"
     shutil.copytree(parent.path, corrupt)
     (corrupt / "model.safetensors").write_bytes(b"garbage")
-    _one_line_error(runner.invoke(app, ["prune", str(corrupt)]), "model.safetensors is corrupt")
+    assert_one_line_error(runner.invoke(app, ["prune", str(corrupt)]), "model.safetensors is corrupt")
     assert sorted(p.name for p in corrupt.parent.iterdir()) == ["finetune-v1"]
 
 

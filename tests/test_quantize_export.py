@@ -22,6 +22,7 @@ from tinycompress.prune import prune
 from tinycompress.pruning import head_counts
 from tinycompress.lineage import parent_base
 from tinycompress.quantize import quantize
+from conftest import assert_one_line_error
 
 runner = CliRunner()
 FAST = {"report.bench_runs": 5, "threads": 1}
@@ -88,14 +89,6 @@ def files(checkpoint_or_folder) -> set[str]:
 def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
-
-def one_line_error(result, *needles):
-    assert result.exit_code != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def evaluate_cli(folder: Path) -> dict:
@@ -326,7 +319,7 @@ def test_bad_input_is_one_line_and_writes_nothing(chain, tmp_path, args, needles
     workspace = chain.workspace
     before = listing(workspace)
     args = [a.format(ws=workspace, existing=existing) for a in args]
-    one_line_error(runner.invoke(app, [*args, "--threads", "1"]), *needles)
+    assert_one_line_error(runner.invoke(app, [*args, "--threads", "1"]), *needles)
     assert listing(workspace) == before and listing(tmp_path) == ["existing"]
 
 

@@ -21,6 +21,7 @@ from tinycompress.prune import prune
 from tinycompress.quantize import quantize
 from tinycompress.report import build_report
 from tinycompress.report_render import report_files, write_report
+from conftest import assert_one_line_error
 
 runner = CliRunner()
 FAST = {"prune.importance_samples": 64, "prune.recover_epochs": 0, "report.bench_runs": 5, "threads": 1}
@@ -36,14 +37,6 @@ REPORT_KEYS = {
     "stage_seconds", "stage_timing", "sweep", "footnotes", "files",
 }
 
-
-def _one_line_error(result, *needles):
-    assert result.exit_code != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def _copy_finetune(tiny_finetuned, workdir: Path):
@@ -234,11 +227,11 @@ def test_failed_replace_restores_the_earlier_report(chain, tmp_path, monkeypatch
 
 
 def test_report_errors_are_one_line(tmp_path, chain):
-    _one_line_error(runner.invoke(app, ["report", "--workdir", str(tmp_path / "empty")]), "no checkpoints in workspace")
-    _one_line_error(runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--task", "sst3"]), "unknown task 'sst3'")
-    _one_line_error(runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--task", "rte"]), "no checkpoints for task rte")
-    _one_line_error(runner.invoke(app, ["report", str(tmp_path / "nowhere")]), "not found")
-    _one_line_error(runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--sweep", str(tmp_path / "x.csv")]), "sweep CSV not found")
+    assert_one_line_error(runner.invoke(app, ["report", "--workdir", str(tmp_path / "empty")]), "no checkpoints in workspace")
+    assert_one_line_error(runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--task", "sst3"]), "unknown task 'sst3'")
+    assert_one_line_error(runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--task", "rte"]), "no checkpoints for task rte")
+    assert_one_line_error(runner.invoke(app, ["report", str(tmp_path / "nowhere")]), "not found")
+    assert_one_line_error(runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--sweep", str(tmp_path / "x.csv")]), "sweep CSV not found")
 
 
 # ------------------------------------------------------------------------------ run
@@ -299,8 +292,8 @@ def test_run_end_to_end_resumes_and_reruns_from_the_changed_stage(tiny_bert_dir,
 
 
 def test_run_refuses_bad_input_in_one_line(tmp_path):
-    _one_line_error(runner.invoke(app, ["run", "--task", "sst3", "--workdir", str(tmp_path)]), "unknown task 'sst3'")
-    _one_line_error(runner.invoke(app, ["run", "--ratio", "1.5", "--workdir", str(tmp_path)]), "prune.ratio")
+    assert_one_line_error(runner.invoke(app, ["run", "--task", "sst3", "--workdir", str(tmp_path)]), "unknown task 'sst3'")
+    assert_one_line_error(runner.invoke(app, ["run", "--ratio", "1.5", "--workdir", str(tmp_path)]), "prune.ratio")
     assert not any(tmp_path.iterdir())
 
 
