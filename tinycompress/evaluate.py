@@ -37,18 +37,17 @@ def evaluate_target(target: str, *, config_file=None, overrides: dict[str, Any] 
     from .runtime import load_predictor, torch_predictor
 
     path = Path(target).expanduser()
-    base = None
     if not path.exists() and _looks_like_path(target):
         raise TinycompressError(f"model or checkpoint folder not found: {target}", "pass an existing folder, 'default' or an HF model id")
-    if (path / MANIFEST_NAME).is_file():
-        base = read_checkpoint(path).manifest["config"]
-    elif path.is_dir() and not (path / "config.json").is_file() and not (path / "model.onnx").is_file():
+    checkpoint = read_checkpoint(path) if (path / MANIFEST_NAME).is_file() else None
+    if checkpoint is None and path.is_dir() and not (path / "config.json").is_file() and not (path / "model.onnx").is_file():
         raise TinycompressError(f"{path} holds no model", "pass a checkpoint folder, 'default', an HF id or a model folder")
+    base = checkpoint.manifest["config"] if checkpoint is not None else None
     config = load_config(config_file, overrides, base=base)
     spec, _, _ = prepare(config)
-    if base is not None and config.task != read_checkpoint(path, verify=False).task:
-        raise TinycompressError(f"{path} was trained for task {read_checkpoint(path, verify=False).task}, not {config.task}", "drop --task or pass a checkpoint of that task")
-    if base is not None or (path / "model.onnx").is_file():
+    if checkpoint is not None and config.task != checkpoint.task:
+        raise TinycompressError(f"{path} was trained for task {checkpoint.task}, not {config.task}", "drop --task or pass a checkpoint of that task")
+    if checkpoint is not None or (path / "model.onnx").is_file():
         predictor = load_predictor(path)
         parameters = count_parameters(predictor.model) if predictor.model is not None else None
     else:
