@@ -110,3 +110,16 @@ def test_parent_changed_after_the_child_was_written(tmp_path):
     manifest_path.write_text(yaml.safe_dump(manifest))
     with pytest.raises(TinycompressError, match="changed after it was written"):
         child.parent()
+
+
+def test_temporary_folder_of_a_dead_writer_is_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    orphan = tmp_path / "sst2" / f".tmp-finetune-{dead.stdout.strip()}-deadbeef"
+    live = tmp_path / "sst2" / f".tmp-finetune-{os.getpid()}-cafe0000"
+    orphan.mkdir(parents=True)
+    live.mkdir()
+    _write(tmp_path, {"model.safetensors": b"w"})
+    assert sorted(os.listdir(tmp_path / "sst2")) == sorted([live.name, "finetune-v1"])

@@ -314,7 +314,10 @@ def write_checkpoint(
         _refuse_existing(destination)
     root = task_dir(workdir, task) if destination is None else destination.parent
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{stage}-{uuid.uuid4().hex[:8]}"
+    _remove_orphaned_temporaries(root)
+    # The writer's pid is in the name, so a folder left by a killed process can be told apart
+    # from one another live process is still writing.
+    tmp = root / f".tmp-{stage}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         measured = write_files(tmp)
@@ -342,6 +345,27 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_TEMPORARY = re.compile(r"^\.tmp-[a-z]+-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _remove_orphaned_temporaries(root: Path) -> None:
+    """Delete temporary folders whose writing process is gone (killed mid-write, e.g. SIGKILL)."""
+    for child in root.iterdir():
+        match = _TEMPORARY.match(child.name)
+        if match and child.is_dir() and not _pid_alive(int(match["pid"])):
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def _new_manifest(task: str, stage: str, root: Path, *, config, metrics, seed, parent, base_model, details) -> dict[str, Any]:
