@@ -327,3 +327,18 @@ def test_quantize_with_another_opset_is_not_reused(tiny_finetuned, tmp_path):
     assert find_reusable("quantize", config, pruned, log=lambda _: None).path == quantized.path
     other = config.model_copy(update={"export": config.export.model_copy(update={"opset": 18})})
     assert find_reusable("quantize", other, pruned, log=lambda _: None) is None
+
+
+def test_distilbert_runs_the_whole_pipeline(tiny_distilbert_dir, toy_glue, tmp_path):
+    """DistilBERT (no token_type_ids, other module names) through every stage and the report."""
+    args = ["run", "--task", "sst2", "--model", str(tiny_distilbert_dir), "--data-dir", str(toy_glue),
+            "--workdir", str(tmp_path), "--epochs", "10", "--lr", "2e-3", "--batch-size", "16", "--max-length", "32",
+            "--threads", "1", "--ratio", "0.5", "--ffn-ratio", "0.25", "--recover-epochs", "1", "--no-bench", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    rows = {row["key"]: row for row in report["rows"]}
+    assert rows["prune"]["heads_kept"] == 4 and rows["prune"]["heads_total"] == 8
+    assert rows["quantize"]["runtime"] == "onnx int8"
+    assert rows["quantize"]["metrics"]["accuracy"] >= 0.9
+    assert sorted(p.name for p in (tmp_path / "sst2").iterdir()) == ["export-v1", "finetune-v1", "prune-v1", "quantize-v1", "report"]
