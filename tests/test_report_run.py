@@ -342,3 +342,20 @@ def test_distilbert_runs_the_whole_pipeline(tiny_distilbert_dir, toy_glue, tmp_p
     assert rows["quantize"]["runtime"] == "onnx int8"
     assert rows["quantize"]["metrics"]["accuracy"] >= 0.9
     assert sorted(p.name for p in (tmp_path / "sst2").iterdir()) == ["export-v1", "finetune-v1", "prune-v1", "quantize-v1", "report"]
+
+
+def test_regression_pair_task_runs_the_whole_pipeline(tiny_bert_dir, toy_stsb, tmp_path):
+    """STS-B: sentence pairs and one regression output through every stage, then predict."""
+    args = ["run", "--task", "stsb", "--model", str(tiny_bert_dir), "--data-dir", str(toy_stsb),
+            "--workdir", str(tmp_path), "--epochs", "3", "--lr", "2e-3", "--batch-size", "16", "--max-length", "32",
+            "--threads", "1", "--ratio", "0.25", "--recover-epochs", "0", "--no-bench", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = {row["key"]: row for row in json.loads(result.stdout)["rows"]}
+    for key in ("finetune", "prune", "quantize"):
+        assert set(rows[key]["metrics"]) == {"pearson", "spearman"}
+        assert all(value == value for value in rows[key]["metrics"].values())  # not NaN
+    predicted = runner.invoke(app, ["predict", str(tmp_path / "stsb" / "export-v1"), "the film is good\tthe movie is good", "--json"])
+    assert predicted.exit_code == 0, predicted.output
+    [only] = json.loads(predicted.stdout)
+    assert isinstance(only["score"], float)
