@@ -165,8 +165,11 @@ def run(
     out: OutOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run finetune → prune → quantize → export → report, reusing stages already done with the
-    same settings and parent; prints the results table."""
+    """Run finetune → prune → quantize → export → report and print the results table.
+
+    Stages already done with the same settings and parent are reused, so a second run only
+    rebuilds the report and a changed --ratio re-runs prune and what follows.
+    """
 
     def work():
         from .pipeline import run_pipeline
@@ -409,8 +412,11 @@ def report(
     out: OutOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print the results table of one chain (original → fine-tuned → pruned → quantized → exported)
-    and write report.md / .json / .csv and plots. Test metrics are on the GLUE validation set."""
+    """Print the results table of one chain and write report.md / .json / .csv and plots.
+
+    Rows: original → fine-tuned → pruned → quantized → exported, found through the lineage in
+    the manifests. Test metrics are on the GLUE validation set (GLUE test labels are hidden).
+    """
 
     def work():
         from .report import run_report
