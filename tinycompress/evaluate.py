@@ -48,7 +48,7 @@ def evaluate_target(target: str, *, config_file=None, overrides: dict[str, Any] 
     if checkpoint is not None and config.task != checkpoint.task:
         raise TinycompressError(f"{path} was trained for task {checkpoint.task}, not {config.task}", "drop --task or pass a checkpoint of that task")
     if checkpoint is not None or (path / "model.onnx").is_file():
-        predictor = load_predictor(path)
+        predictor = load_predictor(checkpoint if checkpoint is not None else path)
         parameters = count_parameters(predictor.model) if predictor.model is not None else None
     else:
         model, tokenizer, _ = load_pretrained_classifier(target, spec, config.seed)

@@ -192,18 +192,24 @@ def _manifest_max_length(checkpoint) -> int | None:
     return ((checkpoint.manifest.get("config") or {}).get("model") or {}).get("max_length") if checkpoint else None
 
 
-def load_predictor(path: str | Path, *, threads: int | None = None) -> Predictor:
+def load_predictor(path, *, threads: int | None = None) -> Predictor:
     """A predictor for a checkpoint or export folder (verified first when it has a manifest).
+
+    ``path`` may also be an already verified :class:`~tinycompress.checkpoint.Checkpoint`, so
+    callers that read it themselves do not hash its files a second time.
 
     Inputs are truncated to the manifest's ``model.max_length`` (the length the model was
     trained and measured with), else the tokenizer's limit. Raises TinycompressError for a
     missing, corrupt or model-less folder.
     """
-    from .checkpoint import MANIFEST_NAME, load_hf_model, read_checkpoint
+    from .checkpoint import MANIFEST_NAME, Checkpoint, load_hf_model, read_checkpoint
     from .int8 import INT8_RECIPE_FILE
 
-    path = Path(path)
-    checkpoint = read_checkpoint(path) if (path / MANIFEST_NAME).is_file() or not path.exists() else None
+    if isinstance(path, Checkpoint):
+        checkpoint, path = path, path.path
+    else:
+        path = Path(path)
+        checkpoint = read_checkpoint(path) if (path / MANIFEST_NAME).is_file() or not path.exists() else None
     max_length = _manifest_max_length(checkpoint)
     if checkpoint is not None and checkpoint.stage in ("finetune", "prune"):
         # PyTorch stages hold safetensors weights only; nothing else in them is ever loaded.
