@@ -359,3 +359,20 @@ def test_regression_pair_task_runs_the_whole_pipeline(tiny_bert_dir, toy_stsb, t
     assert predicted.exit_code == 0, predicted.output
     [only] = json.loads(predicted.stdout)
     assert isinstance(only["score"], float)
+
+
+def test_walk_chain_stops_at_a_parent_changed_after_the_child(tmp_path):
+    from tinycompress.checkpoint import MANIFEST_NAME, write_checkpoint
+    from tinycompress.report import walk_chain
+
+    def put(folder):
+        (folder / "model.safetensors").write_bytes(b"w")
+
+    parent = write_checkpoint(tmp_path, "sst2", "finetune", put, config=load_config(), metrics={}, seed=1)
+    child = write_checkpoint(tmp_path, "sst2", "prune", put, config=load_config(), metrics={}, seed=1, parent=parent)
+    manifest = yaml.safe_load((parent.path / MANIFEST_NAME).read_text())
+    manifest["metrics"] = {"test/accuracy": 0.99}
+    (parent.path / MANIFEST_NAME).write_text(yaml.safe_dump(manifest))
+    chain, notes = walk_chain(child)
+    assert [c.name for c in chain] == ["prune-v1"]
+    assert len(notes) == 1 and "changed after it was written" in notes[0]

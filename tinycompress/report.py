@@ -39,7 +39,6 @@ from .checkpoint import (
     latest_task,
     producing_command,
     read_checkpoint,
-    sha256_file,
     stage_versions,
     task_dir,
 )
@@ -214,8 +213,8 @@ def chain_end(workdir: str | Path, task: str) -> Checkpoint:
 def walk_chain(end: Checkpoint) -> tuple[list[Checkpoint], list[str]]:
     """``end`` and its ancestors, oldest (finetune) first, and notes on broken links.
 
-    A missing or corrupt ancestor stops the walk with a note rather than failing the report;
-    a parent whose manifest changed since the child was written is noted too.
+    A missing or corrupt ancestor, or one whose manifest changed since the child was written
+    (``Checkpoint.parent`` checks that), stops the walk with a note rather than failing the report.
     """
     chain, notes = [end], []
     current = end
@@ -226,8 +225,6 @@ def walk_chain(end: Checkpoint) -> tuple[list[Checkpoint], list[str]]:
         except TinycompressError as exc:
             notes.append(f"{current.name}: its parent {link.get('path')} cannot be read ({exc.problem})")
             break
-        if link.get("manifest_sha256") and sha256_file(parent.path / MANIFEST_NAME) != link["manifest_sha256"]:
-            notes.append(f"{current.name}: its parent {parent.name} was rewritten after {current.name} was made")
         if any(c.path == parent.path for c in chain):
             notes.append(f"{current.name}: parent link loops back to {parent.name}")
             break
