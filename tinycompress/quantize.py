@@ -141,9 +141,10 @@ def quantize_torch_model(model, folder: Path, settings: QuantizeSettings) -> dic
 
 
 def _versions() -> dict[str, str]:
-    from importlib import metadata
+    """The runtimes int8 speed and accuracy depend on (a subset of the manifest's versions)."""
+    from .checkpoint import library_versions
 
-    return {name: metadata.version(name) for name in ("onnxruntime", "torch")}
+    return {name: version for name, version in library_versions().items() if name in ("onnxruntime", "torch")}
 
 
 # ------------------------------------------------------------------------------ the stage
