@@ -140,6 +140,41 @@ def test_missing_stages_are_rows_with_their_command(chain, tiny_finetuned, tmp_p
     assert data["rows"][2]["command"] == "tinycompress prune --task sst2 --ratio 0.5"
 
 
+def test_baselines_are_the_newest_unpruned_int8_of_each_backend(chain, tmp_path):
+    """Quantize checkpoints made straight from the chain's fine-tune are "int8 only" rows after the chain."""
+    import os
+
+    workdir = tmp_path / "ws"
+    shutil.copytree(chain["workdir"], workdir)
+    finetuned, pruned = read_checkpoint(workdir / "sst2" / "finetune-v1"), read_checkpoint(workdir / "sst2" / "prune-v1")
+    config = load_config(None, FAST, base=parent_base(finetuned, "quantize"))
+    old_onnx = quantize(config, finetuned)                                                   # quantize-v2
+    torch_int8 = quantize(config.model_copy(update={"quantize": config.quantize.model_copy(update={"backend": "torch"})}), finetuned)  # v3
+    new_onnx = quantize(config, finetuned)                                                   # quantize-v4
+    not_a_baseline = quantize(load_config(None, FAST, base=parent_base(pruned, "quantize")), pruned)  # v5: made from the prune
+    assert [c.name for c in (old_onnx, torch_int8, new_onnx, not_a_baseline)] == ["quantize-v2", "quantize-v3", "quantize-v4", "quantize-v5"]
+
+    report = build_report(workdir / "sst2" / "export-v1")
+    assert [r.label for r in report.rows] == CHAIN_LABELS + ["int8 only, unpruned (torch)", "int8 only, unpruned (ONNX Runtime)"]
+    torch_row, onnx_row = report.rows[-2:]
+    assert (torch_row.key, torch_row.checkpoint, torch_row.runtime) == ("baseline", "quantize-v3", "torch int8")
+    assert (onnx_row.checkpoint, onnx_row.runtime) == ("quantize-v4", "onnx int8")
+    assert onnx_row.metrics == {"accuracy": new_onnx.metrics["test/accuracy"]} and onnx_row.size_bytes == new_onnx.model_bytes
+    fine = report.row("finetune")
+    for row in (torch_row, onnx_row):  # the unpruned architecture, compared with the fine-tuned model
+        assert (row.heads_kept, row.heads_total, row.ffn_kept, row.ffn_total) == (8, 8, 74, 74)
+        assert row.parameters == fine.parameters and row.compression == pytest.approx(fine.size_bytes / row.size_bytes)
+    assert report.stage_timing["quantize-v4"]["stage"] == "baseline" and report.stage_seconds["quantize"] == report.stage_timing["quantize-v1"]["seconds"]
+    assert any("int8 only, unpruned" in note and "quantize-v3, quantize-v4" in note for note in report.footnotes)
+    assert report.chain == ["finetune-v1", "prune-v1", "quantize-v1", "export-v1"]
+
+    # A baseline whose files no longer match its manifest is passed over for the older one.
+    weights = next(p for p in new_onnx.path.iterdir() if p.name.endswith(".onnx"))
+    os.chmod(weights, 0o644)
+    weights.write_bytes(weights.read_bytes() + b"x")
+    assert [r.checkpoint for r in build_report(workdir / "sst2" / "export-v1").rows if r.key == "baseline"] == ["quantize-v2", "quantize-v3"]
+
+
 # ------------------------------------------------------------------------------ report: files and JSON
 
 
@@ -261,34 +296,46 @@ def test_run_end_to_end_resumes_and_reruns_from_the_changed_stage(tiny_bert_dir,
 
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
-    assert _folders(workdir) == {"finetune-v1", "prune-v1", "quantize-v1", "export-v1", "report"}
+    # The chain, then the two unpruned int8 baselines (ONNX Runtime, torch) of the fine-tuned model.
+    made = {"finetune-v1", "prune-v1", "quantize-v1", "export-v1", "quantize-v2", "quantize-v3", "report"}
+    assert _folders(workdir) == made
     assert "pruned + quantized" in first.stdout and "skip" not in first.stderr
     data = json.loads((workdir / "sst2" / "report" / "report.json").read_text())
     assert data["chain"] == ["finetune-v1", "prune-v1", "quantize-v1", "export-v1"]
-    assert data["latency"]["source"] == "bench"  # run measures every row by default
+    baselines = [(r["label"], r["checkpoint"], r["runtime"]) for r in data["rows"] if r["key"] == "baseline"]
+    assert baselines == [("int8 only, unpruned (ONNX Runtime)", "quantize-v2", "onnx int8"),
+                         ("int8 only, unpruned (torch)", "quantize-v3", "torch int8")]
+    for version in ("quantize-v2", "quantize-v3"):
+        assert read_checkpoint(workdir / "sst2" / version).manifest["parent"]["path"] == "finetune-v1"
+    assert data["latency"]["source"] == "bench"  # run measures every row by default, baselines included
+    assert all(r["latency_source"] == "bench" and r["speedup"]["batch_1"] > 0 for r in data["rows"] if r["status"] == "ok")
     assert all(isinstance(data["stage_seconds"][s], float) for s in ("finetune", "prune", "quantize", "export"))
     assert {t["source"] for t in data["stage_timing"].values()} == {"run: wall time"}
+    assert [data["stage_timing"][v]["stage"] for v in ("quantize-v1", "quantize-v2", "quantize-v3")] == ["quantize", "baseline", "baseline"]
+    assert data["stage_seconds"]["quantize"] == data["stage_timing"]["quantize-v1"]["seconds"]
     assert read_checkpoint(workdir / "sst2" / "prune-v1").manifest["config"]["prune"]["recover_epochs"] == 1
 
     second = runner.invoke(app, args)
     assert second.exit_code == 0, second.output
-    assert _folders(workdir) == {"finetune-v1", "prune-v1", "quantize-v1", "export-v1", "report"}
+    assert _folders(workdir) == made
     assert "skip finetune:" in second.stderr and "finetune-v1 has the same config" in second.stderr
-    for stage in ("prune", "quantize", "export"):
+    for stage in ("prune", "quantize", "export", "baseline onnx int8", "baseline torch int8"):
         assert f"skip {stage}:" in second.stderr
     again = json.loads((workdir / "sst2" / "report" / "report.json").read_text())
     # Wall times timed by the first run are kept for the stages the second one skipped.
-    assert again["stage_seconds"] == data["stage_seconds"]
+    assert again["stage_seconds"] == data["stage_seconds"] and again["stage_timing"] == data["stage_timing"]
 
     third = runner.invoke(app, args + ["--ratio", "0.25", "--no-bench"])
     assert third.exit_code == 0, third.output
     assert "skip finetune:" in third.stderr and "skip prune" not in third.stderr
-    assert _folders(workdir) == {"finetune-v1", "prune-v1", "quantize-v1", "export-v1",
-                                 "prune-v2", "quantize-v2", "export-v2", "report"}
+    # A new ratio re-runs prune and what follows; the baselines do not depend on it.
+    assert "skip baseline onnx int8:" in third.stderr and "skip baseline torch int8:" in third.stderr
+    assert _folders(workdir) == made | {"prune-v2", "quantize-v4", "export-v2"}
     last = json.loads((workdir / "sst2" / "report" / "report.json").read_text())
-    assert last["chain"] == ["finetune-v1", "prune-v2", "quantize-v2", "export-v2"]
+    assert last["chain"] == ["finetune-v1", "prune-v2", "quantize-v4", "export-v2"]
+    assert [r["checkpoint"] for r in last["rows"] if r["key"] == "baseline"] == ["quantize-v2", "quantize-v3"]
     assert read_checkpoint(workdir / "sst2" / "prune-v2").manifest["config"]["prune"]["ratio"] == 0.25
-    assert read_checkpoint(workdir / "sst2" / "quantize-v2").manifest["parent"]["path"] == "prune-v2"
+    assert read_checkpoint(workdir / "sst2" / "quantize-v4").manifest["parent"]["path"] == "prune-v2"
 
 
 def test_run_refuses_bad_input_in_one_line(tmp_path):
@@ -333,11 +380,12 @@ def test_distilbert_runs_the_whole_pipeline(tiny_distilbert_dir, toy_glue, tmp_p
     """DistilBERT (no token_type_ids, other module names) through every stage and the report."""
     args = ["run", "--task", "sst2", "--model", str(tiny_distilbert_dir), "--data-dir", str(toy_glue),
             "--workdir", str(tmp_path), "--epochs", "10", "--lr", "2e-3", "--batch-size", "16", "--max-length", "32",
-            "--threads", "1", "--ratio", "0.5", "--ffn-ratio", "0.25", "--recover-epochs", "1", "--no-bench", "--json"]
+            "--threads", "1", "--ratio", "0.5", "--ffn-ratio", "0.25", "--recover-epochs", "1", "--no-bench", "--no-baselines", "--json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     rows = {row["key"]: row for row in report["rows"]}
+    assert "baseline" not in rows  # --no-baselines
     assert rows["prune"]["heads_kept"] == 4 and rows["prune"]["heads_total"] == 8
     assert rows["quantize"]["runtime"] == "onnx int8"
     assert rows["quantize"]["metrics"]["accuracy"] >= 0.9
@@ -352,7 +400,7 @@ def test_regression_pair_task_runs_the_whole_pipeline(tiny_bert_dir, toy_stsb, t
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = {row["key"]: row for row in json.loads(result.stdout)["rows"]}
-    for key in ("finetune", "prune", "quantize"):
+    for key in ("finetune", "prune", "quantize", "baseline"):
         assert set(rows[key]["metrics"]) == {"pearson", "spearman"}
         assert all(value == value for value in rows[key]["metrics"].values())  # not NaN
     predicted = runner.invoke(app, ["predict", str(tmp_path / "stsb" / "export-v1"), "the film is good\tthe movie is good", "--json"])
@@ -376,3 +424,32 @@ def test_walk_chain_stops_at_a_parent_changed_after_the_child(tmp_path):
     chain, notes = walk_chain(child)
     assert [c.name for c in chain] == ["prune-v1"]
     assert len(notes) == 1 and "changed after it was written" in notes[0]
+
+
+def test_seed_table_benchmark_gives_mean_and_sample_std_per_row(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("seed_table", Path(__file__).resolve().parents[1] / "benchmarks" / "seed_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folders = []
+    for seed, fine, pruned in ((42, 0.89, 0.88), (43, 0.90, None), (44, 0.91, 0.86)):
+        (tmp_path / "sst2" / f"finetune-v{seed}").mkdir(parents=True)
+        (tmp_path / "sst2" / f"finetune-v{seed}" / "tinycompress.yaml").write_text(yaml.safe_dump({"seed": seed}))
+        rows = [{"key": "original", "label": "original", "status": "ok", "metrics": {"accuracy": 0.5}, "size_mb": 90.0},
+                {"key": "finetune", "label": "fine-tuned", "status": "ok", "metrics": {"accuracy": fine}, "size_mb": 90.0}]
+        if pruned is not None:
+            rows.append({"key": "prune", "label": "pruned", "status": "ok", "metrics": {"accuracy": pruned}, "size_mb": 80.0 + seed - 42})
+        report = {"task": "sst2", "workspace": str(tmp_path), "chain": [f"finetune-v{seed}"], "primary_metric": "accuracy",
+                  "rows": rows, "stage_seconds": {"finetune": 1000.0 + seed, "prune": None}}
+        folder = tmp_path / f"report-{seed}"
+        folder.mkdir()
+        (folder / "report.json").write_text(json.dumps(report))
+        folders.append(str(folder))
+    module.main(folders)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| version | seed 42 | seed 43 | seed 44 | mean ± std (3 runs) | size (MB, mean) |"
+    assert out[2] == "| fine-tuned | 0.8900 | 0.9000 | 0.9100 | 0.9000 ± 0.0100 | 90.0 |"  # stdev with n - 1
+    assert out[3] == "| pruned | 0.8800 | — | 0.8600 | 0.8700 ± 0.0141 | 81.0 |"
+    assert not any(line.startswith("| original") for line in out)
+    assert out[-3:] == ["| 42 | 1,042 | — |", "| 43 | 1,043 | — |", "| 44 | 1,044 | — |"]

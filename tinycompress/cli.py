@@ -161,6 +161,9 @@ def run(
     export_format: FormatOpt = None,
     bench: Annotated[Optional[bool], typer.Option(
         "--bench/--no-bench", help="Measure every row's latency for the final table (default: on, unless the config sets report.bench).")] = None,
+    baselines: Annotated[Optional[bool], typer.Option(
+        "--baselines/--no-baselines",
+        help=f"Also int8-quantize the unpruned fine-tuned model (ONNX Runtime and torch) for comparison {_from_config('on')}.")] = None,
     sweep: SweepOpt = None,
     out: OutOpt = None,
     as_json: JsonOpt = False,
@@ -185,6 +188,7 @@ def run(
             "quantize.backend": backend,
             "export.format": export_format,
             "report.bench": bench,
+            "report.baselines": baselines,
         }
         result = run_pipeline(build_config(config, overrides), out_dir=out, sweep=sweep)
         if as_json:

@@ -80,6 +80,11 @@ class ExportSettings(_Section):
 class ReportSettings(_Section):
     bench: bool = Field(False, description="measure latency now rather than read it from manifests")
     bench_runs: int = Field(50, ge=5)
+    baselines: bool = Field(
+        True,
+        description="run: also int8-quantize the unpruned fine-tuned model (ONNX Runtime and torch, dynamic) -- "
+        "what a user would do without pruning -- so the table compares against it",
+    )
 
 
 class Config(_Section):

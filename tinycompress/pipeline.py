@@ -10,6 +10,10 @@ settings for that stage (see :data:`STAGE_SECTIONS`) and reuses it instead. So a
 ``run`` only rebuilds the report, and changing ``--ratio`` re-runs prune, quantize and export but
 not the fine-tune. A stage interrupted mid-way leaves no folder (checkpoints are written
 atomically), so it simply runs again next time.
+
+With ``report.baselines`` (on by default) it also quantizes the unpruned fine-tuned model with
+each backend's default dynamic int8 -- what a user would do instead of pruning -- and the report
+shows those checkpoints as rows measured beside the chain.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import MANIFEST_NAME, Checkpoint, read_checkpoint, sha256_file, stage_versions
-from .config import Config
+from .config import Config, QuantizeSettings
 from .errors import TinycompressError
 
 PIPELINE_STAGES = ("finetune", "prune", "quantize", "export")
@@ -36,6 +40,12 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "quantize": _BASE_SECTIONS + ("prune", "quantize", "export.opset"),
     "export": _BASE_SECTIONS + ("prune", "quantize", "export"),
 }
+# The baselines: the unpruned fine-tuned model quantized the usual way (dynamic int8 with default
+# settings, ONNX Runtime as Optimum does it, and torch), made by `run` beside the main chain so
+# that the table compares pruning + quantization with quantization alone, measured together.
+# Their fingerprint leaves out the prune section: a new --ratio does not make them again.
+BASELINE_BACKENDS = ("onnx", "torch")
+BASELINE_SECTIONS = _BASE_SECTIONS + ("quantize", "export.opset")
 
 
 @dataclass
@@ -48,6 +58,7 @@ class PipelineResult:
     report: Any  # tinycompress.report.Report
     report_dir: Path
     log: list[str] = field(default_factory=list)
+    baselines: dict[str, Checkpoint] = field(default_factory=dict)  # backend -> unpruned int8 checkpoint
 
 
 def _log(message: str) -> None:
@@ -83,10 +94,11 @@ def _normalised(config: dict[str, Any], sections: tuple[str, ...]) -> dict[str, 
     return picked
 
 
-def stage_fingerprint(stage: str, config: Config | dict[str, Any]) -> dict[str, Any]:
-    """The part of ``config`` that must match for an existing ``stage`` checkpoint to be reused."""
+def stage_fingerprint(stage: str, config: Config | dict[str, Any], sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The part of ``config`` that must match for an existing ``stage`` checkpoint to be reused
+    (``sections``, default :data:`STAGE_SECTIONS` of the stage)."""
     data = config.to_dict() if isinstance(config, Config) else config
-    return _normalised(data, STAGE_SECTIONS[stage])
+    return _normalised(data, sections or STAGE_SECTIONS[stage])
 
 
 def _same_parent(candidate: Checkpoint, parent: Checkpoint | None) -> bool:
@@ -99,20 +111,21 @@ def _same_parent(candidate: Checkpoint, parent: Checkpoint | None) -> bool:
     return linked == parent.path.resolve() and link.get("manifest_sha256") == sha256_file(parent.path / MANIFEST_NAME)
 
 
-def find_reusable(stage: str, config: Config, parent: Checkpoint | None, log: Callable[[str], None] = _log) -> Checkpoint | None:
+def find_reusable(stage: str, config: Config, parent: Checkpoint | None, log: Callable[[str], None] = _log,
+                  sections: tuple[str, ...] | None = None) -> Checkpoint | None:
     """The newest ``stage`` checkpoint of ``config.task`` in ``config.workdir`` made from ``parent``
-    with the same :func:`stage_fingerprint`; None when there is none.
+    with the same :func:`stage_fingerprint` (over ``sections``); None when there is none.
 
     Manifests are compared first (cheap); the match is then verified (file checksums), and a
     corrupt one is skipped with a message rather than reused.
     """
-    wanted = stage_fingerprint(stage, config)
+    wanted = stage_fingerprint(stage, config, sections)
     for _, folder in reversed(stage_versions(config.workdir, config.task, stage)):
         try:
             candidate = read_checkpoint(folder, verify=False)
         except TinycompressError:
             continue
-        if not _same_parent(candidate, parent) or stage_fingerprint(stage, candidate.manifest.get("config") or {}) != wanted:
+        if not _same_parent(candidate, parent) or stage_fingerprint(stage, candidate.manifest.get("config") or {}, sections) != wanted:
             continue
         try:
             return read_checkpoint(folder)
@@ -172,7 +185,8 @@ def run_pipeline(
     log: Callable[[str], None] = _log,
     stages: dict[str, Callable[[Config, Checkpoint | None], Checkpoint]] | None = None,
 ) -> PipelineResult:
-    """Run (or reuse) every stage with ``config``, then build and write the report.
+    """Run (or reuse) every stage with ``config`` -- and, with ``report.baselines``, the unpruned
+    int8 baselines (:data:`BASELINE_BACKENDS`) -- then build and write the report.
 
     ``bench``: measure latency of every row now. Default: on, unless the config sets
     ``report.bench`` explicitly (YAML or flag) -- the final table compares the versions, and only
@@ -189,6 +203,7 @@ def run_pipeline(
     config = config.model_copy(update={"task": get_task(config.task).name})
     functions = stages or _stage_functions()
     checkpoints: dict[str, Checkpoint] = {}
+    baselines: dict[str, Checkpoint] = {}
     skipped: list[str] = []
     seconds: dict[str, float] = {}
     messages: list[str] = []
@@ -196,6 +211,14 @@ def run_pipeline(
     def say(message: str) -> None:
         messages.append(message)
         log(message)
+
+    def timed(what: str, function: Callable[[Config, Checkpoint | None], Checkpoint], stage_config: Config,
+              parent: Checkpoint | None) -> Checkpoint:
+        start = time.perf_counter()
+        checkpoint = function(stage_config, parent)
+        seconds[checkpoint.name] = round(time.perf_counter() - start, 1)
+        say(f"{what}: wrote {_shown(checkpoint.path)} in {seconds[checkpoint.name]:.1f}s")
+        return checkpoint
 
     parent: Checkpoint | None = None
     for stage in PIPELINE_STAGES:
@@ -207,11 +230,21 @@ def run_pipeline(
             skipped.append(stage)
             continue
         say(f"run {stage}" + (f" on {_shown(parent.path)}" if parent is not None else ""))
-        start = time.perf_counter()
-        checkpoint = functions[stage](config, parent)
-        seconds[checkpoint.name] = round(time.perf_counter() - start, 1)
-        say(f"{stage}: wrote {_shown(checkpoint.path)} in {seconds[checkpoint.name]:.1f}s")
+        checkpoint = timed(stage, functions[stage], config, parent)
         checkpoints[stage], parent = checkpoint, checkpoint
+
+    if config.report.baselines:
+        for backend in BASELINE_BACKENDS:
+            # Default quantize settings but the backend: the baseline is the plain recipe.
+            baseline = config.model_copy(update={"quantize": QuantizeSettings(backend=backend)})
+            reused = find_reusable("quantize", baseline, checkpoints["finetune"], log=say, sections=BASELINE_SECTIONS)
+            if reused is not None:
+                say(f"skip baseline {backend} int8: {_shown(reused.path)} has the same config and parent ({checkpoints['finetune'].name})")
+                skipped.append(f"baseline-{backend}")
+                baselines[backend] = reused
+                continue
+            say(f"run baseline: quantize {_shown(checkpoints['finetune'].path)} (unpruned, {backend} int8)")
+            baselines[backend] = timed(f"baseline {backend} int8", functions["quantize"], baseline, checkpoints["finetune"])
 
     end = checkpoints[PIPELINE_STAGES[-1]]
     target_dir = Path(out_dir) if out_dir is not None else None
@@ -221,7 +254,8 @@ def run_pipeline(
     report = build_report(
         end.path, bench=_bench_default(config) if bench is None else bench, bench_runs=config.report.bench_runs,
         threads=config.threads, data_dir=config.data.data_dir, sweep=sweep, measured_seconds=measured, log=say,
+        baselines=list(baselines.values()),
     )
     written = write_report(report, target_dir or default_out_dir(report))
     say(f"report: wrote {_shown(written)}")
-    return PipelineResult(checkpoints, skipped, seconds, report, written, messages)
+    return PipelineResult(checkpoints, skipped, seconds, report, written, messages, baselines)

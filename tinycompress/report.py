@@ -10,7 +10,9 @@ manifests. By default it starts at the newest checkpoint of the furthest stage p
 The rows are: original (the pretrained encoder with a fresh head, from the finetune manifest's
 ``original/*`` metrics), fine-tuned, pruned (one row per prune checkpoint in the chain), quantized
 and one row per exported artifact. A stage missing from the chain is a "not run" row carrying
-the command that produces it.
+the command that produces it. After them come the *baselines*: quantize checkpoints made straight
+from the chain's fine-tuned model (``tinycompress run`` makes one per backend), i.e. int8 without
+pruning, what a user would otherwise do -- the newest of each backend and mode.
 
 Everything shown comes from the manifests, except latency with ``bench=True`` (measured now on
 this machine, the same inputs for every row) and the sweep curve (a ``prune_sweep.csv`` written
@@ -66,7 +68,7 @@ SECONDS_KEYS = ("train_seconds", "prune_seconds", "quantize_seconds", "export_se
 class Row:
     """One version of the model in the table. ``None`` means unknown (shown as "—")."""
 
-    key: str  # "original", "finetune", "prune", "quantize" or "export"
+    key: str  # "original", "finetune", "prune", "quantize", "export" or "baseline"
     label: str  # what the table shows, e.g. "pruned + quantized"
     status: str  # "ok" or "not run"
     checkpoint: str | None = None  # folder name, e.g. "prune-v1"
@@ -231,6 +233,38 @@ def walk_chain(end: Checkpoint) -> tuple[list[Checkpoint], list[str]]:
         chain.append(parent)
         current = parent
     return list(reversed(chain)), notes
+
+
+def find_baselines(chain: list[Checkpoint], workdir: str | Path, task: str) -> list[Checkpoint]:
+    """Quantize checkpoints outside ``chain`` made from its fine-tuned checkpoint (unpruned int8),
+    the newest of each (backend, mode), in the order backends were first made.
+
+    A candidate counts only if its parent link still verifies (:meth:`Checkpoint.parent`: the
+    fine-tuned manifest is the one it was made from); unreadable ones are left out.
+    """
+    finetune = next((c for c in chain if c.stage == "finetune"), None)
+    if finetune is None:
+        return []
+    in_chain = {c.path.resolve() for c in chain}
+    found: dict[tuple[str, str], Checkpoint] = {}
+    for _, folder in reversed(stage_versions(workdir, task, "quantize")):
+        if folder.resolve() in in_chain:
+            continue
+        try:
+            candidate = read_checkpoint(folder, verify=False)
+            link = candidate.manifest.get("parent") or {}
+            if link.get("stage") != "finetune" or (folder.parent / str(link.get("path"))).resolve() != finetune.path.resolve():
+                continue
+            settings = candidate.config.quantize
+            kind = (candidate.details.get("backend") or settings.backend, settings.mode)
+            if kind in found:
+                continue
+            candidate = read_checkpoint(folder)  # now verify the files of the one shown
+            candidate.parent()
+        except TinycompressError:
+            continue
+        found[kind] = candidate
+    return sorted(found.values(), key=lambda c: c.version)
 
 
 # ------------------------------------------------------------------------------ rows
@@ -435,6 +469,28 @@ def build_rows(chain: list[Checkpoint], task: str, workdir: Path, names: list[st
     return rows
 
 
+BASELINE_BACKEND_TITLES = {"onnx": "ONNX Runtime", "torch": "torch"}
+
+
+def baseline_rows(baselines: list[Checkpoint], rows: list[Row], names: list[str]) -> list[Row]:
+    """One row per baseline checkpoint (see :func:`find_baselines`), with the fine-tuned row's
+    architecture where the checkpoint's own files do not say it."""
+    finetune_row = next((r for r in rows if r.key == "finetune" and r.status == "ok"), None)
+    made = []
+    for checkpoint in baselines:
+        row = _stage_row(checkpoint, names)
+        backend = checkpoint.details.get("backend") or checkpoint.config.quantize.backend
+        mode = checkpoint.config.quantize.mode
+        row.key = "baseline"
+        row.label = f"int8 only, unpruned ({BASELINE_BACKEND_TITLES.get(backend, backend)}{', static' if mode == 'static' else ''})"
+        if finetune_row is not None:
+            for attribute in ("parameters", "heads_kept", "heads_total", "ffn_kept", "ffn_total"):
+                if getattr(row, attribute) is None or attribute.endswith("_total"):
+                    setattr(row, attribute, getattr(finetune_row, attribute))
+        made.append(row)
+    return made
+
+
 # ------------------------------------------------------------------------------ latency
 
 
@@ -557,22 +613,24 @@ def manifest_seconds(checkpoint: Checkpoint) -> tuple[float | None, str | None]:
     return (round(total, 1), "manifest: " + " + ".join(used)) if used else (None, None)
 
 
-def stage_timing(chain: list[Checkpoint], measured: dict[str, float] | None = None) -> tuple[dict[str, float | None], dict[str, dict[str, Any]]]:
+def stage_timing(chain: list[Checkpoint], measured: dict[str, float] | None = None,
+                 baselines: list[Checkpoint] = ()) -> tuple[dict[str, float | None], dict[str, dict[str, Any]]]:
     """(seconds per stage, per-checkpoint timing with its source).
 
     ``measured`` maps checkpoint names to wall seconds timed by ``tinycompress run``; they win
     over the manifests' compute times. Several checkpoints of one stage (iterative pruning) add up.
+    ``baselines`` are listed per checkpoint (stage "baseline") but not added to the chain's stages.
     """
     measured = measured or {}
     per_stage: dict[str, float | None] = {stage: None for stage in STAGES}
     timing: dict[str, dict[str, Any]] = {}
-    for checkpoint in chain:
+    for in_chain, checkpoint in [(True, c) for c in chain] + [(False, c) for c in baselines]:
         if checkpoint.name in measured:
             seconds, source = round(float(measured[checkpoint.name]), 1), "run: wall time"
         else:
             seconds, source = manifest_seconds(checkpoint)
-        timing[checkpoint.name] = {"stage": checkpoint.stage, "seconds": seconds, "source": source}
-        if seconds is not None:
+        timing[checkpoint.name] = {"stage": checkpoint.stage if in_chain else "baseline", "seconds": seconds, "source": source}
+        if seconds is not None and in_chain:
             per_stage[checkpoint.stage] = round((per_stage[checkpoint.stage] or 0.0) + seconds, 1)
     return per_stage, timing
 
@@ -637,6 +695,12 @@ def _footnotes(report_rows: list[Row], latency: dict[str, Any], finetune: Checkp
         where = "; ".join(f"{m.get('cpu', '?')} (threads: {m.get('threads', '?')})" for m in machines) or "no manifest records latency"
         notes.append(f"latency: read from the manifests (measured when each stage ran: {where}); — = not recorded. "
                      "`tinycompress report --bench` measures every row on this machine now.")
+    baselines = [r for r in report_rows if r.key == "baseline"]
+    if baselines:
+        notes.append(
+            "int8 only, unpruned = the fine-tuned model quantized to int8 without pruning, what a user would do instead "
+            f"(ONNX Runtime dynamic int8 is the Optimum way): {', '.join(r.checkpoint or '?' for r in baselines)}."
+        )
     for row in report_rows:
         if row.status != "ok" and row.command and row.key != "original":
             notes.append(f"{row.label}: not run — `{row.command}` makes it.")
@@ -660,6 +724,7 @@ def build_report(
     sweep: str | Path | None = None,
     measured_seconds: dict[str, float] | None = None,
     log: Callable[[str], None] = _log,
+    baselines: list[Checkpoint] | None = None,
 ) -> Report:
     """Gather the report of one chain.
 
@@ -669,6 +734,7 @@ def build_report(
     chain's test data or ``data_dir``); else latency comes from the manifests' ``details.latency``.
     ``sweep``: a prune sweep CSV (default: the newest under ``runs/<task>/sweeps/``).
     ``measured_seconds``: wall seconds per checkpoint name, from ``tinycompress run``.
+    ``baselines``: the unpruned int8 checkpoints to show after the chain (None: :func:`find_baselines`).
     Raises :class:`TinycompressError` for an empty workspace, an unknown task or a bad target.
     """
     from .tasks import get_task
@@ -678,6 +744,9 @@ def build_report(
     chain, chain_notes = walk_chain(end)
     names = list(get_task(task).metrics)
     rows = build_rows(chain, task, workdir, names)
+    if baselines is None:
+        baselines = find_baselines(chain, workdir, task)
+    rows += baseline_rows(baselines, rows, names)
     finetune = next((c for c in chain if c.stage == "finetune"), None)
     if bench:
         latency = bench_rows(rows, chain, runs=bench_runs, threads=threads, data_dir=data_dir, log=log)
@@ -688,7 +757,7 @@ def build_report(
                 machines.append(row.latency_machine)
         latency = {"source": "manifests" if any(r.latency_source for r in rows) else "none", "machines": machines}
     compute_ratios(rows)
-    per_stage, timing = stage_timing(chain, measured_seconds)
+    per_stage, timing = stage_timing(chain, measured_seconds, baselines)
     sweep_path = find_sweep(workdir, task, sweep)
     sweep_info, sweep_rows = None, []
     if sweep_path is not None:
@@ -737,6 +806,7 @@ def run_report(
 
 
 __all__ = [
-    "Report", "Row", "build_report", "run_report", "locate", "chain_end", "walk_chain", "build_rows", "bench_rows",
+    "Report", "Row", "build_report", "run_report", "locate", "chain_end", "walk_chain", "find_baselines", "build_rows",
+    "baseline_rows", "bench_rows",
     "compute_ratios", "find_sweep", "read_sweep", "stage_timing",
 ]

@@ -166,29 +166,35 @@ def _pyplot():
 
 
 def plot_size(report: Report, path: Path) -> None:
-    """Primary test metric against size on disk, one labelled point per version.
+    """Primary test metric against size on disk, one point per version, named in the legend.
 
-    Versions at the same spot (an ONNX export is a copy of the quantized file) share one label.
+    The chain (fine-tuned → pruned → quantized) is joined by a line in that order; baselines
+    (int8 without pruning) are squares off the line. Versions at the same spot (an ONNX export is
+    a copy of the quantized file) share one point. A legend rather than labels beside the points:
+    the int8 versions sit within a few MB and a fraction of a point of one another.
     """
     plt = _pyplot()
     metric = report.primary_metric
-    spots: dict[tuple[float, float], list[str]] = {}
+    spots: dict[tuple[float, float], list[Row]] = {}
     for r in report.rows:
         if r.status == "ok" and r.size_mb is not None and r.metrics.get(metric) is not None:
-            spots.setdefault((r.size_mb, r.metrics[metric]), []).append(r.label)
+            spots.setdefault((round(r.size_mb, 3), r.metrics[metric]), []).append(r)
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    sizes = [size for size, _ in spots]
-    middle = (min(sizes) + max(sizes)) / 2 if sizes else 0.0
-    for i, ((size, score), labels) in enumerate(sorted(spots.items())):
-        ax.scatter([size], [score], s=40, zorder=3)
-        # Labels point inwards (no clipping at the edges) and alternate above / below, so
-        # neighbours with equal scores do not overprint each other.
-        right = size > middle
-        ax.annotate("\n".join(labels), (size, score), textcoords="offset points", xytext=(-6 if right else 6, 8 if i % 2 == 0 else -10),
-                    ha="right" if right else "left", va="bottom" if i % 2 == 0 else "top", fontsize=8)
-    if not spots:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    chain = [spot for spot, rows in spots.items() if any(r.key != "baseline" for r in rows)]
+    if len(chain) > 1:
+        xs, ys = zip(*chain)  # in table order: original, fine-tuned, pruned, quantized, exports
+        ax.plot(xs, ys, color="grey", linewidth=1, alpha=0.5, zorder=2)
+    for i, ((size, score), rows) in enumerate(spots.items()):
+        baseline = all(r.key == "baseline" for r in rows)
+        names = " = ".join(r.label for r in rows)
+        ax.scatter([size], [score], s=60, marker="s" if baseline else "o", color=colors[i % len(colors)], zorder=3,
+                   label=f"{names}: {size:.1f} MB, {score:.4f}")
+    if spots:
+        ax.legend(fontsize=8, loc="best")
+    else:
         ax.text(0.5, 0.5, "no version has both a size and a test metric", ha="center", va="center", transform=ax.transAxes)
-    ax.margins(x=0.15, y=0.15)
+    ax.margins(x=0.1, y=0.15)
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel(f"test {metric} (GLUE validation)")
     ax.set_title(f"{report.task}: {metric} against size")
