@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tinycompress.checkpoint import read_checkpoint
+from tinycompress.checkpoint import read_checkpoint, resolve_input
 from tinycompress.cli import app
 from tinycompress.config import load_config
 from tinycompress.errors import TinycompressError
@@ -155,8 +155,8 @@ def test_baselines_are_the_newest_unpruned_int8_of_each_backend(chain, tmp_path)
     assert [c.name for c in (old_onnx, torch_int8, new_onnx, not_a_baseline)] == ["quantize-v2", "quantize-v3", "quantize-v4", "quantize-v5"]
 
     report = build_report(workdir / "sst2" / "export-v1")
-    assert [r.label for r in report.rows] == CHAIN_LABELS + ["int8 only, unpruned (torch)", "int8 only, unpruned (ONNX Runtime)"]
-    torch_row, onnx_row = report.rows[-2:]
+    assert [r.label for r in report.rows] == CHAIN_LABELS + ["int8 only, unpruned (ONNX Runtime)", "int8 only, unpruned (torch)"]
+    onnx_row, torch_row = report.rows[-2:]
     assert (torch_row.key, torch_row.checkpoint, torch_row.runtime) == ("baseline", "quantize-v3", "torch int8")
     assert (onnx_row.checkpoint, onnx_row.runtime) == ("quantize-v4", "onnx int8")
     assert onnx_row.metrics == {"accuracy": new_onnx.metrics["test/accuracy"]} and onnx_row.size_bytes == new_onnx.model_bytes
@@ -165,10 +165,21 @@ def test_baselines_are_the_newest_unpruned_int8_of_each_backend(chain, tmp_path)
         assert (row.heads_kept, row.heads_total, row.ffn_kept, row.ffn_total) == (8, 8, 74, 74)
         assert row.parameters == fine.parameters and row.compression == pytest.approx(fine.size_bytes / row.size_bytes)
     assert report.stage_timing["quantize-v4"]["stage"] == "baseline" and report.stage_seconds["quantize"] == report.stage_timing["quantize-v1"]["seconds"]
-    assert any("int8 only, unpruned" in note and "quantize-v3, quantize-v4" in note for note in report.footnotes)
+    assert any("int8 only, unpruned" in note and "quantize-v4, quantize-v3" in note for note in report.footnotes)
     assert report.chain == ["finetune-v1", "prune-v1", "quantize-v1", "export-v1"]
 
+    # Other settings are another kind of baseline, named by what differs from the plain recipe.
+    per_channel = quantize(config.model_copy(update={"quantize": config.quantize.model_copy(update={"per_channel": True})}), finetuned)
+    labels = {r.label: r.checkpoint for r in build_report(workdir / "sst2" / "export-v1").rows if r.key == "baseline"}
+    assert labels == {"int8 only, unpruned (ONNX Runtime)": "quantize-v4", "int8 only, unpruned (ONNX Runtime, per-channel)": per_channel.name,
+                      "int8 only, unpruned (torch)": "quantize-v3"}
+    # --no-baselines (or report.baselines: false) leaves them out.
+    result = runner.invoke(app, ["report", str(workdir / "sst2" / "export-v1"), "--no-baselines", "--json", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert [r["label"] for r in json.loads(result.stdout)["rows"]] == CHAIN_LABELS
+
     # A baseline whose files no longer match its manifest is passed over for the older one.
+    shutil.rmtree(per_channel.path)
     weights = next(p for p in new_onnx.path.iterdir() if p.name.endswith(".onnx"))
     os.chmod(weights, 0o644)
     weights.write_bytes(weights.read_bytes() + b"x")
@@ -306,7 +317,11 @@ def test_run_end_to_end_resumes_and_reruns_from_the_changed_stage(tiny_bert_dir,
     assert baselines == [("int8 only, unpruned (ONNX Runtime)", "quantize-v2", "onnx int8"),
                          ("int8 only, unpruned (torch)", "quantize-v3", "torch int8")]
     for version in ("quantize-v2", "quantize-v3"):
-        assert read_checkpoint(workdir / "sst2" / version).manifest["parent"]["path"] == "finetune-v1"
+        baseline = read_checkpoint(workdir / "sst2" / version)
+        assert baseline.manifest["parent"]["path"] == "finetune-v1" and baseline.details["baseline"] is True
+    assert "baseline" not in read_checkpoint(workdir / "sst2" / "quantize-v1").details
+    # The baselines are newer, but a later stage given no path still starts from the chain.
+    assert resolve_input(None, workdir=workdir, task="sst2", stage="export").name == "quantize-v1"
     assert data["latency"]["source"] == "bench"  # run measures every row by default, baselines included
     assert all(r["latency_source"] == "bench" and r["speedup"]["batch_1"] > 0 for r in data["rows"] if r["status"] == "ok")
     assert all(isinstance(data["stage_seconds"][s], float) for s in ("finetune", "prune", "quantize", "export"))
@@ -453,3 +468,22 @@ def test_seed_table_benchmark_gives_mean_and_sample_std_per_row(tmp_path, capsys
     assert out[3] == "| pruned | 0.8800 | — | 0.8600 | 0.8700 ± 0.0141 | 81.0 |"
     assert not any(line.startswith("| original") for line in out)
     assert out[-3:] == ["| 42 | 1,042 | — |", "| 43 | 1,043 | — |", "| 44 | 1,044 | — |"]
+
+
+def test_a_failed_baseline_is_left_out_and_the_report_still_written(chain, tmp_path):
+    from tinycompress.pipeline import _stage_functions, run_pipeline
+
+    workdir = tmp_path / "ws"
+    shutil.copytree(chain["workdir"], workdir)
+    config = read_checkpoint(workdir / "sst2" / "export-v1").config.model_copy(update={"workdir": str(workdir)})
+
+    def failing(config, parent):
+        raise TinycompressError("no int8 kernels here")
+
+    messages = []
+    result = run_pipeline(config, bench=False, log=messages.append, stages=_stage_functions() | {"baseline": failing})
+    assert result.skipped == ["finetune", "prune", "quantize", "export"]  # the chain is reused ...
+    assert result.baselines == {}  # ... and both baselines failed
+    assert [m for m in messages if "int8 failed" in m] == [f"baseline {b} int8 failed, left out of the table: no int8 kernels here" for b in ("onnx", "torch")]
+    assert [r.label for r in result.report.rows] == CHAIN_LABELS
+    assert (workdir / "sst2" / "report" / "report.json").is_file()

@@ -35,6 +35,9 @@ MANIFEST_NAME = "tinycompress.yaml"
 STAGES = ("finetune", "prune", "quantize", "export")
 # The stage whose newest checkpoint a stage takes when given no input path.
 PARENT_STAGE = {"prune": ("finetune",), "quantize": ("prune",), "export": ("quantize", "prune", "finetune")}
+# ``details`` flag of a checkpoint made only for comparison (``tinycompress run``'s unpruned int8
+# baselines): never taken as the default parent of a later stage or the end of the newest chain.
+BASELINE_FLAG = "baseline"
 _STAGE_DIR = re.compile(r"^(?P<stage>[a-z]+)-v(?P<version>\d+)$")
 
 
@@ -114,6 +117,17 @@ class Checkpoint:
             )
         return found
 
+    def made_from(self, parent: "Checkpoint | None") -> bool:
+        """Whether this checkpoint was written from ``parent`` as it is now (same folder, same
+        manifest sha256); with ``parent`` None, whether it has no parent. Reads only manifests."""
+        link = self.manifest.get("parent")
+        if parent is None:
+            return not link
+        if not isinstance(link, dict) or not link.get("path"):
+            return False
+        linked = (self.path.parent / str(link["path"])).resolve()
+        return linked == parent.path.resolve() and link.get("manifest_sha256") == sha256_file(parent.path / MANIFEST_NAME)
+
 
 # ------------------------------------------------------------------------------ hashing & sizes
 
@@ -189,8 +203,29 @@ def latest_task(workdir: str | Path) -> str | None:
     return newest[1] if newest else None
 
 
+def is_baseline(manifest: dict[str, Any]) -> bool:
+    details = manifest.get("details")
+    return isinstance(details, dict) and bool(details.get(BASELINE_FLAG))
+
+
+def newest_in_chain(workdir: str | Path, task: str, stage: str) -> Path | None:
+    """The newest ``stage`` folder of a task that is not a baseline (see :data:`BASELINE_FLAG`).
+
+    Folders whose manifest cannot be read count: reading them later gives the real error.
+    """
+    for _, folder in reversed(stage_versions(workdir, task, stage)):
+        try:
+            manifest = yaml.safe_load((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return folder
+        if not (isinstance(manifest, dict) and is_baseline(manifest)):
+            return folder
+    return None
+
+
 def resolve_input(explicit: str | Path | None, *, workdir: str | Path, task: str | None, stage: str) -> Checkpoint:
-    """The checkpoint a stage starts from: the explicit path, else the newest parent-stage folder."""
+    """The checkpoint a stage starts from: the explicit path, else the newest parent-stage folder
+    that is not a baseline."""
     if explicit is not None:
         return read_checkpoint(explicit)
     wanted = PARENT_STAGE[stage]
@@ -201,9 +236,9 @@ def resolve_input(explicit: str | Path | None, *, workdir: str | Path, task: str
             f"run `{producing_command(wanted[-1] if stage == 'export' else wanted[0], None)} --task sst2` first, or pass a checkpoint path",
         )
     for parent_stage in wanted:
-        versions = stage_versions(workdir, task, parent_stage)
-        if versions:
-            return read_checkpoint(versions[-1][1])
+        newest = newest_in_chain(workdir, task, parent_stage)
+        if newest is not None:
+            return read_checkpoint(newest)
     raise TinycompressError(
         f"no {' or '.join(wanted)} checkpoint for task {task} in '{workdir}'",
         f"run `{producing_command(wanted[0], task)}` first, or pass a checkpoint path",

@@ -412,6 +412,9 @@ def report(
     bench: Annotated[Optional[bool], typer.Option(
         "--bench/--no-bench", help=f"Measure every row's latency on this machine now, rather than read it from the manifests {_from_config('off')}.")] = None,
     bench_runs: Annotated[Optional[int], typer.Option("--runs", help=f"Timed runs per row and batch size with --bench {_from_config('50')}.")] = None,
+    baselines: Annotated[Optional[bool], typer.Option(
+        "--baselines/--no-baselines",
+        help=f"Show the int8 checkpoints made straight from the chain's fine-tuned model (int8 without pruning) {_from_config('on')}.")] = None,
     sweep: SweepOpt = None,
     out: OutOpt = None,
     as_json: JsonOpt = False,
@@ -419,14 +422,16 @@ def report(
     """Print the results table of one chain and write report.md / .json / .csv and plots.
 
     Rows: original → fine-tuned → pruned → quantized → exported, found through the lineage in
-    the manifests. Test metrics are on the GLUE validation set (GLUE test labels are hidden).
+    the manifests, then the baselines (int8 without pruning). Test metrics are on the GLUE
+    validation set (GLUE test labels are hidden).
     """
 
     def work():
         from .report import run_report
         from .report_render import print_report, report_json
 
-        overrides = {"workdir": str(workdir) if workdir else None, "threads": threads, "report.bench": bench, "report.bench_runs": bench_runs}
+        overrides = {"workdir": str(workdir) if workdir else None, "threads": threads, "report.bench": bench, "report.bench_runs": bench_runs,
+                     "report.baselines": baselines}
         built, written = run_report(run_dir, config_file=config, overrides=overrides, task=task,
                                     data_dir=str(data_dir) if data_dir else None, sweep=sweep, out_dir=out)
         if as_json:

@@ -83,7 +83,7 @@ class ReportSettings(_Section):
     baselines: bool = Field(
         True,
         description="run: also int8-quantize the unpruned fine-tuned model (ONNX Runtime and torch, dynamic) -- "
-        "what a user would do without pruning -- so the table compares against it",
+        "what a user would do without pruning -- so the table compares against it; report: show such checkpoints",
     )
 
 

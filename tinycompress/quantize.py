@@ -39,7 +39,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoint import Checkpoint, Measured, load_hf_model, resolve_input, save_config_and_tokenizer, write_checkpoint
+from .checkpoint import BASELINE_FLAG, Checkpoint, Measured, load_hf_model, resolve_input, save_config_and_tokenizer, write_checkpoint
 from .config import Config, QuantizeSettings
 from .errors import TinycompressError
 from .lineage import check_parent
@@ -224,9 +224,10 @@ def run_quantize(config: Config, parent: Checkpoint, folder: Path) -> Measured:
     return Measured(metrics, details)
 
 
-def quantize(config: Config, parent: str | Path | Checkpoint | None = None) -> Checkpoint:
+def quantize(config: Config, parent: str | Path | Checkpoint | None = None, *, baseline: bool = False) -> Checkpoint:
     """Quantize ``parent`` (default: the newest prune checkpoint of ``config.task``); returns the
-    new ``quantize-v<N>`` checkpoint.
+    new ``quantize-v<N>`` checkpoint. ``baseline`` marks it as made for comparison only
+    (:data:`~tinycompress.checkpoint.BASELINE_FLAG`), so later stages do not take it by default.
 
     Raises :class:`TinycompressError` (and writes nothing) for a missing or corrupt parent, a
     parent of another stage or task, or ``mode: static`` with ``backend: torch``. Build
@@ -238,5 +239,5 @@ def quantize(config: Config, parent: str | Path | Checkpoint | None = None) -> C
     check_settings(config)
     return write_checkpoint(
         config.workdir, parent.task, "quantize", lambda folder: run_quantize(config, parent, folder),
-        config=config, seed=config.seed, parent=parent,
+        config=config, seed=config.seed, parent=parent, details={BASELINE_FLAG: True} if baseline else None,
     )

@@ -12,7 +12,7 @@ The rows are: original (the pretrained encoder with a fresh head, from the finet
 and one row per exported artifact. A stage missing from the chain is a "not run" row carrying
 the command that produces it. After them come the *baselines*: quantize checkpoints made straight
 from the chain's fine-tuned model (``tinycompress run`` makes one per backend), i.e. int8 without
-pruning, what a user would otherwise do -- the newest of each backend and mode.
+pruning, what a user would otherwise do -- the newest of each kind (backend and settings).
 
 Everything shown comes from the manifests, except latency with ``bench=True`` (measured now on
 this machine, the same inputs for every row) and the sweep curve (a ``prune_sweep.csv`` written
@@ -39,6 +39,7 @@ from .checkpoint import (
     STAGES,
     Checkpoint,
     latest_task,
+    newest_in_chain,
     producing_command,
     read_checkpoint,
     stage_versions,
@@ -204,11 +205,12 @@ def locate(target: str | Path | None = None, *, workdir: str | Path = "runs", ta
 
 
 def chain_end(workdir: str | Path, task: str) -> Checkpoint:
-    """The newest checkpoint of the furthest stage present (export > quantize > prune > finetune)."""
+    """The newest checkpoint of the furthest stage present (export > quantize > prune > finetune),
+    baselines left out (they are shown beside a chain, see :func:`find_baselines`)."""
     for stage in reversed(STAGES):
-        versions = stage_versions(workdir, task, stage)
-        if versions:
-            return read_checkpoint(versions[-1][1])
+        newest = newest_in_chain(workdir, task, stage)
+        if newest is not None:
+            return read_checkpoint(newest)
     raise TinycompressError(f"no checkpoints for task {task} in workspace '{workdir}'", f"run `{producing_command('finetune', task)}` first")
 
 
@@ -235,36 +237,38 @@ def walk_chain(end: Checkpoint) -> tuple[list[Checkpoint], list[str]]:
     return list(reversed(chain)), notes
 
 
-def find_baselines(chain: list[Checkpoint], workdir: str | Path, task: str) -> list[Checkpoint]:
-    """Quantize checkpoints outside ``chain`` made from its fine-tuned checkpoint (unpruned int8),
-    the newest of each (backend, mode), in the order backends were first made.
+def _quantize_kind(checkpoint: Checkpoint) -> tuple[str, str, bool, bool]:
+    """(backend, mode, per-channel, int8 embeddings) of a quantize checkpoint, as it recorded them."""
+    settings, details = checkpoint.config.quantize, checkpoint.details
+    return (str(details.get("backend", settings.backend)), str(details.get("mode", settings.mode)),
+            bool(details.get("per_channel", settings.per_channel)), bool(details.get("quantize_embeddings", settings.quantize_embeddings)))
 
-    A candidate counts only if its parent link still verifies (:meth:`Checkpoint.parent`: the
-    fine-tuned manifest is the one it was made from); unreadable ones are left out.
+
+def find_baselines(chain: list[Checkpoint], workdir: str | Path, task: str) -> list[Checkpoint]:
+    """Quantize checkpoints outside ``chain`` made from its fine-tuned checkpoint as it is now
+    (unpruned int8): the newest of each kind (backend, mode, per-channel, int8 embeddings),
+    ordered by backend, then version. Unreadable or corrupt ones are left out.
     """
     finetune = next((c for c in chain if c.stage == "finetune"), None)
     if finetune is None:
         return []
     in_chain = {c.path.resolve() for c in chain}
-    found: dict[tuple[str, str], Checkpoint] = {}
-    for _, folder in reversed(stage_versions(workdir, task, "quantize")):
+    found: dict[tuple[str, str, bool, bool], tuple[int, Checkpoint]] = {}
+    for number, folder in reversed(stage_versions(workdir, task, "quantize")):
         if folder.resolve() in in_chain:
             continue
         try:
             candidate = read_checkpoint(folder, verify=False)
-            link = candidate.manifest.get("parent") or {}
-            if link.get("stage") != "finetune" or (folder.parent / str(link.get("path"))).resolve() != finetune.path.resolve():
+            link = candidate.manifest.get("parent")
+            if not isinstance(link, dict) or link.get("stage") != "finetune" or not candidate.made_from(finetune):
                 continue
-            settings = candidate.config.quantize
-            kind = (candidate.details.get("backend") or settings.backend, settings.mode)
+            kind = _quantize_kind(candidate)
             if kind in found:
                 continue
-            candidate = read_checkpoint(folder)  # now verify the files of the one shown
-            candidate.parent()
-        except TinycompressError:
+            found[kind] = (number, read_checkpoint(folder))  # verify the files of the one shown
+        except (TinycompressError, AttributeError, TypeError, ValueError):
             continue
-        found[kind] = candidate
-    return sorted(found.values(), key=lambda c: c.version)
+    return [checkpoint for _, (_, checkpoint) in sorted(found.items(), key=lambda item: (item[0][0], item[1][0]))]
 
 
 # ------------------------------------------------------------------------------ rows
@@ -479,10 +483,11 @@ def baseline_rows(baselines: list[Checkpoint], rows: list[Row], names: list[str]
     made = []
     for checkpoint in baselines:
         row = _stage_row(checkpoint, names)
-        backend = checkpoint.details.get("backend") or checkpoint.config.quantize.backend
-        mode = checkpoint.config.quantize.mode
+        backend, mode, per_channel, int8_embeddings = _quantize_kind(checkpoint)
+        # The label names every setting that differs from the plain recipe `run` uses.
+        extras = [text for text, shown in ((mode, mode != "dynamic"), ("per-channel", per_channel), ("fp32 embeddings", not int8_embeddings)) if shown]
         row.key = "baseline"
-        row.label = f"int8 only, unpruned ({BASELINE_BACKEND_TITLES.get(backend, backend)}{', static' if mode == 'static' else ''})"
+        row.label = f"int8 only, unpruned ({', '.join([BASELINE_BACKEND_TITLES.get(backend, backend), *extras])})"
         if finetune_row is not None:
             for attribute in ("parameters", "heads_kept", "heads_total", "ffn_kept", "ffn_total"):
                 if getattr(row, attribute) is None or attribute.endswith("_total"):
@@ -788,7 +793,7 @@ def run_report(
 ) -> tuple[Report, Path]:
     """Build the report of one chain and write its files: ``tinycompress report`` as a function.
 
-    Settings (workdir, threads, ``report.bench``, ``report.bench_runs``) come from
+    Settings (workdir, threads, ``report.bench``, ``report.bench_runs``, ``report.baselines``) come from
     ``config_file`` < ``overrides`` (dotted keys, None = not given). The task is ``task``, else
     the config file's, else the workspace's most recent one -- not Config's default, since a
     report without a task means "the latest results". ``target``, ``data_dir`` and ``sweep`` are
@@ -801,7 +806,8 @@ def run_report(
     settings = load_config(config_file, overrides)
     asked_task = task or (read_yaml(config_file).get("task") if config_file is not None else None)
     report = build_report(target, workdir=settings.workdir, task=asked_task, bench=settings.report.bench,
-                          bench_runs=settings.report.bench_runs, threads=settings.threads, data_dir=data_dir, sweep=sweep, log=log)
+                          bench_runs=settings.report.bench_runs, threads=settings.threads, data_dir=data_dir, sweep=sweep, log=log,
+                          baselines=None if settings.report.baselines else [])
     return report, write_report(report, out_dir)
 
 
