@@ -215,11 +215,11 @@ def newest_in_chain(workdir: str | Path, task: str, stage: str) -> Path | None:
     """
     for _, folder in reversed(stage_versions(workdir, task, stage)):
         try:
-            manifest = yaml.safe_load((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            return folder
-        if not (isinstance(manifest, dict) and is_baseline(manifest)):
-            return folder
+            if is_baseline(read_checkpoint(folder, verify=False).manifest):
+                continue
+        except TinycompressError:
+            pass
+        return folder
     return None
 
 
