@@ -477,9 +477,8 @@ BASELINE_BACKEND_TITLES = {"onnx": "ONNX Runtime", "torch": "torch"}
 
 
 def baseline_rows(baselines: list[Checkpoint], rows: list[Row], names: list[str]) -> list[Row]:
-    """One row per baseline checkpoint (see :func:`find_baselines`), with the fine-tuned row's
-    architecture where the checkpoint's own files do not say it."""
-    finetune_row = next((r for r in rows if r.key == "finetune" and r.status == "ok"), None)
+    """One row per baseline checkpoint (see :func:`find_baselines`), with its parent's (the
+    fine-tuned row's) architecture where the checkpoint's own files do not say it."""
     made = []
     for checkpoint in baselines:
         row = _stage_row(checkpoint, names)
@@ -488,11 +487,8 @@ def baseline_rows(baselines: list[Checkpoint], rows: list[Row], names: list[str]
         extras = [text for text, shown in ((mode, mode != "dynamic"), ("per-channel", per_channel), ("fp32 embeddings", not int8_embeddings)) if shown]
         row.key = "baseline"
         row.label = f"int8 only, unpruned ({', '.join([BASELINE_BACKEND_TITLES.get(backend, backend), *extras])})"
-        if finetune_row is not None:
-            for attribute in ("parameters", "heads_kept", "heads_total", "ffn_kept", "ffn_total"):
-                if getattr(row, attribute) is None or attribute.endswith("_total"):
-                    setattr(row, attribute, getattr(finetune_row, attribute))
         made.append(row)
+    _inherit_structure(rows + made, baselines)
     return made
 
 
