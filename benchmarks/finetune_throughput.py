@@ -17,9 +17,9 @@ import torch
 
 def ours(model_factory, rows, tokenizer, args) -> float:
     from tinycompress.config import FinetuneSettings
-    from tinycompress.data import encode
-    from tinycompress.tasks import get_task
-    from tinycompress.training import train
+    from tinycompress.data.batching import encode
+    from tinycompress.data.tasks import get_task
+    from tinycompress.training.loop import train
 
     spec = get_task("sst2")
     encoded = encode(tokenizer, rows, args.max_length)
@@ -67,9 +67,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each loop; the median is shown")
     args = parser.parse_args()
 
-    from tinycompress.data import load_task_data
-    from tinycompress.modeling import configure_threads, load_pretrained_classifier, quiet_hf
-    from tinycompress.tasks import get_task
+    from tinycompress.data.glue import load_task_data
+    from tinycompress.models.device import configure_threads, quiet_hf
+    from tinycompress.models.pretrained import load_pretrained_classifier
+    from tinycompress.data.tasks import get_task
 
     quiet_hf()
     threads = configure_threads(args.threads)

@@ -18,7 +18,7 @@ Rows (speed-ups are against the first):
 The ONNX variants are built in a temporary folder with the quantize stage's own functions, unless
 --pruned-int8 / --unpruned-int8 name ONNX quantize checkpoints to time instead. Inputs: batch 1
 is the test row of median token length, batch 32 the first 32 test rows padded to the longest
-(:func:`tinycompress.bench.latency_batches`); each model tokenizes them with its own tokenizer.
+(:func:`tinycompress.inference.latency.latency_batches`); each model tokenizes them with its own tokenizer.
 Torch and ONNX Runtime both get --threads intra-op threads. Not a test: nothing is asserted.
 """
 
@@ -59,10 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def onnx_folder(model, tokenizer, folder: Path, *, int8: bool, fused: bool, opset: int, max_length: int) -> Path:
     """``folder`` with model.onnx (built with the quantize stage's functions), config and tokenizer."""
-    from tinycompress.checkpoint import save_config_and_tokenizer
+    from tinycompress.checkpoint.hf import save_config_and_tokenizer
     from tinycompress.config import QuantizeSettings
-    from tinycompress.onnx_utils import export_onnx
-    from tinycompress.quantize import export_optimized_onnx, quantize_onnx_model
+    from tinycompress.exporters.onnx import export_onnx
+    from tinycompress.exporters.ort_fusion import export_optimized_onnx
+    from tinycompress.quantization.onnx import quantize_onnx_model
 
     folder.mkdir(parents=True)
     if int8:
@@ -77,9 +78,9 @@ def onnx_folder(model, tokenizer, folder: Path, *, int8: bool, fused: bool, opse
 
 
 def quantized_predictor(path: Path, threads: int):
-    from tinycompress.checkpoint import read_checkpoint
+    from tinycompress.checkpoint.store import read_checkpoint
     from tinycompress.errors import TinycompressError
-    from tinycompress.runtime import onnx_predictor
+    from tinycompress.inference.predictor import onnx_predictor
 
     checkpoint = read_checkpoint(path)
     if checkpoint.stage != "quantize" or not (path / "model.onnx").is_file():
@@ -89,8 +90,8 @@ def quantized_predictor(path: Path, threads: int):
 
 def build_variants(args, finetuned, pruned, scratch: Path) -> list[tuple[str, Any]]:
     """(name, Predictor) for every row, in table order."""
-    from tinycompress.checkpoint import load_hf_model
-    from tinycompress.runtime import onnx_predictor, torch_predictor
+    from tinycompress.checkpoint.hf import load_hf_model
+    from tinycompress.inference.predictor import onnx_predictor, torch_predictor
 
     opset, max_length = pruned.config.export.opset, pruned.config.model.max_length
     ft_model, ft_tokenizer = load_hf_model(finetuned)
@@ -122,7 +123,7 @@ def build_variants(args, finetuned, pruned, scratch: Path) -> list[tuple[str, An
 
 
 def time_variants(variants, texts, max_length: int, runs: int, warmup: int) -> list[dict[str, Any]]:
-    from tinycompress.bench import measure_predictor
+    from tinycompress.inference.latency import measure_predictor
 
     results = [{"variant": name, **measure_predictor(predictor, texts, max_length=max_length, runs=runs, warmup=warmup)}
                for name, predictor in variants]
@@ -144,12 +145,12 @@ def print_table(results: list[dict[str, Any]], header: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tinycompress.checkpoint import read_checkpoint
-    from tinycompress.data import load_task_data
-    from tinycompress.envinfo import machine_info
+    from tinycompress.checkpoint.store import read_checkpoint
+    from tinycompress.data.glue import load_task_data
+    from tinycompress.inference.machine import machine_info
     from tinycompress.errors import TinycompressError
-    from tinycompress.modeling import configure_threads, quiet_hf
-    from tinycompress.tasks import get_task
+    from tinycompress.models.device import configure_threads, quiet_hf
+    from tinycompress.data.tasks import get_task
 
     quiet_hf()
     threads = configure_threads(args.threads)

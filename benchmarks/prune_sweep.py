@@ -81,11 +81,13 @@ class Sweep:
     """The unpruned model, its tokenized splits and the settings every measurement shares."""
 
     def __init__(self, args: argparse.Namespace):
-        from tinycompress.checkpoint import load_hf_model, read_checkpoint
+        from tinycompress.checkpoint.hf import load_hf_model
+        from tinycompress.checkpoint.store import read_checkpoint
         from tinycompress.config import load_config
-        from tinycompress.data import encode, load_config_data, padding_id
-        from tinycompress.modeling import prepare
-        from tinycompress.prune import importance_batches
+        from tinycompress.data.batching import encode, padding_id
+        from tinycompress.data.glue import load_config_data
+        from tinycompress.models.device import prepare
+        from tinycompress.stages.prune import importance_batches
 
         parent = read_checkpoint(args.checkpoint)
         overrides = {
@@ -107,22 +109,24 @@ class Sweep:
         self.checkpoint = parent
 
     def measure(self, model) -> dict[str, float]:
-        from tinycompress.prune import measure_test
+        from tinycompress.stages.prune import measure_test
 
         return measure_test(model, self.test, self.spec, self.config, pad_id=self.pad_id, device=self.device)
 
     def pruned_copy(self, head_scores, ratio: float):
         """A copy of the unpruned model with the lowest-scored ``ratio`` of heads removed."""
-        from tinycompress.pruning import prune_heads_, select_heads
+        from tinycompress.models.structure import prune_heads_
+        from tinycompress.pruning.selection import select_heads
 
         model = copy.deepcopy(self.model)
         prune_heads_(model, select_heads(head_scores, ratio, self.config.prune.min_heads_per_layer))
         return model
 
     def row(self, model, criterion: str, ratio: float, *, recovered: bool, recovery_rows: int = 0, seconds: float = 0.0) -> dict:
-        from tinycompress.prune import FLOPS_SEQ_LEN
-        from tinycompress.modeling import count_parameters
-        from tinycompress.pruning import estimate_flops, head_counts
+        from tinycompress.stages.prune import FLOPS_SEQ_LEN
+        from tinycompress.models.pretrained import count_parameters
+        from tinycompress.pruning.flops import estimate_flops
+        from tinycompress.models.structure import head_counts
 
         start = time.perf_counter()
         metrics = self.measure(model)
@@ -136,7 +140,7 @@ class Sweep:
 
 def sweep_criterion(sweep: Sweep, criterion: str, ratios: list[float]) -> tuple[list[dict], object]:
     """Rows for one criterion without recovery, and its scores (reused for recovery)."""
-    from tinycompress.pruning import compute_importance
+    from tinycompress.pruning.importance import compute_importance
 
     start = time.perf_counter()
     importance = compute_importance(sweep.model, sweep.batches(), criterion, seed=sweep.config.seed)
@@ -156,8 +160,8 @@ def sweep_criterion(sweep: Sweep, criterion: str, ratios: list[float]) -> tuple[
 
 def recovered_rows(sweep: Sweep, criterion: str, importance, ratios: list[float], train_rows: int) -> list[dict]:
     """Rows for ``criterion`` after 1 epoch of distillation on ``train_rows`` training rows."""
-    from tinycompress.data import subset_rows
-    from tinycompress.prune import recover
+    from tinycompress.data.batching import subset_rows
+    from tinycompress.stages.prune import recover
 
     seed = sweep.config.seed
     train = subset_rows(sweep.train, train_rows, seed)

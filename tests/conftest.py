@@ -140,7 +140,7 @@ def tiny_finetune_overrides(model_dir: Path, data_dir: Path, workdir: Path, **ex
 def tiny_finetuned(tiny_bert_dir, toy_glue, tmp_path_factory):
     """A finetune-v1 checkpoint of the tiny BERT on the toy task (session-wide, read-only)."""
     from tinycompress.config import load_config
-    from tinycompress.finetune import finetune
+    from tinycompress.stages.finetune import finetune
 
     workdir = tmp_path_factory.mktemp("ws")
     return finetune(load_config(None, tiny_finetune_overrides(tiny_bert_dir, toy_glue, workdir)))

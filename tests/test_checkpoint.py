@@ -3,7 +3,9 @@ import os
 import pytest
 import yaml
 
-from tinycompress.checkpoint import MANIFEST_NAME, read_checkpoint, resolve_input, stage_versions, write_checkpoint
+from tinycompress.checkpoint.format import MANIFEST_NAME
+from tinycompress.checkpoint.store import read_checkpoint, write_checkpoint
+from tinycompress.checkpoint.workspace import resolve_input, stage_versions
 from tinycompress.config import load_config
 from tinycompress.errors import TinycompressError
 

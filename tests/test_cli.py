@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tinycompress.cli import app
+from tinycompress.cli.app import app
 from tinycompress.errors import TinycompressError
 from conftest import assert_one_line_error
 
@@ -99,7 +99,7 @@ def test_finetune_and_evaluate_through_the_cli(tiny_bert_dir, toy_glue, tmp_path
     evaluated = runner.invoke(app, ["evaluate", str(tmp_path / "sst2" / "finetune-v1"), "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(evaluated.stdout)
-    from tinycompress.checkpoint import read_checkpoint
+    from tinycompress.checkpoint.store import read_checkpoint
 
     assert metrics["test/accuracy"] == pytest.approx(read_checkpoint(tmp_path / "sst2" / "finetune-v1").metrics["test/accuracy"])
 
@@ -117,9 +117,9 @@ def test_evaluate_original_model_is_seeded(tiny_bert_dir, toy_glue):
 
 def original_logits(model_dir, seed: int) -> torch.Tensor:
     """Logits of the pretrained model with the fresh head `evaluate` gives it for ``seed``."""
-    from tinycompress.data import encode_rows
-    from tinycompress.modeling import load_pretrained_classifier
-    from tinycompress.tasks import get_task
+    from tinycompress.data.batching import encode_rows
+    from tinycompress.models.pretrained import load_pretrained_classifier
+    from tinycompress.data.tasks import get_task
 
     model, tokenizer, _ = load_pretrained_classifier(str(model_dir), get_task("sst2"), seed)
     with torch.no_grad():

@@ -55,14 +55,14 @@ def test_shipped_configs_are_valid_and_documented(path):
     config = load_config(path)
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("# tinycompress ") and f"configs/{path.name}" in first_line
-    from tinycompress.tasks import get_task
+    from tinycompress.data.tasks import get_task
 
     get_task(config.task)
 
 
 def test_one_config_per_task_and_hub_models():
     names = {p.stem for p in (REPO / "configs").glob("*.yaml")}
-    from tinycompress.tasks import TASKS
+    from tinycompress.data.tasks import TASKS
 
     assert set(TASKS) | {"tinybert-sst2", "distilbert-sst2"} <= names
     assert load_config(REPO / "configs/tinybert-sst2.yaml").model.name == "huawei-noah/TinyBERT_General_4L_312D"

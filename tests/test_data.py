@@ -3,9 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from tinycompress.data import batch_order, collate, encode, load_task_data, read_tsv
+from tinycompress.data.batching import batch_order, collate, encode
+from tinycompress.data.glue import load_task_data, read_tsv
 from tinycompress.errors import TinycompressError
-from tinycompress.tasks import get_task
+from tinycompress.data.tasks import get_task
 
 
 def _write(path: Path, text: str) -> Path:

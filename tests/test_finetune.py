@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from tinycompress.checkpoint import load_hf_model, read_checkpoint
+from tinycompress.checkpoint.hf import load_hf_model
+from tinycompress.checkpoint.store import read_checkpoint
 from tinycompress.config import load_config
-from tinycompress.data import encode, load_task_data
-from tinycompress.finetune import finetune
-from tinycompress.metrics import compute_metrics
-from tinycompress.tasks import get_task
+from tinycompress.data.batching import encode
+from tinycompress.data.glue import load_task_data
+from tinycompress.stages.finetune import finetune
+from tinycompress.training.metrics import compute_metrics
+from tinycompress.data.tasks import get_task
 
 
 def test_tiny_model_learns_the_toy_task(tiny_finetuned):
@@ -64,7 +66,7 @@ def test_distilbert_finetunes(tiny_distilbert_dir, toy_glue, tmp_path):
 
 
 def test_nan_dev_metric_still_keeps_a_best_epoch(tiny_bert_dir, toy_glue, tmp_path, monkeypatch):
-    import tinycompress.training as training
+    import tinycompress.training.loop as training
     from conftest import tiny_finetune_overrides
 
     monkeypatch.setattr(training, "evaluate", lambda *a, **k: {"accuracy": float("nan")})
@@ -104,7 +106,7 @@ def test_compute_metrics_known_values():
 
 
 def test_keep_best_keeps_the_first_epoch_and_then_only_better_ones():
-    from tinycompress.training import KeepBest
+    from tinycompress.training.loop import KeepBest
 
     model = torch.nn.Linear(1, 1)
     best = KeepBest("accuracy")

@@ -3,7 +3,7 @@
 import pytest
 
 from tinycompress.config import load_config
-from tinycompress.finetune import finetune
+from tinycompress.stages.finetune import finetune
 
 pytestmark = pytest.mark.integration
 

@@ -21,19 +21,14 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
-from tinycompress import int8, onnx_utils
-from tinycompress.onnx_utils import (
-    FUSED_GRAPH_OP_TYPES,
-    OnnxClassifier,
-    attention_head_counts,
-    export_onnx,
-    format_parity,
-    optimize_onnx,
-    parity_check,
-    quantize_onnx_dynamic,
-    quantize_onnx_static,
-    torch_logits_fn,
-)
+from tinycompress.exporters import onnx as onnx_export
+from tinycompress.exporters import torchscript
+from tinycompress.quantization import torch as torch_int8
+from tinycompress.quantization.onnx import FUSED_GRAPH_OP_TYPES, quantize_onnx_dynamic, quantize_onnx_static
+from tinycompress.inference.onnx_session import OnnxClassifier
+from tinycompress.exporters.ort_fusion import attention_head_counts, optimize_onnx
+from tinycompress.exporters.onnx import export_onnx
+from tinycompress.exporters.parity import format_parity, parity_check, torch_logits_fn
 
 VOCAB, HIDDEN, LAYERS, HEADS, FFN, LABELS = 100, 32, 2, 4, 37, 3
 HEAD_DIM = HIDDEN // HEADS
@@ -264,24 +259,24 @@ def _forbid_pickle(monkeypatch):
 @pytest.mark.parametrize("name", ["bert", "distilbert", "pruned"])
 def test_torch_int8_round_trip_is_exact_and_pickle_free(models, tmp_path, monkeypatch, name):
     model = models[name]
-    qmodel = int8.quantize_torch_dynamic(model)
-    assert isinstance(qmodel.get_input_embeddings(), int8.Int8Embedding)
+    qmodel = torch_int8.quantize_torch_dynamic(model)
+    assert isinstance(qmodel.get_input_embeddings(), torch_int8.Int8Embedding)
     assert not any(type(m) is nn.Linear for m in qmodel.modules())
     assert any(type(m) is nn.Linear for m in model.modules())  # original untouched
 
-    batch = {k: torch.from_numpy(v) for k, v in BATCHES["long"].items() if k in onnx_utils.model_input_names(model)}
+    batch = {k: torch.from_numpy(v) for k, v in BATCHES["long"].items() if k in onnx_export.model_input_names(model)}
     with torch.no_grad():
         before = qmodel(**batch).logits
         fp32 = model(**batch).logits
     assert torch.equal(before.argmax(-1), fp32.argmax(-1))
 
-    written = int8.save_torch_int8(qmodel, tmp_path / "ckpt")
+    written = torch_int8.save_torch_int8(qmodel, tmp_path / "ckpt")
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == sorted(p.name for p in written)
     assert {p.suffix for p in written} <= {".safetensors", ".json", ".yaml"}
 
     _forbid_pickle(monkeypatch)
-    reloaded = int8.load_torch_int8(tmp_path / "ckpt", BUILDERS[name])
+    reloaded = torch_int8.load_torch_int8(tmp_path / "ckpt", BUILDERS[name])
     with torch.no_grad():
         after = reloaded(**batch).logits
     assert torch.equal(before, after)
@@ -293,18 +288,18 @@ def test_torch_int8_round_trip_is_exact_and_pickle_free(models, tmp_path, monkey
 
 
 def test_torch_int8_per_channel_round_trip(models, tmp_path):
-    qmodel = int8.quantize_torch_dynamic(models["bert"], per_channel=True)
-    int8.save_torch_int8(qmodel, tmp_path)
-    reloaded = int8.load_torch_int8(tmp_path, build_bert)
+    qmodel = torch_int8.quantize_torch_dynamic(models["bert"], per_channel=True)
+    torch_int8.save_torch_int8(qmodel, tmp_path)
+    reloaded = torch_int8.load_torch_int8(tmp_path, build_bert)
     batch = {k: torch.from_numpy(v) for k, v in BATCHES["padded"].items()}
     with torch.no_grad():
         assert torch.equal(qmodel(**batch).logits, reloaded(**batch).logits)
 
 
 def test_torch_int8_load_rejects_wrong_architecture(models, tmp_path):
-    int8.save_torch_int8(int8.quantize_torch_dynamic(models["pruned"]), tmp_path)
+    torch_int8.save_torch_int8(torch_int8.quantize_torch_dynamic(models["pruned"]), tmp_path)
     with pytest.raises(ValueError, match="pruned|does not match"):
-        int8.load_torch_int8(tmp_path, build_bert)  # unpruned skeleton
+        torch_int8.load_torch_int8(tmp_path, build_bert)  # unpruned skeleton
 
 
 # ----------------------------------------------------------------------------- TorchScript
@@ -313,11 +308,11 @@ def test_torch_int8_load_rejects_wrong_architecture(models, tmp_path):
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int8"])
 @pytest.mark.parametrize("name", ["bert", "distilbert"])
 def test_torchscript_round_trip_matches_eager(models, tmp_path, name, quantized):
-    model = int8.quantize_torch_dynamic(models[name]) if quantized else models[name]
-    traced = int8.script_or_trace(model)
-    path = int8.save_torchscript(traced, tmp_path / "model.pt")
-    loaded = int8.load_torchscript(path)
-    names = onnx_utils.model_input_names(model)
+    model = torch_int8.quantize_torch_dynamic(models[name]) if quantized else models[name]
+    traced = torchscript.script_or_trace(model)
+    path = torchscript.save_torchscript(traced, tmp_path / "model.pt")
+    loaded = torchscript.load_torchscript(path)
+    names = onnx_export.model_input_names(model)
     for batch in BATCHES.values():
         args = [torch.from_numpy(batch[n]) for n in names]
         with torch.no_grad():
@@ -360,4 +355,4 @@ def test_bad_inputs_raise_value_error(models, exported, tmp_path):
     with pytest.raises(ValueError, match="num_threads"):
         OnnxClassifier(exported["bert"], num_threads=0)
     with pytest.raises(ValueError, match="no int8 modules"):
-        int8.save_torch_int8(models["bert"], tmp_path / "nope")
+        torch_int8.save_torch_int8(models["bert"], tmp_path / "nope")

@@ -11,18 +11,21 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import tiny_finetune_overrides
-from tinycompress.bench import latency_batches, measure_latency, measure_predictor
-from tinycompress.checkpoint import MANIFEST_NAME, load_hf_model, read_checkpoint
-from tinycompress.cli import app
+from tinycompress.inference.latency import latency_batches, measure_latency, measure_predictor
+from tinycompress.checkpoint.format import MANIFEST_NAME
+from tinycompress.checkpoint.hf import load_hf_model
+from tinycompress.checkpoint.store import read_checkpoint
+from tinycompress.cli.app import app
 from tinycompress.config import load_config
-from tinycompress.data import collate, encode, load_task_data
+from tinycompress.data.batching import collate, encode
+from tinycompress.data.glue import load_task_data
 from tinycompress.errors import TinycompressError
-from tinycompress.lineage import parent_base
-from tinycompress.modeling import count_parameters
-from tinycompress.prune import FLOPS_SEQ_LEN, check_feasible, prune, run_prune, write_prune
-from tinycompress.pruning import current_head_ids, head_counts
-from tinycompress.runtime import torch_predictor
-from tinycompress.tasks import get_task
+from tinycompress.checkpoint.workspace import parent_base
+from tinycompress.models.pretrained import count_parameters
+from tinycompress.stages.prune import FLOPS_SEQ_LEN, check_feasible, prune, run_prune, write_prune
+from tinycompress.models.structure import current_head_ids, head_counts
+from tinycompress.inference.predictor import torch_predictor
+from tinycompress.data.tasks import get_task
 from conftest import assert_one_line_error
 
 runner = CliRunner()
@@ -160,7 +163,7 @@ def test_refuses_a_parent_of_another_stage(parent, tmp_path):
 
 
 def test_distilbert_round_trip(tiny_distilbert_dir, toy_glue, tmp_path):
-    from tinycompress.finetune import finetune
+    from tinycompress.stages.finetune import finetune
 
     overrides = tiny_finetune_overrides(tiny_distilbert_dir, toy_glue, tmp_path / "ws", **{"finetune.epochs": 2})
     parent = finetune(load_config(None, overrides))

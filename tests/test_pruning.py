@@ -12,25 +12,14 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
-from tinycompress.arch import get_arch, get_module, layers, ort_model_type
+from tinycompress.models.arch import get_arch, get_module, layers, ort_model_type
 from tinycompress.errors import TinycompressError
-from tinycompress.modeling import count_parameters
-from tinycompress.pruning import (
-    STRUCTURE_ATTR,
-    apply_structure_,
-    compute_importance,
-    cumulative_schedule,
-    estimate_flops,
-    ffn_sizes,
-    gated,
-    head_counts,
-    prune_heads_,
-    prune_iteratively,
-    prune_neurons_,
-    select_heads,
-    select_lowest,
-    select_neurons,
-)
+from tinycompress.models.pretrained import count_parameters
+from tinycompress.models.structure import STRUCTURE_ATTR, apply_structure_, ffn_sizes, head_counts, prune_heads_, prune_neurons_
+from tinycompress.pruning.importance import compute_importance, gated
+from tinycompress.pruning.iterative import cumulative_schedule, prune_iteratively
+from tinycompress.pruning.flops import estimate_flops
+from tinycompress.pruning.selection import select_heads, select_lowest, select_neurons
 
 HIDDEN, HEADS, FFN, LAYERS = 32, 4, 37, 2
 HEAD_SIZE = HIDDEN // HEADS

@@ -14,14 +14,16 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO
-from tinycompress.checkpoint import MANIFEST_NAME, Checkpoint, load_hf_model, read_checkpoint
-from tinycompress.cli import app
+from tinycompress.checkpoint.format import MANIFEST_NAME
+from tinycompress.checkpoint.store import Checkpoint, read_checkpoint
+from tinycompress.checkpoint.hf import load_hf_model
+from tinycompress.cli.app import app
 from tinycompress.config import load_config
-from tinycompress.export import export
-from tinycompress.prune import prune
-from tinycompress.pruning import head_counts
-from tinycompress.lineage import parent_base
-from tinycompress.quantize import quantize
+from tinycompress.stages.export import export
+from tinycompress.stages.prune import prune
+from tinycompress.models.structure import head_counts
+from tinycompress.checkpoint.workspace import parent_base
+from tinycompress.stages.quantize import quantize
 from conftest import assert_one_line_error
 
 runner = CliRunner()
@@ -165,7 +167,7 @@ def test_static_quantize_leaves_no_temp_files(own_chain, tmp_path, monkeypatch):
 
 
 def test_quantize_refuses_an_unsupported_model_family_before_any_work(own_chain, monkeypatch):
-    import tinycompress.quantize as quantize_module
+    import tinycompress.stages.quantize as quantize_module
     from tinycompress.errors import TinycompressError
 
     def load_unsupported(checkpoint):

@@ -11,16 +11,17 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tinycompress.checkpoint import read_checkpoint, resolve_input
-from tinycompress.cli import app
+from tinycompress.checkpoint.store import read_checkpoint
+from tinycompress.checkpoint.workspace import resolve_input
+from tinycompress.cli.app import app
 from tinycompress.config import load_config
 from tinycompress.errors import TinycompressError
-from tinycompress.export import export
-from tinycompress.lineage import parent_base
-from tinycompress.prune import prune
-from tinycompress.quantize import quantize
-from tinycompress.report import build_report
-from tinycompress.report_render import report_files, write_report
+from tinycompress.stages.export import export
+from tinycompress.checkpoint.workspace import parent_base
+from tinycompress.stages.prune import prune
+from tinycompress.stages.quantize import quantize
+from tinycompress.report.gather import build_report
+from tinycompress.report.render import report_files, write_report
 from conftest import assert_one_line_error
 
 runner = CliRunner()
@@ -360,7 +361,7 @@ def test_run_refuses_bad_input_in_one_line(tmp_path):
 
 
 def test_stage_fingerprint_compares_the_stage_sections_with_absolute_paths(tmp_path, monkeypatch):
-    from tinycompress.pipeline import stage_fingerprint
+    from tinycompress.checkpoint.workspace import stage_fingerprint
 
     (tmp_path / "glue").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -374,7 +375,7 @@ def test_stage_fingerprint_compares_the_stage_sections_with_absolute_paths(tmp_p
 
 def test_quantize_with_another_opset_is_not_reused(tiny_finetuned, tmp_path):
     """B4: quantize exports its ONNX graph with export.opset, so that belongs to its fingerprint."""
-    from tinycompress.pipeline import find_reusable, stage_fingerprint
+    from tinycompress.checkpoint.workspace import find_reusable, stage_fingerprint
 
     opset17, opset18 = load_config(None, {"export.opset": 17}), load_config(None, {"export.opset": 18})
     assert stage_fingerprint("prune", opset17) == stage_fingerprint("prune", opset18)
@@ -425,8 +426,9 @@ def test_regression_pair_task_runs_the_whole_pipeline(tiny_bert_dir, toy_stsb, t
 
 
 def test_walk_chain_stops_at_a_parent_changed_after_the_child(tmp_path):
-    from tinycompress.checkpoint import MANIFEST_NAME, write_checkpoint
-    from tinycompress.report import walk_chain
+    from tinycompress.checkpoint.format import MANIFEST_NAME
+    from tinycompress.checkpoint.store import write_checkpoint
+    from tinycompress.checkpoint.workspace import walk_chain
 
     def put(folder):
         (folder / "model.safetensors").write_bytes(b"w")
@@ -471,7 +473,7 @@ def test_seed_table_benchmark_gives_mean_and_sample_std_per_row(tmp_path, capsys
 
 
 def test_a_failed_baseline_is_left_out_and_the_report_still_written(chain, tmp_path):
-    from tinycompress.pipeline import _stage_functions, run_pipeline
+    from tinycompress.stages.pipeline import _stage_functions, run_pipeline
 
     workdir = tmp_path / "ws"
     shutil.copytree(chain["workdir"], workdir)

@@ -1,3 +1,3 @@
-from .cli import main
+from tinycompress.cli.app import main
 
 main()

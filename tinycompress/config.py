@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import TinycompressError
+from tinycompress.errors import TinycompressError
 
 
 class _Section(BaseModel):

@@ -1,0 +1,83 @@
+"""Hugging Face model folders: save a model (pruned or not) with its tokenizer, build and load it back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from tinycompress.errors import TinycompressError
+from tinycompress.checkpoint.store import Checkpoint
+
+
+def save_tokenizer(directory: Path, tokenizer, max_length: int) -> None:
+    """The tokenizer files, with ``model_max_length`` set to the length the model was measured
+    with, so plain ``AutoTokenizer(..., truncation=True)`` users truncate the same way."""
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(directory)
+
+
+def save_config_and_tokenizer(directory: Path, model_config, tokenizer, max_length: int) -> None:
+    """``config.json`` (labels, architecture, pruned structure) and the tokenizer files: what a
+    folder holding an ONNX graph or int8 weights needs besides them to be loaded and run."""
+    model_config.save_pretrained(directory)
+    save_tokenizer(directory, tokenizer, max_length)
+
+
+def save_hf_model(directory: Path, model, tokenizer, max_length: int) -> None:
+    """HF-format weights (safetensors), config and tokenizer files."""
+    model.save_pretrained(directory, safe_serialization=True)
+    save_tokenizer(directory, tokenizer, max_length)
+
+
+def load_hf_model(checkpoint: Checkpoint):
+    """(model, tokenizer) from a PyTorch checkpoint, in eval mode, shapes rebuilt if pruned.
+
+    Weights come from safetensors only; never from pickles.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = checkpoint.path
+    if not (path / "model.safetensors").is_file():
+        raise TinycompressError(
+            f"{path} holds no PyTorch weights (model.safetensors); it is a {checkpoint.stage} checkpoint",
+            "pass a finetune or prune checkpoint",
+        )
+    config = AutoConfig.from_pretrained(path)
+    structure = getattr(config, "tinycompress_pruning", None)
+    if structure:
+        # Pruned layers have shapes config.json alone cannot express: build the full model,
+        # shrink it to the recorded structure, then load the weights strictly.
+        from safetensors.torch import load_file
+
+        from tinycompress.models.structure import apply_structure_
+
+        model = AutoModelForSequenceClassification.from_config(config)
+        apply_structure_(model, structure)
+        state = load_file(path / "model.safetensors")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        persistent_missing = [k for k in missing if not k.endswith("position_ids")]
+        if persistent_missing or unexpected:
+            raise TinycompressError(f"{path}: weights do not match the recorded structure ({(persistent_missing + unexpected)[:3]})", "re-run the prune stage")
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def build_model_skeleton(folder: str | Path):
+    """An fp32 HF classifier with the architecture of ``folder/config.json`` (pruned shapes
+    included) and meaningless weights: the frame the int8 loader fills.
+
+    Mirrors :func:`tinycompress.checkpoint.load_hf_model`, minus loading fp32 weights.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_config(config)
+    structure = getattr(config, "tinycompress_pruning", None)
+    if structure:
+        from tinycompress.models.structure import apply_structure_
+
+        apply_structure_(model, structure)
+    return model.eval()

@@ -1,0 +1,40 @@
+"""An ONNX Runtime session that takes the tokenizer's batches and returns logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+import numpy as np
+from tinycompress.exporters.onnx import feed_for
+
+
+
+
+class OnnxClassifier:
+    """Run an exported classifier with ONNX Runtime on CPU.
+
+    ``OnnxClassifier(path, num_threads=None)``; ``clf(input_ids, attention_mask,
+    token_type_ids=None)`` takes int arrays/tensors of shape [batch, seq] and returns
+    fp32 numpy logits [batch, num_labels]. Only inputs the graph declares are fed;
+    ``token_type_ids`` defaults to zeros when the graph wants it and none is given.
+    """
+
+    def __init__(self, path: str | Path, num_threads: int | None = None):
+        import onnxruntime as ort
+
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+        options = ort.SessionOptions()
+        if num_threads is not None:
+            options.intra_op_num_threads = num_threads
+            options.inter_op_num_threads = 1
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = "logits" if "logits" in outputs else outputs[0]
+
+    def __call__(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> np.ndarray:
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        feed = feed_for(batch, self.input_names)
+        return self.session.run([self.output_name], feed)[0]

@@ -1,0 +1,211 @@
+"""Load any model folder for inference behind one interface.
+
+A :class:`Predictor` maps a batch of token tensors to logits, whatever runs underneath:
+
+* ``torch``: PyTorch fp32 (finetune / prune checkpoints, or a plain HF model folder);
+* ``onnx``: ONNX Runtime on ``model.onnx`` (ONNX quantize checkpoints, ONNX exports);
+* ``torch-int8``: the torch int8 backend (``int8_weights.safetensors`` + ``int8_recipe.json``,
+  torch quantize checkpoints);
+* ``torchscript``: ``model_int8.torchscript.pt`` / ``model.torchscript.pt`` (TorchScript exports).
+
+When a folder holds several (``tinycompress export --format all``), the first of that list
+that is present wins: ``model.onnx``, then the int8 TorchScript file, then the fp32 one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+from tinycompress.errors import TinycompressError
+from tinycompress.checkpoint.format import ONNX_FILE, TORCHSCRIPT_FILE, TORCHSCRIPT_INT8_FILE
+from tinycompress.checkpoint.hf import build_model_skeleton
+
+
+# Used when neither the manifest nor the tokenizer says how long inputs may be.
+FALLBACK_MAX_LENGTH = 512
+
+
+@dataclass
+class Predictor:
+    """``forward(inputs)`` takes a dict of int64 [batch, seq] torch tensors (``input_ids``,
+    ``attention_mask`` and maybe ``token_type_ids``) and returns logits [batch, labels] as a
+    torch tensor or numpy array."""
+
+    forward: Callable[[dict], Any]
+    tokenizer: Any
+    config: Any  # the HF config (labels, problem type)
+    kind: str  # "torch", "onnx", "torch-int8", "torchscript"
+    model: Any = None  # the fp32 torch module, when there is one (parameter counts)
+    max_length: int = FALLBACK_MAX_LENGTH  # tokens per input; longer texts are truncated
+    artifact: Path | None = None  # the file that runs (None for an in-memory torch model)
+
+    @property
+    def label_names(self) -> list[str]:
+        id2label = getattr(self.config, "id2label", None) or {}
+        return [id2label.get(i, id2label.get(str(i), str(i))) for i in range(len(id2label) or 1)]
+
+    @property
+    def is_regression(self) -> bool:
+        return getattr(self.config, "problem_type", None) == "regression" or getattr(self.config, "num_labels", 2) == 1
+
+
+def torch_predictor(model, tokenizer, kind: str = "torch", max_length: int | None = None) -> Predictor:
+    """A predictor running an in-memory fp32 HF classifier under ``no_grad``."""
+    import torch
+
+    model.eval()
+
+    @torch.no_grad()
+    def forward(inputs: dict):
+        return model(**inputs).logits
+
+    return Predictor(forward, tokenizer, model.config, kind, model, max_length or _tokenizer_limit(tokenizer, model.config))
+
+
+def onnx_predictor(folder: str | Path, *, threads: int | None = None, max_length: int | None = None) -> Predictor:
+    """ONNX Runtime (CPU) on ``folder/model.onnx`` with the folder's tokenizer and config.json.
+
+    ``threads`` defaults to torch's current intra-op thread count, so ``--threads`` (which
+    the stages apply to torch) governs ONNX Runtime too.
+    """
+    import torch
+
+    from tinycompress.inference.onnx_session import OnnxClassifier
+
+    folder = Path(folder)
+    session = OnnxClassifier(folder / ONNX_FILE, num_threads=threads or torch.get_num_threads())
+
+    def forward(inputs: dict):
+        return session(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
+
+    return _folder_predictor(folder, forward, "onnx", folder / ONNX_FILE, max_length)
+
+
+def load_torch_int8_model(folder: str | Path):
+    """The int8 torch module of a torch quantize folder (safetensors + recipe; nothing unpickled)."""
+    from tinycompress.quantization.torch import load_torch_int8
+
+    return load_torch_int8(folder, lambda: build_model_skeleton(folder))
+
+
+def torch_int8_predictor(folder: str | Path, *, max_length: int | None = None) -> Predictor:
+    """The torch int8 backend: dynamic-int8 Linears and an int8 word embedding."""
+    import torch
+
+    from tinycompress.quantization.torch import INT8_WEIGHTS_FILE
+
+    folder = Path(folder)
+    model = load_torch_int8_model(folder)
+
+    @torch.no_grad()
+    def forward(inputs: dict):
+        return model(**inputs).logits
+
+    # model stays None: packed int8 Linears hold no nn.Parameters, so counting them would
+    # report a meaningless parameter count.
+    return _folder_predictor(folder, forward, "torch-int8", folder / INT8_WEIGHTS_FILE, max_length)
+
+
+def torchscript_predictor(folder: str | Path, file: str, *, max_length: int | None = None) -> Predictor:
+    """A TorchScript export (``model.torchscript.pt`` or ``model_int8.torchscript.pt``).
+
+    TorchScript archives are pickle-based. tinycompress never loads pickles from checkpoints
+    (their weights are safetensors); an export folder is a deployment artifact the user asked
+    for, and ``torch.jit.load`` (TorchScript's C++ reader, which cannot import arbitrary Python
+    globals) is how it is meant to run, so it is loaded here. Never ``torch.load``.
+    """
+    import torch
+
+    from tinycompress.exporters.torchscript import load_torchscript
+
+    folder = Path(folder)
+    module = load_torchscript(folder / file)
+    names = torchscript_input_names(module)
+
+    @torch.no_grad()
+    def forward(inputs: dict):
+        return module(*[_input_or_zeros(inputs, name) for name in names])
+
+    return _folder_predictor(folder, forward, "torchscript", folder / file, max_length)
+
+
+def torchscript_input_names(module) -> list[str]:
+    """The positional inputs a traced ``LogitsOnly`` takes (token_type_ids only for BERT-likes)."""
+    return [argument.name for argument in module.forward.schema.arguments[1:]]  # [0] is self
+
+
+def _input_or_zeros(inputs: dict, name: str):
+    import torch
+
+    if name in inputs and inputs[name] is not None:
+        return inputs[name]
+    if name == "token_type_ids":  # a tokenizer without segments: every token is segment 0
+        return torch.zeros_like(inputs["input_ids"])
+    raise TinycompressError(f"the TorchScript model needs input {name!r}, which the tokenizer does not produce")
+
+
+def _folder_predictor(folder: Path, forward, kind: str, artifact: Path, max_length: int | None) -> Predictor:
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder)
+    return Predictor(forward, tokenizer, config, kind, None, max_length or _tokenizer_limit(tokenizer, config), artifact)
+
+
+def _tokenizer_limit(tokenizer, config) -> int:
+    """Max tokens for a folder without a manifest: the tokenizer's limit, capped by the model's
+    position table (tokenizers often say 'unlimited' as a huge number)."""
+    limits = [FALLBACK_MAX_LENGTH]
+    for value in (getattr(tokenizer, "model_max_length", None), getattr(config, "max_position_embeddings", None)):
+        if isinstance(value, int) and 0 < value < 1_000_000:
+            limits.append(value)
+    return min(limits)
+
+
+def _manifest_max_length(checkpoint) -> int | None:
+    return ((checkpoint.manifest.get("config") or {}).get("model") or {}).get("max_length") if checkpoint else None
+
+
+def load_predictor(path, *, threads: int | None = None) -> Predictor:
+    """A predictor for a checkpoint or export folder (verified first when it has a manifest).
+
+    ``path`` may also be an already verified :class:`~tinycompress.checkpoint.Checkpoint`, so
+    callers that read it themselves do not hash its files a second time.
+
+    Inputs are truncated to the manifest's ``model.max_length`` (the length the model was
+    trained and measured with), else the tokenizer's limit. Raises TinycompressError for a
+    missing, corrupt or model-less folder.
+    """
+    from tinycompress.checkpoint.format import MANIFEST_NAME
+    from tinycompress.checkpoint.store import Checkpoint, read_checkpoint
+    from tinycompress.checkpoint.hf import load_hf_model
+    from tinycompress.quantization.torch import INT8_RECIPE_FILE
+
+    if isinstance(path, Checkpoint):
+        checkpoint, path = path, path.path
+    else:
+        path = Path(path)
+        checkpoint = read_checkpoint(path) if (path / MANIFEST_NAME).is_file() or not path.exists() else None
+    max_length = _manifest_max_length(checkpoint)
+    if checkpoint is not None and checkpoint.stage in ("finetune", "prune"):
+        # PyTorch stages hold safetensors weights only; nothing else in them is ever loaded.
+        model, tokenizer = load_hf_model(checkpoint)
+        predictor = torch_predictor(model, tokenizer, max_length=max_length)
+        predictor.artifact = path / "model.safetensors"
+        return predictor
+    if (path / ONNX_FILE).is_file():
+        return onnx_predictor(path, threads=threads, max_length=max_length)
+    if (path / INT8_RECIPE_FILE).is_file():
+        return torch_int8_predictor(path, max_length=max_length)
+    for file in (TORCHSCRIPT_INT8_FILE, TORCHSCRIPT_FILE):
+        if (path / file).is_file():
+            return torchscript_predictor(path, file, max_length=max_length)
+    if (path / "config.json").is_file() and checkpoint is None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        return torch_predictor(AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+    raise TinycompressError(
+        f"{path} holds no model (no {MANIFEST_NAME}, {ONNX_FILE}, TorchScript file or config.json)",
+        "pass a checkpoint or export folder, e.g. runs/sst2/export-v1",
+    )

@@ -1,0 +1,149 @@
+"""Architecture adapter: where the prunable pieces live in each supported model family.
+
+Everything that differs between model families (attribute paths, config field
+names, per-module head-count attributes, the ONNX Runtime optimizer's name for the
+family) is in the single ``_ARCHS`` table below, so no other module branches on
+``model_type``.
+
+Paths are dotted attribute paths. ``layers_path`` is relative to the *base*
+model (``model.base_model``), so it works for both ``BertModel`` and
+``BertForSequenceClassification``; every other module path is relative to one
+encoder layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from torch import nn
+from tinycompress.errors import TinycompressError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where to find the prunable modules and size fields of one model family."""
+
+    model_type: str
+    layers_path: str  # encoder layer list, relative to model.base_model
+    query: str  # per-layer Linear paths
+    key: str
+    value: str
+    attn_out: str  # output projection: its *input* columns are grouped per head
+    ffn_in: str
+    ffn_out: str  # its *input* columns are the FFN neurons
+    attention_module: str  # module carrying the head-count attributes below
+    head_count_attr: str | None  # attribute holding the number of heads, if any
+    all_head_size_attr: str | None  # attribute holding heads * head_size, if any
+    heads_field: str  # config field names
+    ffn_field: str
+    layers_field: str
+    hidden_field: str
+    # The model type whose fusions ONNX Runtime's transformer optimizer applies to this
+    # family (None: export unfused). DistilBERT and MiniLM have no entry of their own in ORT;
+    # its BERT fusions cover them.
+    ort_model_type: str | None
+
+    def head_size(self, config) -> int:
+        """Width of one attention head. Fixed by the (unpruned) config, so it
+        stays valid after heads are removed."""
+        return getattr(config, self.hidden_field) // getattr(config, self.heads_field)
+
+    def num_heads(self, config) -> int:
+        """Head count per layer of the *unpruned* model described by ``config``."""
+        return getattr(config, self.heads_field)
+
+    def ffn_size(self, config) -> int:
+        """FFN width per layer of the *unpruned* model described by ``config``."""
+        return getattr(config, self.ffn_field)
+
+
+# "bert" also covers MiniLM (e.g. all-MiniLM-L6-v2) and TinyBERT checkpoints,
+# which ship with model_type "bert".
+_ARCHS: dict[str, ArchSpec] = {
+    "bert": ArchSpec(
+        model_type="bert",
+        layers_path="encoder.layer",
+        query="attention.self.query",
+        key="attention.self.key",
+        value="attention.self.value",
+        attn_out="attention.output.dense",
+        ffn_in="intermediate.dense",
+        ffn_out="output.dense",
+        attention_module="attention.self",
+        head_count_attr="num_attention_heads",
+        all_head_size_attr="all_head_size",
+        heads_field="num_attention_heads",
+        ffn_field="intermediate_size",
+        layers_field="num_hidden_layers",
+        hidden_field="hidden_size",
+        ort_model_type="bert",
+    ),
+    "distilbert": ArchSpec(
+        model_type="distilbert",
+        layers_path="transformer.layer",
+        query="attention.q_lin",
+        key="attention.k_lin",
+        value="attention.v_lin",
+        attn_out="attention.out_lin",
+        ffn_in="ffn.lin1",
+        ffn_out="ffn.lin2",
+        attention_module="attention",
+        # transformers 5.x reshapes with -1 heads, so forward does not read
+        # n_heads; we still keep it truthful for anyone inspecting the module.
+        head_count_attr="n_heads",
+        all_head_size_attr=None,
+        heads_field="n_heads",
+        ffn_field="hidden_dim",
+        layers_field="n_layers",
+        hidden_field="dim",
+        ort_model_type="bert",
+    ),
+}
+
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ARCHS))
+
+
+def get_arch(model_or_config) -> ArchSpec:
+    """Return the ArchSpec for a model or config (anything with ``.model_type``
+    or ``.config.model_type``). Raises TinycompressError for unsupported families."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _ARCHS:
+        raise TinycompressError(
+            f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
+            "use a BERT-family checkpoint (BERT, MiniLM, TinyBERT) or a DistilBERT one",
+        )
+    return _ARCHS[model_type]
+
+
+def ort_model_type(model_type: str) -> str | None:
+    """The name ONNX Runtime's transformer optimizer knows ``model_type`` by: the
+    :attr:`ArchSpec.ort_model_type` of a supported family, else ``model_type`` itself (ORT's
+    own names, e.g. ``"bert"`` or ``"gpt2"``)."""
+    spec = _ARCHS.get(model_type)
+    return spec.ort_model_type if spec is not None else model_type
+
+
+def get_module(root: nn.Module, dotted_path: str) -> nn.Module:
+    """Resolve ``"a.b.0.c"`` relative to ``root``. Raises ValueError naming the
+    missing component if the path does not exist."""
+    module = root
+    for part in dotted_path.split("."):
+        if not hasattr(module, part):
+            raise ValueError(f"{type(module).__name__} has no attribute {part!r} (path {dotted_path!r})")
+        module = getattr(module, part)
+    return module
+
+
+def set_module(root: nn.Module, dotted_path: str, new: nn.Module) -> None:
+    """Replace the submodule at ``dotted_path`` (relative to ``root``) with ``new``."""
+    parent_path, _, name = dotted_path.rpartition(".")
+    parent = get_module(root, parent_path) if parent_path else root
+    setattr(parent, name, new)
+
+
+def layers(model: nn.Module) -> list[nn.Module]:
+    """The encoder layers of ``model`` (task head or bare base model) as a list."""
+    spec = get_arch(model)
+    base = getattr(model, "base_model", model)
+    return list(get_module(base, spec.layers_path))

@@ -1,0 +1,28 @@
+"""Multiply-accumulate count of an encoder forward pass, pruned or not."""
+
+from __future__ import annotations
+
+from torch import nn
+from tinycompress.models.arch import get_arch, get_module, layers
+
+
+def estimate_flops(model: nn.Module, seq_len: int) -> int:
+    """Encoder FLOPs for one sequence of ``seq_len`` tokens (2 FLOPs per MAC).
+
+    Counts the Q/K/V/output projections and both FFN Linears
+    (``2 * T * in * out`` each) and the attention score (QK^T) and context
+    (softmax . V) matmuls (``2 * T * T * heads * head_size`` each). Excludes
+    embeddings, biases, LayerNorm, softmax, activations, pooler and classifier
+    head: those are small and unaffected by pruning.
+    """
+    if int(seq_len) != seq_len or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len}")
+    spec = get_arch(model)
+    total = 0
+    for layer in layers(model):
+        for path in (spec.query, spec.key, spec.value, spec.attn_out, spec.ffn_in, spec.ffn_out):
+            linear = get_module(layer, path)
+            total += 2 * seq_len * linear.in_features * linear.out_features
+        inner = get_module(layer, spec.query).out_features  # heads * head_size
+        total += 2 * (2 * seq_len * seq_len * inner)
+    return int(total)

@@ -1,0 +1,145 @@
+"""Prune heads and FFN neurons in one or more steps, re-scoring between steps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+import torch
+from torch import Tensor, nn
+from tinycompress.pruning.importance import CRITERIA, Importance, LossFn, compute_importance
+from tinycompress.pruning.selection import check_capacity, check_min, count_to_remove, select_lowest
+from tinycompress.models.structure import ffn_sizes, head_counts, current_head_ids, prune_heads_, prune_neurons_
+
+
+SCHEDULES: tuple[str, ...] = ("linear", "geometric")
+
+
+@dataclass
+class StepRecord:
+    """What one pruning step removed. Heads are original head ids; neurons are
+    positions in the model as it was passed to ``prune_iteratively``."""
+
+    step: int
+    heads_removed: list[list[int]]
+    neurons_removed: list[list[int]]
+    heads_remaining: int
+    neurons_remaining: int
+
+
+@dataclass
+class PruningRecord:
+    """Per-step removals plus the final scores of the surviving units (the
+    last step's scores restricted to kept units, aligned with the final model)."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    final_importance: Importance | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable summary."""
+        final = self.final_importance
+        return {
+            "steps": [vars(step).copy() for step in self.steps],
+            "final_importance": None
+            if final is None
+            else {
+                "criterion": final.criterion,
+                "head_scores": [s.tolist() for s in final.head_scores],
+                "neuron_scores": [s.tolist() for s in final.neuron_scores],
+            },
+        }
+
+
+def cumulative_schedule(total: int, target: int, steps: int, schedule: str = "linear") -> list[int]:
+    """Cumulative number removed after steps 1..steps, ending exactly at ``target``.
+
+    "linear" removes about target/steps each step; "geometric" keeps the same
+    *fraction* each step (larger cuts first, smaller later, as the model shrinks).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps}")
+    if target == 0:
+        return [0] * steps
+    if schedule == "linear":
+        cumulative = [math.floor(target * k / steps + 0.5) for k in range(1, steps + 1)]
+    else:
+        keep_fraction = (total - target) / total
+        cumulative = [total - math.floor(total * keep_fraction ** (k / steps) + 0.5) for k in range(1, steps + 1)]
+    cumulative[-1] = target
+    return cumulative
+
+
+def _restrict(scores: list[Tensor], keep: list[list[int]]) -> list[Tensor]:
+    return [s[torch.tensor(k, dtype=torch.long)] for s, k in zip(scores, keep)]
+
+
+def _dropped(ids: list[list[int]], keep: list[list[int]]) -> list[list[int]]:
+    """ids[l][pos] for every position not in keep[l]."""
+    dropped = []
+    for layer_ids, kept in zip(ids, keep):
+        kept = set(kept)
+        dropped.append([i for pos, i in enumerate(layer_ids) if pos not in kept])
+    return dropped
+
+
+def prune_iteratively(
+    model: nn.Module,
+    batches_fn: Callable[[], Iterable[Mapping[str, Tensor]]] | None,
+    criterion: str,
+    head_ratio: float,
+    ffn_ratio: float,
+    steps: int,
+    min_heads_per_layer: int = 1,
+    min_neurons_per_layer: int = 1,
+    schedule: str = "linear",
+    loss_fn: LossFn | None = None,
+    seed: int = 0,
+) -> PruningRecord:
+    """Prune heads and FFN neurons in ``steps`` rounds, re-scoring before each.
+
+    Ratios are fractions of the heads / neurons present when called; after the
+    last step exactly ``round(ratio * total)`` of each are gone (``schedule``
+    decides the split, see ``cumulative_schedule``). ``batches_fn()`` must
+    return a fresh iterable of batches each call (it is called once per step;
+    may be None for "magnitude" / "random"). "random" uses ``seed + step``.
+    Raises ValueError up front if the targets are infeasible.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"Unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    check_min(min_heads_per_layer, "heads")
+    check_min(min_neurons_per_layer, "neurons")
+    heads0, neurons0 = head_counts(model), ffn_sizes(model)
+    head_target = count_to_remove(head_ratio, sum(heads0))
+    neuron_target = count_to_remove(ffn_ratio, sum(neurons0))
+    # Every removal lowers the removable capacity by exactly one, so checking
+    # the totals once guarantees every step is feasible.
+    check_capacity(heads0, head_target, min_heads_per_layer, "heads")
+    check_capacity(neurons0, neuron_target, min_neurons_per_layer, "neurons")
+    head_cum = [0] + cumulative_schedule(sum(heads0), head_target, steps, schedule)
+    neuron_cum = [0] + cumulative_schedule(sum(neurons0), neuron_target, steps, schedule)
+
+    record = PruningRecord()
+    neuron_ids = [list(range(n)) for n in neurons0]
+    for step in range(1, steps + 1):
+        batches = batches_fn() if batches_fn is not None else None
+        importance = compute_importance(model, batches, criterion, loss_fn=loss_fn, seed=seed + step - 1)
+        head_keep = select_lowest(
+            importance.head_scores, head_cum[step] - head_cum[step - 1], min_heads_per_layer, "heads"
+        )
+        neuron_keep = select_lowest(
+            importance.neuron_scores, neuron_cum[step] - neuron_cum[step - 1], min_neurons_per_layer, "neurons"
+        )
+        heads_removed = _dropped(current_head_ids(model), head_keep)
+        neurons_removed = _dropped(neuron_ids, neuron_keep)
+        prune_heads_(model, head_keep)
+        prune_neurons_(model, neuron_keep)
+        neuron_ids = [[ids[i] for i in k] for ids, k in zip(neuron_ids, neuron_keep)]
+        record.steps.append(
+            StepRecord(step, heads_removed, neurons_removed, sum(head_counts(model)), sum(ffn_sizes(model)))
+        )
+        record.final_importance = Importance(
+            criterion, _restrict(importance.head_scores, head_keep), _restrict(importance.neuron_scores, neuron_keep)
+        )
+    return record

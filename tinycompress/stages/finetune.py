@@ -1,0 +1,64 @@
+"""Stage 1: fine-tune a pretrained encoder on a GLUE task.
+
+tinycompress finetune --task sst2 --data-dir ../shared/data/glue
+"""
+
+from __future__ import annotations
+
+from tinycompress.checkpoint.store import Checkpoint, write_checkpoint
+from tinycompress.checkpoint.hf import save_hf_model
+from tinycompress.config import Config
+from tinycompress.data.batching import encode, padding_id
+from tinycompress.data.glue import load_config_data
+from tinycompress.models.pretrained import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, count_parameters, load_pretrained_classifier
+from tinycompress.models.device import prepare
+
+
+def finetune(config: Config) -> Checkpoint:
+    """Fine-tune ``config.model.name`` on ``config.task``; returns the new checkpoint.
+
+    Model selection uses the dev split carved from train; the test metrics (GLUE validation)
+    are measured once, on the best epoch, and stored in the manifest.
+    """
+    from tinycompress.training.evaluation import evaluate
+    from tinycompress.training.loop import make_progress, train
+
+    spec, device, threads = prepare(config)
+    data = load_config_data(config, spec)
+    model, tokenizer, source = load_pretrained_classifier(config.model.name, spec, config.seed)
+    max_length = config.model.max_length
+    train_enc, dev_enc, test_enc = (encode(tokenizer, split, max_length) for split in (data.train, data.dev, data.test))
+    pad = padding_id(tokenizer)
+    # The "original" row of the report: the pretrained encoder with its fresh, seeded head,
+    # measured on the same test rows before any training.
+    original = evaluate(model, test_enc, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad, device=device)
+    with make_progress() as progress:
+        result = train(model, train_enc, dev_enc, spec, config.finetune, pad_id=pad, device=device, seed=config.seed, progress=progress)
+    test = evaluate(model, test_enc, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad, device=device)
+    metrics = {
+        **{f"test/{k}": v for k, v in test.items()},
+        **{f"dev/{k}": v for k, v in result.best_dev.items()},
+        **{f"original/test/{k}": v for k, v in original.items()},
+        "parameters": count_parameters(model),
+        "train_rows": len(train_enc),
+        "dev_rows": len(dev_enc),
+        "test_rows": len(test_enc),
+        "best_epoch": result.best_epoch,
+        "train_seconds": round(result.train_seconds, 1),
+        "samples_per_second": round(result.samples_per_second, 1),
+        "threads": threads,
+        "device": str(device),
+    }
+    model.cpu()
+    base_model = DEFAULT_MODEL_HUB_ID if config.model.name == DEFAULT_MODEL else config.model.name
+    return write_checkpoint(
+        config.workdir,
+        spec.name,
+        "finetune",
+        lambda folder: save_hf_model(folder, model, tokenizer, max_length),
+        config=config,
+        metrics=metrics,
+        seed=config.seed,
+        base_model=base_model,
+        details={"history": result.history, "data_source": data.source, "model_source": source},
+    )

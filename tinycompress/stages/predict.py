@@ -1,0 +1,104 @@
+"""Run any model folder on texts: label and probability per text (regression: the score).
+
+    tinycompress predict runs/sst2/export-v1 "a gripping, funny film" "dull and far too long"
+    tinycompress predict runs/sst2/quantize-v1 --file reviews.txt --json
+
+The folder may be an export (ONNX through ONNX Runtime, TorchScript through ``torch.jit``) or a
+finetune / prune / quantize checkpoint (see :func:`tinycompress.runtime.load_predictor`); its
+own tokenizer is used. Texts longer than the model's max length are truncated; an empty text is
+a valid (if uninformative) input. For pair tasks (MRPC, QNLI, ...) separate the two sentences
+with a tab.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+import numpy as np
+from tinycompress.data.batching import encode_rows
+from tinycompress.errors import TinycompressError
+
+
+DEFAULT_BATCH_SIZE = 32
+
+
+def read_texts(texts: Sequence[str] | None, file: str | Path | None) -> list[str]:
+    """The texts given as arguments followed by those in ``file`` (one per line, kept in order,
+    blank lines included, so outputs line up with input lines)."""
+    collected = list(texts or [])
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise TinycompressError(f"text file not found: {path}", "pass an existing file with one text per line")
+        collected += path.read_text(encoding="utf-8").splitlines()
+    if not collected:
+        raise TinycompressError("no texts to predict", 'pass texts as arguments (tinycompress predict FOLDER "text" ...) or --file F')
+    return collected
+
+
+def _rows(text: str) -> tuple[str, ...]:
+    # A tab separates the two sentences of a pair task; one-sentence texts have none.
+    return tuple(text.split("\t", 1)) if "\t" in text else (text,)
+
+
+def predict_logits(predictor, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    """Logits [len(texts), labels], batching texts with the same number of segments together."""
+    rows = [_rows(t) for t in texts]
+    out: np.ndarray | None = None
+    for arity in sorted({len(r) for r in rows}):
+        indices = [i for i, r in enumerate(rows) if len(r) == arity]
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            logits = predictor.forward(encode_rows(predictor.tokenizer, [rows[i] for i in chunk], predictor.max_length))
+            logits = np.asarray(logits.float().numpy() if hasattr(logits, "numpy") else logits, dtype=np.float32)
+            if out is None:
+                out = np.zeros((len(texts), logits.shape[-1]), dtype=np.float32)
+            out[chunk] = logits
+    return out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def to_predictions(predictor, texts: Sequence[str], logits: np.ndarray) -> list[dict[str, Any]]:
+    """One dict per text: ``{"text", "label", "probability", "probabilities"}``, or for
+    regression ``{"text", "score"}``."""
+    if predictor.is_regression:
+        return [{"text": t, "score": float(row[0])} for t, row in zip(texts, logits)]
+    names = predictor.label_names
+    predictions = []
+    for text, probs in zip(texts, _softmax(logits)):
+        best = int(probs.argmax())
+        predictions.append({
+            "text": text, "label": names[best] if best < len(names) else str(best), "probability": float(probs[best]),
+            "probabilities": {names[i] if i < len(names) else str(i): float(p) for i, p in enumerate(probs)},
+        })
+    return predictions
+
+
+def predict(path: str | Path, texts: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None) -> list[dict[str, Any]]:
+    """Predictions of the model folder ``path`` for ``texts`` (see :func:`to_predictions`).
+
+    Raises TinycompressError for no texts, a batch size below 1, or a missing / model-less folder.
+    """
+    from tinycompress.models.device import configure_threads, quiet_hf
+    from tinycompress.inference.predictor import load_predictor
+
+    if not texts:
+        raise TinycompressError("no texts to predict", 'pass texts as arguments or --file F')
+    if batch_size < 1:
+        raise TinycompressError(f"--batch-size must be at least 1, got {batch_size}")
+    quiet_hf()
+    predictor = load_predictor(path, threads=configure_threads(threads))
+    return to_predictions(predictor, texts, predict_logits(predictor, texts, batch_size))
+
+
+def format_prediction(prediction: dict[str, Any], width: int = 80) -> str:
+    """``positive  0.9731  a gripping, funny film`` (texts shortened to ``width`` characters)."""
+    text = " ".join(prediction["text"].split())
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    if "score" in prediction:
+        return f"{prediction['score']:.4f}  {text}"
+    return f"{prediction['label']}  {prediction['probability']:.4f}  {text}"

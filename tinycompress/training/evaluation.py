@@ -1,0 +1,50 @@
+"""Logits and task metrics of a model (or any forward function) over an encoded split."""
+
+from __future__ import annotations
+
+from typing import Callable
+import numpy as np
+import torch
+from tinycompress.data.batching import Encoded, iterate_batches
+from tinycompress.training.metrics import compute_metrics
+from tinycompress.data.tasks import TaskSpec
+from tinycompress.data.batching import encode, padding_id
+from tinycompress.data.glue import load_config_data
+
+
+def model_inputs(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
+@torch.no_grad()
+def predict_logits(model, encoded: Encoded, *, batch_size: int, pad_id: int, device=None, forward: Callable | None = None) -> np.ndarray:
+    """Logits for every row, in the rows' original order.
+
+    ``forward`` replaces ``model(**inputs).logits`` (e.g. an ONNX Runtime session).
+    """
+    device = device or torch.device("cpu")
+    out: np.ndarray | None = None
+    for indices, batch in iterate_batches(encoded, batch_size, pad_id, regression=False, group_by_length=True):
+        inputs = model_inputs(batch, device)
+        logits = forward(inputs) if forward is not None else model(**inputs).logits
+        logits = logits.float().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits, dtype=np.float32)
+        if out is None:
+            out = np.zeros((len(encoded), logits.shape[-1]), dtype=np.float32)
+        out[indices] = logits
+    return out if out is not None else np.zeros((0, 1), dtype=np.float32)
+
+
+def evaluate(model, encoded: Encoded, spec: TaskSpec, *, batch_size: int, pad_id: int, device=None, forward: Callable | None = None) -> dict[str, float]:
+    if model is not None:
+        model.eval()
+    logits = predict_logits(model, encoded, batch_size=batch_size, pad_id=pad_id, device=device, forward=forward)
+    return compute_metrics(spec, logits, encoded.labels)
+
+
+def evaluate_predictor(predictor, config, spec) -> dict[str, float]:
+    """Test metrics of a :class:`~tinycompress.runtime.Predictor` on ``config``'s data."""
+
+    data = load_config_data(config, spec)
+    encoded = encode(predictor.tokenizer, data.test, config.model.max_length)
+    metrics = evaluate(None, encoded, spec, batch_size=config.finetune.eval_batch_size, pad_id=padding_id(predictor.tokenizer), forward=predictor.forward)
+    return {f"test/{k}": v for k, v in metrics.items()}

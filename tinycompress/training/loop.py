@@ -1,0 +1,150 @@
+"""The training and evaluation loops shared by fine-tuning and pruning recovery."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+import torch
+from tinycompress.data.batching import Encoded, batch_order, collate
+from tinycompress.data.tasks import TaskSpec
+from tinycompress.training.losses import batch_loss
+from tinycompress.training.evaluation import evaluate
+
+
+@dataclass
+class TrainResult:
+    best_dev: dict[str, float]
+    best_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    samples_per_second: float = 0.0
+    train_seconds: float = 0.0
+
+
+def _optimizer(model, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    # No weight decay on biases and LayerNorm weights, as in BERT and HF Trainer.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel updates all 22 M parameters (half of them the word embedding) in one
+    # pass: on 2 CPU cores it cuts the optimizer step from ~100 ms to ~60 ms per batch.
+    device_type = next(model.parameters()).device.type
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=device_type in ("cpu", "cuda"))
+
+
+class KeepBest:
+    """The best epoch so far by one dev metric, with a CPU copy of its weights.
+
+    NaN (e.g. a correlation of constant predictions) ranks lowest, but the first epoch offered
+    is always kept, so there is a best epoch whatever the scores.
+    """
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.score, self.epoch, self.dev = -math.inf, 0, {}
+        self.state: dict | None = None
+
+    def offer(self, model, epoch: int, dev: dict[str, float]) -> None:
+        score = dev[self.metric]
+        score = -math.inf if math.isnan(score) else score
+        if self.state is None or score > self.score:
+            self.score, self.epoch, self.dev = score, epoch, dev
+            self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def restore(self, model) -> None:
+        """Load the best epoch's weights back into ``model``."""
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
+def train(
+    model,
+    train_data: Encoded,
+    dev_data: Encoded,
+    spec: TaskSpec,
+    settings,
+    *,
+    pad_id: int,
+    device,
+    seed: int,
+    epochs: int | None = None,
+    teacher=None,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    progress=None,
+    description: str = "fine-tune",
+) -> TrainResult:
+    """AdamW + linear warm-up/decay + clipping; evaluates on dev each epoch and keeps the best.
+
+    ``settings`` is a :class:`~tinycompress.config.FinetuneSettings`. With a ``teacher``, the
+    loss is :func:`distillation_loss`. On return the model holds the best epoch's weights.
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    epochs = settings.epochs if epochs is None else epochs
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    steps_per_epoch = math.ceil(len(train_data) / settings.batch_size)
+    total_steps = max(1, steps_per_epoch * epochs)
+    optimizer = _optimizer(model, settings.learning_rate, settings.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    lengths = [len(x) for x in train_data.input_ids]
+
+    result = TrainResult(best_dev={}, best_epoch=0)
+    best = KeepBest(spec.primary_metric)
+    seen, train_seconds = 0, 0.0
+    task_id = progress.add_task(description, total=total_steps, loss=float("nan"), rate=0.0) if progress else None
+    torch.manual_seed(seed)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        running = None
+        epoch_start = time.perf_counter()
+        for indices in batch_order(lengths, settings.batch_size, shuffle=True, group_by_length=settings.group_by_length, seed=seed + epoch):
+            batch = collate(train_data, indices, pad_id, regression=spec.is_regression)
+            loss = batch_loss(model, batch, device, regression=spec.is_regression, teacher=teacher, temperature=temperature, alpha=alpha)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seen += len(indices)
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            if progress:
+                progress.update(task_id, advance=1, loss=running, rate=seen / (train_seconds + time.perf_counter() - epoch_start))
+        # Only the training loop counts towards samples/s; dev evaluation does not.
+        train_seconds += time.perf_counter() - epoch_start
+        dev = evaluate(model, dev_data, spec, batch_size=settings.eval_batch_size, pad_id=pad_id, device=device)
+        result.history.append({"epoch": epoch, "train_loss": running, **{f"dev/{k}": v for k, v in dev.items()}})
+        if progress:  # one line per epoch, also when stderr is a log file rather than a terminal
+            scores = " ".join(f"dev/{k}={v:.4f}" for k, v in dev.items())
+            progress.console.log(f"{description} epoch {epoch}/{epochs}: loss {running:.4f} {scores} {seen / train_seconds:.0f} samples/s")
+        best.offer(model, epoch, dev)
+    result.best_dev, result.best_epoch = best.dev, best.epoch
+    result.train_seconds = train_seconds
+    result.samples_per_second = seen / train_seconds if train_seconds else 0.0
+    best.restore(model)
+    model.eval()
+    return result
+
+
+def make_progress():
+    """A Rich progress bar on stderr with loss and samples/s."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]:.0f} samples/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
