@@ -68,9 +68,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from tinycompress.data.glue import load_task_data
+    from tinycompress.data.tasks import get_task
     from tinycompress.models.device import configure_threads, quiet_hf
     from tinycompress.models.pretrained import load_pretrained_classifier
-    from tinycompress.data.tasks import get_task
 
     quiet_hf()
     threads = configure_threads(args.threads)

@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def onnx_folder(model, tokenizer, folder: Path, *, int8: bool, fused: bool, opset: int, max_length: int) -> Path:
     """``folder`` with model.onnx (built with the quantize stage's functions), config and tokenizer."""
+    from tinycompress.checkpoint.format import ONNX_FILE
     from tinycompress.checkpoint.hf import save_config_and_tokenizer
     from tinycompress.config import QuantizeSettings
     from tinycompress.exporters.onnx import export_onnx
@@ -67,23 +68,24 @@ def onnx_folder(model, tokenizer, folder: Path, *, int8: bool, fused: bool, opse
 
     folder.mkdir(parents=True)
     if int8:
-        quantize_onnx_model(model, folder / "model.onnx", QuantizeSettings(), opset=opset)
+        quantize_onnx_model(model, folder / ONNX_FILE, QuantizeSettings(), opset=opset)
     elif fused:
         with tempfile.TemporaryDirectory() as scratch:
-            export_optimized_onnx(model, folder / "model.onnx", opset=opset, scratch=Path(scratch))
+            export_optimized_onnx(model, folder / ONNX_FILE, opset=opset, scratch=Path(scratch))
     else:
-        export_onnx(model, folder / "model.onnx", opset=opset)
+        export_onnx(model, folder / ONNX_FILE, opset=opset)
     save_config_and_tokenizer(folder, model.config, tokenizer, max_length)
     return folder
 
 
 def quantized_predictor(path: Path, threads: int):
+    from tinycompress.checkpoint.format import ONNX_FILE
     from tinycompress.checkpoint.store import read_checkpoint
     from tinycompress.errors import TinycompressError
     from tinycompress.inference.predictor import onnx_predictor
 
     checkpoint = read_checkpoint(path)
-    if checkpoint.stage != "quantize" or not (path / "model.onnx").is_file():
+    if checkpoint.stage != "quantize" or not (path / ONNX_FILE).is_file():
         raise TinycompressError(f"{path} is not an ONNX quantize checkpoint", "pass a folder written by `tinycompress quantize --backend onnx`")
     return onnx_predictor(path, threads=threads)
 
@@ -147,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tinycompress.checkpoint.store import read_checkpoint
     from tinycompress.data.glue import load_task_data
-    from tinycompress.inference.machine import machine_info
-    from tinycompress.errors import TinycompressError
-    from tinycompress.models.device import configure_threads, quiet_hf
     from tinycompress.data.tasks import get_task
+    from tinycompress.errors import TinycompressError
+    from tinycompress.inference.machine import machine_info
+    from tinycompress.models.device import configure_threads, quiet_hf
 
     quiet_hf()
     threads = configure_threads(args.threads)

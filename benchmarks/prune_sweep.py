@@ -123,10 +123,10 @@ class Sweep:
         return model
 
     def row(self, model, criterion: str, ratio: float, *, recovered: bool, recovery_rows: int = 0, seconds: float = 0.0) -> dict:
-        from tinycompress.stages.prune import FLOPS_SEQ_LEN
         from tinycompress.models.pretrained import count_parameters
-        from tinycompress.pruning.flops import estimate_flops
         from tinycompress.models.structure import head_counts
+        from tinycompress.pruning.flops import estimate_flops
+        from tinycompress.stages.prune import FLOPS_SEQ_LEN
 
         start = time.perf_counter()
         metrics = self.measure(model)

@@ -4,11 +4,11 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from tinycompress.cli.app import app
 from tinycompress.errors import TinycompressError
-from conftest import assert_one_line_error
 
 runner = CliRunner()
 
@@ -118,8 +118,8 @@ def test_evaluate_original_model_is_seeded(tiny_bert_dir, toy_glue):
 def original_logits(model_dir, seed: int) -> torch.Tensor:
     """Logits of the pretrained model with the fresh head `evaluate` gives it for ``seed``."""
     from tinycompress.data.batching import encode_rows
-    from tinycompress.models.pretrained import load_pretrained_classifier
     from tinycompress.data.tasks import get_task
+    from tinycompress.models.pretrained import load_pretrained_classifier
 
     model, tokenizer, _ = load_pretrained_classifier(str(model_dir), get_task("sst2"), seed)
     with torch.no_grad():

@@ -5,8 +5,8 @@ import pytest
 
 from tinycompress.data.batching import batch_order, collate, encode
 from tinycompress.data.glue import load_task_data, read_tsv
-from tinycompress.errors import TinycompressError
 from tinycompress.data.tasks import get_task
+from tinycompress.errors import TinycompressError
 
 
 def _write(path: Path, text: str) -> Path:

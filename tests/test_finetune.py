@@ -11,9 +11,9 @@ from tinycompress.checkpoint.store import read_checkpoint
 from tinycompress.config import load_config
 from tinycompress.data.batching import encode
 from tinycompress.data.glue import load_task_data
+from tinycompress.data.tasks import get_task
 from tinycompress.stages.finetune import finetune
 from tinycompress.training.metrics import compute_metrics
-from tinycompress.data.tasks import get_task
 
 
 def test_tiny_model_learns_the_toy_task(tiny_finetuned):
@@ -66,8 +66,9 @@ def test_distilbert_finetunes(tiny_distilbert_dir, toy_glue, tmp_path):
 
 
 def test_nan_dev_metric_still_keeps_a_best_epoch(tiny_bert_dir, toy_glue, tmp_path, monkeypatch):
-    import tinycompress.training.loop as training
     from conftest import tiny_finetune_overrides
+
+    import tinycompress.training.loop as training
 
     monkeypatch.setattr(training, "evaluate", lambda *a, **k: {"accuracy": float("nan")})
     checkpoint = finetune(load_config(None, tiny_finetune_overrides(tiny_bert_dir, toy_glue, tmp_path, **{"finetune.epochs": 2})))

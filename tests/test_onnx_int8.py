@@ -23,12 +23,12 @@ from transformers import (
 
 from tinycompress.exporters import onnx as onnx_export
 from tinycompress.exporters import torchscript
+from tinycompress.exporters.onnx import export_onnx
+from tinycompress.exporters.ort_fusion import attention_head_counts, optimize_onnx
+from tinycompress.exporters.parity import format_parity, parity_check, torch_logits_fn
+from tinycompress.inference.onnx_session import OnnxClassifier
 from tinycompress.quantization import torch as torch_int8
 from tinycompress.quantization.onnx import FUSED_GRAPH_OP_TYPES, quantize_onnx_dynamic, quantize_onnx_static
-from tinycompress.inference.onnx_session import OnnxClassifier
-from tinycompress.exporters.ort_fusion import attention_head_counts, optimize_onnx
-from tinycompress.exporters.onnx import export_onnx
-from tinycompress.exporters.parity import format_parity, parity_check, torch_logits_fn
 
 VOCAB, HIDDEN, LAYERS, HEADS, FFN, LABELS = 100, 32, 2, 4, 37, 3
 HEAD_DIM = HIDDEN // HEADS

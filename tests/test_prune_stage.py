@@ -8,25 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import assert_one_line_error, tiny_finetune_overrides
 from typer.testing import CliRunner
 
-from conftest import tiny_finetune_overrides
-from tinycompress.inference.latency import latency_batches, measure_latency, measure_predictor
 from tinycompress.checkpoint.format import MANIFEST_NAME
 from tinycompress.checkpoint.hf import load_hf_model
 from tinycompress.checkpoint.store import read_checkpoint
+from tinycompress.checkpoint.workspace import parent_base
 from tinycompress.cli.app import app
 from tinycompress.config import load_config
 from tinycompress.data.batching import collate, encode
 from tinycompress.data.glue import load_task_data
-from tinycompress.errors import TinycompressError
-from tinycompress.checkpoint.workspace import parent_base
-from tinycompress.models.pretrained import count_parameters
-from tinycompress.stages.prune import FLOPS_SEQ_LEN, check_feasible, prune, run_prune, write_prune
-from tinycompress.models.structure import current_head_ids, head_counts
-from tinycompress.inference.predictor import torch_predictor
 from tinycompress.data.tasks import get_task
-from conftest import assert_one_line_error
+from tinycompress.errors import TinycompressError
+from tinycompress.inference.latency import latency_batches, measure_latency, measure_predictor
+from tinycompress.inference.predictor import torch_predictor
+from tinycompress.models.pretrained import count_parameters
+from tinycompress.models.structure import current_head_ids, head_counts
+from tinycompress.stages.prune import FLOPS_SEQ_LEN, check_feasible, prune, run_prune, write_prune
 
 runner = CliRunner()
 # BertTokenizer in transformers 5 saves tokenizer.json + tokenizer_config.json (no vocab.txt).

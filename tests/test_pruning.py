@@ -12,13 +12,20 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
-from tinycompress.models.arch import get_arch, get_module, layers, ort_model_type
 from tinycompress.errors import TinycompressError
+from tinycompress.models.arch import get_arch, get_module, layers, ort_model_type
 from tinycompress.models.pretrained import count_parameters
-from tinycompress.models.structure import STRUCTURE_ATTR, apply_structure_, ffn_sizes, head_counts, prune_heads_, prune_neurons_
+from tinycompress.models.structure import (
+    STRUCTURE_ATTR,
+    apply_structure_,
+    ffn_sizes,
+    head_counts,
+    prune_heads_,
+    prune_neurons_,
+)
+from tinycompress.pruning.flops import estimate_flops
 from tinycompress.pruning.importance import compute_importance, gated
 from tinycompress.pruning.iterative import cumulative_schedule, prune_iteratively
-from tinycompress.pruning.flops import estimate_flops
 from tinycompress.pruning.selection import select_heads, select_lowest, select_neurons
 
 HIDDEN, HEADS, FFN, LAYERS = 32, 4, 37, 2
@@ -301,8 +308,8 @@ def test_reload_via_apply_structure_is_exact(kind, attn, tmp_path):
 
 def test_cumulative_schedule_reaches_target():
     assert cumulative_schedule(8, 4, 2, "linear") == [2, 4]
-    geometric = cumulative_schedule(100, 75, 2, "geometric")
-    assert geometric == [50, 75]
+    with pytest.raises(ValueError):  # the unreachable "geometric" schedule was removed (issue #10)
+        cumulative_schedule(100, 75, 2, "geometric")
     assert cumulative_schedule(8, 0, 3) == [0, 0, 0]
     with pytest.raises(ValueError):
         cumulative_schedule(8, 4, 2, "cosine")

@@ -11,20 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import REPO, assert_one_line_error
 from typer.testing import CliRunner
 
-from conftest import REPO
 from tinycompress.checkpoint.format import MANIFEST_NAME
-from tinycompress.checkpoint.store import Checkpoint, read_checkpoint
 from tinycompress.checkpoint.hf import load_hf_model
+from tinycompress.checkpoint.store import Checkpoint, read_checkpoint
+from tinycompress.checkpoint.workspace import parent_base
 from tinycompress.cli.app import app
 from tinycompress.config import load_config
+from tinycompress.models.structure import head_counts
 from tinycompress.stages.export import export
 from tinycompress.stages.prune import prune
-from tinycompress.models.structure import head_counts
-from tinycompress.checkpoint.workspace import parent_base
 from tinycompress.stages.quantize import quantize
-from conftest import assert_one_line_error
 
 runner = CliRunner()
 FAST = {"report.bench_runs": 5, "threads": 1}

@@ -9,20 +9,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from tinycompress.checkpoint.store import read_checkpoint
-from tinycompress.checkpoint.workspace import resolve_input
+from tinycompress.checkpoint.workspace import parent_base, resolve_input
 from tinycompress.cli.app import app
 from tinycompress.config import load_config
 from tinycompress.errors import TinycompressError
-from tinycompress.stages.export import export
-from tinycompress.checkpoint.workspace import parent_base
-from tinycompress.stages.prune import prune
-from tinycompress.stages.quantize import quantize
 from tinycompress.report.gather import build_report
 from tinycompress.report.render import report_files, write_report
-from conftest import assert_one_line_error
+from tinycompress.stages.export import export
+from tinycompress.stages.prune import prune
+from tinycompress.stages.quantize import quantize
 
 runner = CliRunner()
 FAST = {"prune.importance_samples": 64, "prune.recover_epochs": 0, "report.bench_runs": 5, "threads": 1}
@@ -473,7 +472,7 @@ def test_seed_table_benchmark_gives_mean_and_sample_std_per_row(tmp_path, capsys
 
 
 def test_a_failed_baseline_is_left_out_and_the_report_still_written(chain, tmp_path):
-    from tinycompress.stages.pipeline import _stage_functions, run_pipeline
+    from tinycompress.stages.pipeline import run_pipeline, stage_functions
 
     workdir = tmp_path / "ws"
     shutil.copytree(chain["workdir"], workdir)
@@ -483,7 +482,7 @@ def test_a_failed_baseline_is_left_out_and_the_report_still_written(chain, tmp_p
         raise TinycompressError("no int8 kernels here")
 
     messages = []
-    result = run_pipeline(config, bench=False, log=messages.append, stages=_stage_functions() | {"baseline": failing})
+    result = run_pipeline(config, bench=False, log=messages.append, stages=stage_functions() | {"baseline": failing})
     assert result.skipped == ["finetune", "prune", "quantize", "export"]  # the chain is reused ...
     assert result.baselines == {}  # ... and both baselines failed
     assert [m for m in messages if "int8 failed" in m] == [f"baseline {b} int8 failed, left out of the table: no int8 kernels here" for b in ("onnx", "torch")]

@@ -11,17 +11,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SPECIALS
 from typer.testing import CliRunner
 
-from conftest import SPECIALS
 from tinycompress.checkpoint.format import MANIFEST_NAME
-from tinycompress.checkpoint.store import Checkpoint, read_checkpoint
 from tinycompress.checkpoint.hf import load_hf_model, save_hf_model
+from tinycompress.checkpoint.store import Checkpoint, read_checkpoint
+from tinycompress.checkpoint.workspace import parent_base
 from tinycompress.cli.app import app
 from tinycompress.config import load_config
-from tinycompress.checkpoint.workspace import parent_base
+from tinycompress.pruning.vocab import (
+    collect_token_counts,
+    config_token_ids,
+    embedding_bytes,
+    id_map,
+    oov_rate,
+    prune_embeddings_,
+    rewrite_tokenizer,
+    rewrite_tokenizer_files,
+    rewrite_tokenizer_json,
+    select_vocab,
+    special_ids,
+    tokenization_report,
+)
 from tinycompress.stages.prune import run_prune, write_prune
-from tinycompress.pruning.vocab import collect_token_counts, config_token_ids, embedding_bytes, id_map, oov_rate, prune_embeddings_, rewrite_tokenizer, rewrite_tokenizer_files, rewrite_tokenizer_json, select_vocab, special_ids, tokenization_report
 
 runner = CliRunner()
 EXPECTED_FILES = {"config.json", "model.safetensors", "README.md", MANIFEST_NAME, "tokenizer.json", "tokenizer_config.json"}
@@ -345,8 +358,8 @@ def test_cli_vocab_flags_are_validated(parent):
 @pytest.mark.integration
 def test_real_minilm_vocab_pruning_on_sst2_rows(real_glue, tmp_path):
     from tinycompress.data.glue import load_task_data
-    from tinycompress.models.pretrained import load_pretrained_classifier
     from tinycompress.data.tasks import get_task
+    from tinycompress.models.pretrained import load_pretrained_classifier
 
     start = time.perf_counter()
     spec = get_task("sst2")

@@ -24,75 +24,76 @@ class _Section(BaseModel):
 
 
 class ModelSettings(_Section):
-    name: str = Field("default", description="'default' (all-MiniLM-L6-v2, offline), an HF id or a local path")
-    max_length: int = Field(128, ge=8, le=512, description="tokens per example; longer texts are truncated")
+    name: str = Field("default", description="'default' (all-MiniLM-L6-v2, offline), an HF id or a local folder")
+    max_length: int = Field(128, ge=8, le=512, description="Tokens per example; longer texts are truncated")
 
 
 class DataSettings(_Section):
-    data_dir: str | None = Field(None, description="folder of GLUE TSVs; else $TINYCOMPRESS_DATA_DIR; else the hub")
-    dev_fraction: float = Field(0.05, gt=0, lt=0.5, description="share of train carved off (seeded) for model selection")
-    max_train_samples: int | None = Field(None, ge=1, description="use only this many training rows (quick runs)")
-    max_test_samples: int | None = Field(None, ge=1, description="evaluate on only this many test rows")
+    data_dir: str | None = Field(None, description="Folder of GLUE TSVs (if unset: $TINYCOMPRESS_DATA_DIR, else the hub)")
+    dev_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of train carved off (seeded) for model selection")
+    max_train_samples: int | None = Field(None, ge=1, description="Use only this many training rows (quick runs)")
+    max_test_samples: int | None = Field(None, ge=1, description="Evaluate on only this many test rows")
 
 
 class FinetuneSettings(_Section):
-    epochs: int = Field(3, ge=1)
-    learning_rate: float = Field(5e-5, gt=0)
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    group_by_length: bool = Field(True, description="batch similar lengths together (less padding)")
+    epochs: int = Field(3, ge=1, description="Fine-tuning epochs")
+    learning_rate: float = Field(5e-5, gt=0, description="Fine-tuning learning rate")
+    batch_size: int = Field(32, ge=1, description="Fine-tuning batch size")
+    eval_batch_size: int = Field(128, ge=1, description="Batch size for evaluation")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of the steps spent warming the learning rate up")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm")
+    group_by_length: bool = Field(True, description="Batch similar lengths together (less padding)")
 
 
 class PruneSettings(_Section):
-    criterion: Literal["taylor", "fisher", "magnitude", "random"] = "taylor"
-    ratio: float = Field(0.5, ge=0, lt=1, description="fraction of all attention heads removed")
-    ffn_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of all FFN neurons removed")
-    steps: int = Field(1, ge=1, description="prune iteratively in this many steps, re-scoring between them")
-    importance_samples: int = Field(1024, ge=1, description="training rows used to score importance")
-    min_heads_per_layer: int = Field(1, ge=1, description="heads every layer keeps")
+    criterion: Literal["taylor", "fisher", "magnitude", "random"] = Field("taylor", description="taylor | fisher | magnitude | random")
+    ratio: float = Field(0.5, ge=0, lt=1, description="Fraction of all attention heads removed, in [0, 1)")
+    ffn_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of all FFN neurons removed, in [0, 1)")
+    steps: int = Field(1, ge=1, description="Prune in this many steps, re-scoring between them")
+    importance_samples: int = Field(1024, ge=1, description="Training rows used to score importance")
+    min_heads_per_layer: int = Field(1, ge=1, description="Heads every layer keeps")
     min_neurons_per_layer: int = Field(1, ge=1, description="FFN neurons every layer keeps")
-    recover_epochs: int = Field(1, ge=0, description="epochs of distillation from the parent after pruning")
-    distill_temperature: float = Field(2.0, gt=0)
-    distill_alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft (teacher) loss; the rest is the hard label loss")
-    vocab: bool = Field(False, description="also drop the embedding rows the task's texts never use")
-    vocab_min_frequency: int = Field(1, ge=1, description="keep tokens seen at least this often")
-    vocab_top_k: int | None = Field(None, ge=1, description="keep at most this many of the most frequent tokens")
+    recover_epochs: int = Field(1, ge=0, description="Epochs of distillation from the parent after pruning; 0 = none")
+    distill_temperature: float = Field(2.0, gt=0, description="Softmax temperature of the distillation loss")
+    distill_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft (teacher) loss; the rest is the hard label loss")
+    vocab: bool = Field(False, description="Also drop the word-embedding rows of tokens the train and dev texts never use")
+    vocab_min_frequency: int = Field(1, ge=1, description="With vocab: keep tokens seen at least this often")
+    vocab_top_k: int | None = Field(None, ge=1, description="With vocab: keep at most this many of the most frequent tokens, special tokens aside (if unset: no limit)")
 
 
 class QuantizeSettings(_Section):
-    backend: Literal["onnx", "torch"] = "onnx"
-    mode: Literal["dynamic", "static"] = "dynamic"
-    per_channel: bool = False
-    quantize_embeddings: bool = Field(True, description="int8 word embeddings (Gather) too")
-    calibration_samples: int = Field(128, ge=1, description="training rows used to calibrate static quantization")
+    backend: Literal["onnx", "torch"] = Field(
+        "onnx", description="Quantization backend: onnx (ONNX Runtime) | torch (torch int8 Linear + int8 embedding)"
+    )
+    mode: Literal["dynamic", "static"] = Field("dynamic", description="dynamic | static (ONNX QDQ, calibrated on training rows)")
+    per_channel: bool = Field(False, description="Weight scales per output channel (on) or per tensor (off)")
+    quantize_embeddings: bool = Field(True, description="Quantize the word embedding (Gather) too")
+    calibration_samples: int = Field(128, ge=1, description="Training rows calibrating static quantization")
 
 
 class ExportSettings(_Section):
-    format: Literal["onnx", "torchscript", "all"] = "onnx"
-    opset: int = Field(17, ge=13)
-    atol: float = Field(1e-4, gt=0, description="parity tolerance of fp32 exports against PyTorch")
-    int8_atol: float = Field(0.1, gt=0, description="parity tolerance of int8 exports against PyTorch")
+    format: Literal["onnx", "torchscript", "all"] = Field("onnx", description="Export format: onnx | torchscript | all")
+    opset: int = Field(17, ge=13, description="ONNX opset of fp32 exports")
+    atol: float = Field(1e-4, gt=0, description="Parity tolerance of fp32 exports against PyTorch")
+    int8_atol: float = Field(0.1, gt=0, description="Parity tolerance of int8 exports against PyTorch")
 
 
 class ReportSettings(_Section):
-    bench: bool = Field(False, description="measure latency now rather than read it from manifests")
-    bench_runs: int = Field(50, ge=5)
+    bench: bool = Field(False, description="Measure every row's latency on this machine now, rather than read it from the manifests")
+    bench_runs: int = Field(50, ge=5, description="Timed runs per batch size when latency is measured")
     baselines: bool = Field(
         True,
-        description="run: also int8-quantize the unpruned fine-tuned model (ONNX Runtime and torch, dynamic) -- "
-        "what a user would do without pruning -- so the table compares against it; report: show such checkpoints",
+        description="Also int8-quantize the unpruned fine-tuned model (ONNX Runtime and torch) for comparison",
     )
 
 
 class Config(_Section):
-    task: str = "sst2"
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    threads: int | None = Field(None, ge=1, description="torch/ORT intra-op threads; default: all cores")
-    workdir: str = "runs"
+    task: str = Field("sst2", description="GLUE task: sst2, cola, mrpc, rte, stsb, qnli, qqp, mnli")
+    seed: int = Field(42, description="Random seed")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto | cpu | cuda | mps (auto = cuda > mps > cpu)")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch / ONNX Runtime (if unset: all cores)")
+    workdir: str = Field("runs", description="Workspace holding runs/<task>/<stage>-v<N> folders")
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     finetune: FinetuneSettings = FinetuneSettings()

@@ -1,56 +1,90 @@
-"""STAGE_GRAPH"""
+"""The one table of checkpoint stages: what each starts from, what decides whether an existing
+checkpoint can be reused, how the report labels it, and the command that makes it.
+
+Adding a stage means adding a row to :data:`STAGES` (and its module under ``tinycompress/stages/``);
+the workspace, the pipeline, the report and the error hints all read this table.
+
+It is plain data at the bottom of the import order (beside ``config`` and ``errors``), not in
+``tinycompress/stages/``: the checkpoint layer needs the default parents and the commands for its
+error hints, and imports only flow downwards (see ``[tool.importlinter]`` in pyproject.toml).
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# Config sections every stage's fingerprint includes. The parent's identity already pins them,
+# but a checkpoint made with other upstream settings (e.g. different data) must not be mistaken
+# for this run's.
+_UPSTREAM_SECTIONS = ("task", "seed", "model", "data", "finetune")
 
 
-STAGES = ("finetune", "prune", "quantize", "export")
+@dataclass(frozen=True)
+class StageSpec:
+    """One row of :data:`STAGES`."""
+
+    name: str
+    label: str  # the report row of its checkpoint ("pruned", ...)
+    parents: tuple[str, ...]  # stages whose checkpoints it accepts as input; () = starts from a pretrained model
+    default_parents: tuple[str, ...]  # tried in this order (newest checkpoint, baselines excluded) when no input is given
+    fingerprint: tuple[str, ...]  # config sections (or dotted keys) that, with the parent, decide what it produces
+    function: str  # "module:function" of the stage function, imported only when run
+    command_args: str = ""  # what `command()` adds after the stage name and --task
+
+    def command(self, task: str | None = None) -> str:
+        """The command that makes a checkpoint of this stage (used in hints)."""
+        task_flag = f" --task {task}" if task else ""
+        extra = f" {self.command_args}" if self.command_args else ""
+        return f"tinycompress {self.name}{task_flag}{extra}"
+
+    def load_function(self) -> Callable[..., Any]:
+        """The stage function: ``function(config)`` without parents, else ``function(config, parent)``."""
+        module, name = self.function.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
-# The stage whose newest checkpoint a stage takes when given no input path.
-PARENT_STAGE = {"prune": ("finetune",), "quantize": ("prune",), "export": ("quantize", "prune", "finetune")}
-
-
-def producing_command(stage: str, task: str | None) -> str:
-    task_flag = f" --task {task}" if task else ""
-    return {
-        "finetune": f"tinycompress finetune{task_flag}",
-        "prune": f"tinycompress prune{task_flag} --ratio 0.5",
-        "quantize": f"tinycompress quantize{task_flag}",
-        "export": f"tinycompress export{task_flag}",
-    }.get(stage, f"tinycompress {stage}{task_flag}")
-
-
-ACCEPTED_PARENTS = {
-    "prune": ("finetune", "prune"),
-    "quantize": ("finetune", "prune"),
-    "export": ("finetune", "prune", "quantize"),
+STAGES: dict[str, StageSpec] = {
+    spec.name: spec
+    for spec in (
+        StageSpec(
+            "finetune", "fine-tuned", parents=(), default_parents=(),
+            fingerprint=_UPSTREAM_SECTIONS, function="tinycompress.stages.finetune:finetune",
+        ),
+        StageSpec(
+            "prune", "pruned", parents=("finetune", "prune"), default_parents=("finetune",),
+            fingerprint=_UPSTREAM_SECTIONS + ("prune",), function="tinycompress.stages.prune:prune",
+            command_args="--ratio 0.5",
+        ),
+        # Quantize exports the ONNX graph it quantizes with export.opset.
+        StageSpec(
+            "quantize", "pruned + quantized", parents=("finetune", "prune"), default_parents=("prune",),
+            fingerprint=_UPSTREAM_SECTIONS + ("prune", "quantize", "export.opset"),
+            function="tinycompress.stages.quantize:quantize",
+        ),
+        StageSpec(
+            "export", "exported", parents=("finetune", "prune", "quantize"), default_parents=("quantize", "prune", "finetune"),
+            fingerprint=_UPSTREAM_SECTIONS + ("prune", "quantize", "export"), function="tinycompress.stages.export:export",
+        ),
+    )
 }
-
-
-PIPELINE_STAGES = ("finetune", "prune", "quantize", "export")
-
-
-# The config sections (or dotted single keys) that decide what a stage produces, given its parent.
-# Sections of earlier stages are included: the parent's identity already pins them, but a
-# checkpoint made with other upstream settings (e.g. different data) must not be mistaken for
-# this run's. Quantize exports the ONNX graph it quantizes with export.opset.
-_BASE_SECTIONS = ("task", "seed", "model", "data", "finetune")
-
-
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "finetune": _BASE_SECTIONS,
-    "prune": _BASE_SECTIONS + ("prune",),
-    "quantize": _BASE_SECTIONS + ("prune", "quantize", "export.opset"),
-    "export": _BASE_SECTIONS + ("prune", "quantize", "export"),
-}
-
+# The order of a chain (and of `tinycompress run`).
+STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
 
 # The baselines: the unpruned fine-tuned model quantized the usual way (dynamic int8 with default
 # settings, ONNX Runtime as Optimum does it, and torch), made by `run` beside the main chain so
 # that the table compares pruning + quantization with quantization alone, measured together.
-# Their fingerprint leaves out the prune section: a new --ratio does not make them again.
+# They are quantize checkpoints whose fingerprint leaves out the prune section: a new --ratio
+# does not make them again.
 BASELINE_BACKENDS = ("onnx", "torch")
+BASELINE_FINGERPRINT = _UPSTREAM_SECTIONS + ("quantize", "export.opset")
 
 
-BASELINE_SECTIONS = _BASE_SECTIONS + ("quantize", "export.opset")
+def producing_command(stage: str, task: str | None) -> str:
+    """The command that makes a ``stage`` checkpoint (``tinycompress <stage>`` for a stage not in the table)."""
+    spec = STAGES.get(stage)
+    if spec is None:
+        return f"tinycompress {stage}" + (f" --task {task}" if task else "")
+    return spec.command(task)

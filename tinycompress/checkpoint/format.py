@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+# Defined with the models (which sit below checkpoint and must not import it), in a module
+# without torch; named here so that every checkpoint name can be found in this one place.
+from tinycompress.models.config_fields import STRUCTURE_ATTR as STRUCTURE_ATTR
 
 FORMAT_VERSION = 1
 
@@ -25,6 +28,28 @@ STAGE_DIR_PATTERN = re.compile(r"^(?P<stage>[a-z]+)-v(?P<version>\d+)$")
 MODEL_FILE_SUFFIXES = (".safetensors", ".onnx", ".data", ".pt")
 
 
+# HF-format PyTorch weights (finetune and prune checkpoints); never pickles.
+WEIGHTS_FILE = "model.safetensors"
+
+
+# The HF model config: labels, architecture and, for pruned models, ``STRUCTURE_ATTR``.
+MODEL_CONFIG_FILE = "config.json"
+
+
+# Tokenizer files (the fast tokenizer, a WordPiece vocabulary, the tokenizer's settings).
+TOKENIZER_FILE = "tokenizer.json"
+
+
+VOCAB_FILE = "vocab.txt"
+
+
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+# The model card every checkpoint folder gets.
+MODEL_CARD_FILE = "README.md"
+
+
 ONNX_FILE = "model.onnx"
 
 
@@ -32,6 +57,13 @@ TORCHSCRIPT_FILE = "model.torchscript.pt"
 
 
 TORCHSCRIPT_INT8_FILE = "model_int8.torchscript.pt"
+
+
+# The torch int8 backend's checkpoint: the int8 tensors themselves, and which modules they replace.
+INT8_WEIGHTS_FILE = "int8_weights.safetensors"
+
+
+INT8_RECIPE_FILE = "int8_recipe.json"
 
 
 def task_dir(workdir: str | Path, task: str) -> Path:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from tinycompress.errors import TinycompressError
+
+from tinycompress.checkpoint.format import STRUCTURE_ATTR, WEIGHTS_FILE
 from tinycompress.checkpoint.store import Checkpoint
+from tinycompress.errors import TinycompressError
 
 
 def save_tokenizer(directory: Path, tokenizer, max_length: int) -> None:
@@ -30,6 +32,24 @@ def save_hf_model(directory: Path, model, tokenizer, max_length: int) -> None:
     save_tokenizer(directory, tokenizer, max_length)
 
 
+def build_model_skeleton(folder: str | Path, config=None):
+    """An fp32 HF classifier with the architecture of ``folder/config.json`` (pruned shapes
+    included) and meaningless weights, in eval mode: the frame the weights are loaded into.
+
+    ``config`` is that folder's config when the caller has already read it.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = config if config is not None else AutoConfig.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_config(config)
+    structure = getattr(config, STRUCTURE_ATTR, None)
+    if structure:
+        from tinycompress.models.structure import apply_structure_
+
+        apply_structure_(model, structure)
+    return model.eval()
+
+
 def load_hf_model(checkpoint: Checkpoint):
     """(model, tokenizer) from a PyTorch checkpoint, in eval mode, shapes rebuilt if pruned.
 
@@ -38,23 +58,19 @@ def load_hf_model(checkpoint: Checkpoint):
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     path = checkpoint.path
-    if not (path / "model.safetensors").is_file():
+    if not (path / WEIGHTS_FILE).is_file():
         raise TinycompressError(
-            f"{path} holds no PyTorch weights (model.safetensors); it is a {checkpoint.stage} checkpoint",
+            f"{path} holds no PyTorch weights ({WEIGHTS_FILE}); it is a {checkpoint.stage} checkpoint",
             "pass a finetune or prune checkpoint",
         )
     config = AutoConfig.from_pretrained(path)
-    structure = getattr(config, "tinycompress_pruning", None)
-    if structure:
+    if getattr(config, STRUCTURE_ATTR, None):
         # Pruned layers have shapes config.json alone cannot express: build the full model,
         # shrink it to the recorded structure, then load the weights strictly.
         from safetensors.torch import load_file
 
-        from tinycompress.models.structure import apply_structure_
-
-        model = AutoModelForSequenceClassification.from_config(config)
-        apply_structure_(model, structure)
-        state = load_file(path / "model.safetensors")
+        model = build_model_skeleton(path, config)
+        state = load_file(path / WEIGHTS_FILE)
         missing, unexpected = model.load_state_dict(state, strict=False)
         persistent_missing = [k for k in missing if not k.endswith("position_ids")]
         if persistent_missing or unexpected:
@@ -63,21 +79,3 @@ def load_hf_model(checkpoint: Checkpoint):
         model = AutoModelForSequenceClassification.from_pretrained(path)
     model.eval()
     return model, AutoTokenizer.from_pretrained(path)
-
-
-def build_model_skeleton(folder: str | Path):
-    """An fp32 HF classifier with the architecture of ``folder/config.json`` (pruned shapes
-    included) and meaningless weights: the frame the int8 loader fills.
-
-    Mirrors :func:`tinycompress.checkpoint.load_hf_model`, minus loading fp32 weights.
-    """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForSequenceClassification.from_config(config)
-    structure = getattr(config, "tinycompress_pruning", None)
-    if structure:
-        from tinycompress.models.structure import apply_structure_
-
-        apply_structure_(model, structure)
-    return model.eval()

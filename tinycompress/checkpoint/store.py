@@ -16,20 +16,30 @@ process never leaves a folder that looks complete; versions are never overwritte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
 import yaml
+
+from tinycompress.checkpoint.format import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    MODEL_CARD_FILE,
+    MODEL_FILE_SUFFIXES,
+    STAGE_DIR_PATTERN,
+    task_dir,
+)
 from tinycompress.errors import TinycompressError
-from tinycompress.checkpoint.format import FORMAT_VERSION, MANIFEST_NAME, MODEL_FILE_SUFFIXES, STAGE_DIR_PATTERN
 from tinycompress.stage_graph import producing_command
-from tinycompress.checkpoint.format import task_dir
 
 
 @dataclass
@@ -86,7 +96,7 @@ class Checkpoint:
     def name(self) -> str:
         return self.path.name
 
-    def parent(self) -> "Checkpoint | None":
+    def parent(self) -> Checkpoint | None:
         parent = self.manifest.get("parent")
         if not parent:
             return None
@@ -98,7 +108,7 @@ class Checkpoint:
             )
         return found
 
-    def made_from(self, parent: "Checkpoint | None") -> bool:
+    def made_from(self, parent: Checkpoint | None) -> bool:
         """Whether this checkpoint was written from ``parent`` as it is now (same folder, same
         manifest sha256); with ``parent`` None, whether it has no parent. Reads only manifests."""
         link = self.manifest.get("parent")
@@ -136,10 +146,8 @@ def library_versions() -> dict[str, str]:
 
     versions = {"python": platform.python_version()}
     for package in ("tinycompress", "torch", "transformers", "onnx", "onnxruntime"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):  # optional runtimes
             versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
     return versions
 
 
@@ -320,7 +328,7 @@ def _new_manifest(task: str, stage: str, root: Path, *, config, metrics, seed, p
 def _seal(folder: Path, manifest: dict[str, Any], version: int) -> None:
     """Add the model card, then the manifest (checksums of everything else) as the last file."""
     manifest["version"] = version
-    (folder / "README.md").write_text(
+    (folder / MODEL_CARD_FILE).write_text(
         _model_card(manifest["task"], manifest["stage"], version, manifest["base_model"], manifest["metrics"]), encoding="utf-8"
     )
     files = _files_under(folder)

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-from tinycompress.checkpoint.format import STAGE_DIR_PATTERN, task_dir
+from typing import Any
+
+from tinycompress.checkpoint.format import BASELINE_FLAG, MANIFEST_NAME, STAGE_DIR_PATTERN, task_dir
+from tinycompress.checkpoint.store import Checkpoint, read_checkpoint
+from tinycompress.config import Config, load_config, read_yaml
 from tinycompress.console import log_to_stderr
 from tinycompress.errors import TinycompressError
-import copy
-from tinycompress.checkpoint.store import Checkpoint
-from tinycompress.config import Config, load_config, read_yaml
-from tinycompress.checkpoint.store import read_checkpoint
-from tinycompress.checkpoint.format import MANIFEST_NAME
-from tinycompress.stage_graph import STAGES, producing_command
-from tinycompress.stage_graph import ACCEPTED_PARENTS, PARENT_STAGE, STAGE_SECTIONS
-from tinycompress.checkpoint.format import BASELINE_FLAG
-
-
+from tinycompress.stage_graph import STAGE_ORDER, STAGES, producing_command
 
 
 def stage_versions(workdir: str | Path, task: str, stage: str) -> list[tuple[int, Path]]:
@@ -70,7 +66,7 @@ def resolve_input(explicit: str | Path | None, *, workdir: str | Path, task: str
     that is not a baseline."""
     if explicit is not None:
         return read_checkpoint(explicit)
-    wanted = PARENT_STAGE[stage]
+    wanted = STAGES[stage].default_parents
     task = task or latest_task(workdir)
     if task is None:
         raise TinycompressError(
@@ -116,7 +112,7 @@ def parent_base(parent: Checkpoint, stage: str) -> dict[str, Any]:
 
 def check_parent(stage: str, parent: Checkpoint, config: Config) -> None:
     """Refuse a parent ``stage`` cannot start from, or one of another task, before any work."""
-    accepted = ACCEPTED_PARENTS[stage]
+    accepted = STAGES[stage].parents
     if parent.stage not in accepted:
         already = {"quantize": " (already quantized)", "export": " (already exported)"}.get(parent.stage, "")
         raise TinycompressError(
@@ -158,9 +154,9 @@ def _normalised(config: dict[str, Any], sections: tuple[str, ...]) -> dict[str, 
 
 def stage_fingerprint(stage: str, config: Config | dict[str, Any], sections: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The part of ``config`` that must match for an existing ``stage`` checkpoint to be reused
-    (``sections``, default :data:`STAGE_SECTIONS` of the stage)."""
+    (``sections``, default the stage's ``fingerprint`` in :data:`~tinycompress.stage_graph.STAGES`)."""
     data = config.to_dict() if isinstance(config, Config) else config
-    return _normalised(data, sections or STAGE_SECTIONS[stage])
+    return _normalised(data, sections or STAGES[stage].fingerprint)
 
 
 def find_reusable(stage: str, config: Config, parent: Checkpoint | None, log: Callable[[str], None] = log_to_stderr,
@@ -187,7 +183,7 @@ def find_reusable(stage: str, config: Config, parent: Checkpoint | None, log: Ca
 
 
 def _stage_dirs(folder: Path) -> bool:
-    return any(stage_versions(folder.parent, folder.name, stage) for stage in STAGES)
+    return any(stage_versions(folder.parent, folder.name, stage) for stage in STAGE_ORDER)
 
 
 def locate(target: str | Path | None = None, *, workdir: str | Path = "runs", task: str | None = None) -> tuple[Path, str, Checkpoint | None]:
@@ -227,7 +223,7 @@ def locate(target: str | Path | None = None, *, workdir: str | Path = "runs", ta
                 f"no checkpoints in workspace '{workdir}'",
                 "run `tinycompress run --task sst2 --data-dir ../shared/data/glue` first, or pass --workdir",
             )
-    if not any(stage_versions(workdir, task, stage) for stage in STAGES):
+    if not any(stage_versions(workdir, task, stage) for stage in STAGE_ORDER):
         raise TinycompressError(
             f"no checkpoints for task {task} in workspace '{workdir}'",
             f"run `tinycompress run --task {task}` (or `{producing_command('finetune', task)}`) first",
@@ -238,7 +234,7 @@ def locate(target: str | Path | None = None, *, workdir: str | Path = "runs", ta
 def chain_end(workdir: str | Path, task: str) -> Checkpoint:
     """The newest checkpoint of the furthest stage present (export > quantize > prune > finetune),
     baselines left out (they are shown beside a chain, see :func:`find_baselines`)."""
-    for stage in reversed(STAGES):
+    for stage in reversed(STAGE_ORDER):
         newest = newest_in_chain(workdir, task, stage)
         if newest is not None:
             return read_checkpoint(newest)

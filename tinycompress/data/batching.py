@@ -3,15 +3,39 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
+
 from tinycompress.data.glue import Examples
+
 if TYPE_CHECKING:
     pass
 
 
 # The inputs an HF text classifier may take, in the order ONNX graphs and traced modules declare them.
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def as_text_row(row: str | Sequence[str]) -> tuple[str, ...]:
+    """A task row as a tuple of texts: a string is a one-sentence row, a sequence of strings
+    (a sentence pair) becomes a tuple of them."""
+    return (row,) if isinstance(row, str) else tuple(row)
+
+
+def zero_token_type_ids(input_ids):
+    """``token_type_ids`` for inputs that come without them (tokenizers without segments, callers
+    that leave them out): every token in segment 0, shaped like ``input_ids``.
+
+    A numpy array gets a numpy array, anything else a torch tensor, of the same integer type.
+    """
+    import numpy as np
+
+    if isinstance(input_ids, np.ndarray):
+        return np.zeros_like(input_ids)
+    import torch
+
+    return torch.zeros_like(torch.as_tensor(input_ids))
 
 
 @dataclass
@@ -33,7 +57,7 @@ def encode_rows(tokenizer, rows: Sequence[str | Sequence[str]], max_length: int,
     (a sentence pair); all rows must have the same number. ``return_tensors`` "pt" or "np":
     int64 tensors / arrays padded to the longest row; None: unpadded lists of ids per row.
     """
-    rows = [(row,) if isinstance(row, str) else tuple(row) for row in rows]
+    rows = [as_text_row(row) for row in rows]
     columns = [list(column) for column in zip(*rows)] or [[]]
     padded = return_tensors is not None
     encoded = tokenizer(*columns, truncation=True, max_length=max_length, padding=padded, return_tensors=return_tensors)

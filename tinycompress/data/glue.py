@@ -1,4 +1,4 @@
-"""GLUE data: read TSVs (two layouts) or the hub, carve a dev split, tokenize, batch.
+"""GLUE data: read TSVs (two layouts) or the hub, and carve a dev split from the training rows.
 
 Sources, in order: ``data_dir`` (config / ``--data-dir``), ``$TINYCOMPRESS_DATA_DIR``, then
 ``datasets.load_dataset("nyu-mll/glue", task)``. Files are read with quoting off, since GLUE text
@@ -11,11 +11,14 @@ import csv
 import os
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
-from tinycompress.errors import TinycompressError
+from typing import TYPE_CHECKING
+
 from tinycompress.data.tasks import TaskSpec
+from tinycompress.errors import TinycompressError
+
 if TYPE_CHECKING:
     from tinycompress.config import Config
 
@@ -33,7 +36,7 @@ class Examples:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices: Sequence[int]) -> "Examples":
+    def subset(self, indices: Sequence[int]) -> Examples:
         labels = None if self.labels is None else [self.labels[i] for i in indices]
         return Examples([self.texts[i] for i in indices], labels)
 
@@ -43,7 +46,6 @@ class TaskData:
     train: Examples
     dev: Examples
     test: Examples
-    extra_tests: dict[str, Examples]
     source: str
 
 
@@ -199,11 +201,10 @@ def load_task_data(
     test = splits["test"]
     if max_test_samples is not None:
         test = test.subset(range(min(len(test), max_test_samples)))
-    extra = {k: v for k, v in splits.items() if k not in ("train", "test")}
-    return TaskData(train_all.subset(sorted(train_idx)), train_all.subset(sorted(dev_idx)), test, extra, source)
+    return TaskData(train_all.subset(sorted(train_idx)), train_all.subset(sorted(dev_idx)), test, source)
 
 
-def load_config_data(config: "Config", spec: TaskSpec, seed: int | None = None) -> TaskData:
+def load_config_data(config: Config, spec: TaskSpec, seed: int | None = None) -> TaskData:
     """:func:`load_task_data` with ``config.data``'s settings; the dev split is carved with
     ``seed`` (default: ``config.seed``)."""
     return load_task_data(

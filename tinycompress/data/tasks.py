@@ -1,6 +1,6 @@
 """GLUE task definitions: columns, labels and metrics, in one table.
 
-Two file layouts are read (see :mod:`tinycompress.data`):
+Two file layouts are read (see :mod:`tinycompress.data.glue`):
   * ours / HF split names: ``<task>/{train,validation,test}.tsv``
   * GLUE's ``download_glue_data.py``: ``SST-2/{train,dev,test}.tsv``, ``CoLA/`` without header, ...
 """
@@ -8,6 +8,7 @@ Two file layouts are read (see :mod:`tinycompress.data`):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 from tinycompress.errors import TinycompressError
 
 

@@ -1,1 +1,2 @@
-"""exporters"""
+"""Deployment exports of a classifier: ONNX (and its ONNX Runtime fusion), TorchScript, and their
+parity checks against PyTorch."""

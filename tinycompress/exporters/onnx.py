@@ -1,7 +1,11 @@
-"""ONNX export, ORT graph optimisation, ORT int8 quantisation and parity checks.
+"""ONNX export of Hugging Face sequence classifiers, and the int64 feeds their graphs take.
 
-Everything here works on Hugging Face *sequence classifiers* (BERT, DistilBERT, MiniLM and
-their structurally pruned variants) and on the ``.onnx`` files made from them.
+Everything here works on HF *sequence classifiers* (BERT, DistilBERT, MiniLM and their
+structurally pruned variants). :class:`LogitsOnly` and :func:`example_args` (the positional
+wrapper and the example batch a tracer needs) serve the TorchScript export too. Fusing the
+exported graph is :mod:`tinycompress.exporters.ort_fusion`'s job, int8 quantisation
+:mod:`tinycompress.quantization.onnx`'s, comparing it with PyTorch
+:mod:`tinycompress.exporters.parity`'s.
 
 Exporter choice (``export_onnx(..., exporter="legacy")`` by default)
 --------------------------------------------------------------------
@@ -19,33 +23,23 @@ for the duration of the export, because that is the only combination that ONNX R
   The dynamo exporter also takes ~4 s per export and insists on opset >= 18.
 
 ``exporter="dynamo"`` stays available for the day the legacy tracer is removed.
-
-Pruned models
--------------
-transformers 5 reshapes Q/K/V with ``view(batch, seq, -1, head_dim)``, so the exported
-graph does not state the head count. ORT then either fails to detect it (``num_heads=0``:
-no Attention fusion at all) or, given ``num_heads``, applies that one number to every
-layer - which silently computes *wrong* logits for layers whose heads were pruned.
-``optimize_onnx`` therefore first pins the ``-1`` in each Q/K/V reshape to the layer's
-true head count (out_features / head_dim of that layer's projection weight), which is an
-exact rewrite; ORT then detects the heads per layer and fuses every layer correctly.
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
+
 import numpy as np
 import torch
-from tinycompress.data.batching import MODEL_INPUT_NAMES
 
+from tinycompress.data.batching import MODEL_INPUT_NAMES, zero_token_type_ids
 
 _REQUIRED_INPUTS = ("input_ids", "attention_mask")
-
-
 
 
 def model_input_names(model: torch.nn.Module) -> list[str]:
@@ -109,7 +103,7 @@ def make_example_batch(
     attention_mask[-1, seq_len // 2 :] = 0
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if "token_type_ids" in model_input_names(model):
-        batch["token_type_ids"] = torch.zeros_like(input_ids)
+        batch["token_type_ids"] = zero_token_type_ids(input_ids)
     return batch
 
 
@@ -120,10 +114,15 @@ def _as_int64_tensor(name: str, value: Any) -> torch.Tensor:
     return tensor.to(torch.int64)
 
 
-def _example_args(
+def example_args(
     model: torch.nn.Module, example_batch: Mapping[str, Any] | None
 ) -> tuple[list[str], tuple[torch.Tensor, ...]]:
-    """Validate/construct the example batch and return (input names, positional args)."""
+    """(input names, positional int64 tensors) to trace ``model`` with, for :class:`LogitsOnly`.
+
+    ``example_batch`` is validated (a mapping holding at least input_ids and attention_mask, all
+    inputs of one shape); None makes one with :func:`make_example_batch`. Missing token_type_ids
+    become zeros when the model takes them.
+    """
     names = model_input_names(model)
     batch = example_batch if example_batch is not None else make_example_batch(model)
     if not isinstance(batch, Mapping):
@@ -132,7 +131,7 @@ def _example_args(
     if missing:
         raise ValueError(f"example_batch lacks {missing}")
     if "token_type_ids" in names and "token_type_ids" not in batch:
-        batch = {**batch, "token_type_ids": torch.zeros_like(torch.as_tensor(batch["input_ids"]))}
+        batch = {**batch, "token_type_ids": zero_token_type_ids(torch.as_tensor(batch["input_ids"]))}
     args = tuple(_as_int64_tensor(n, batch[n]) for n in names)
     if any(a.shape != args[0].shape for a in args):
         raise ValueError(f"example_batch inputs differ in shape: {[tuple(a.shape) for a in args]}")
@@ -208,7 +207,7 @@ def export_onnx(
         raise ValueError(f"exporter must be 'legacy' or 'dynamo', got {exporter!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    names, args = _example_args(model, example_batch)
+    names, args = example_args(model, example_batch)
     with _export_mode(model, eager_attention=exporter == "legacy"), torch.no_grad():
         # Built inside the context: wrapper.eval() would flip the model's flag before
         # _export_mode records it.
@@ -270,7 +269,7 @@ def feed_for(batch: Mapping[str, Any], input_names: Sequence[str]) -> dict[str, 
         if name in batch and batch[name] is not None:
             feed[name] = to_int64_array(name, batch[name])
         elif name == "token_type_ids" and "input_ids" in batch:
-            feed[name] = np.zeros_like(to_int64_array("input_ids", batch["input_ids"]))
+            feed[name] = zero_token_type_ids(to_int64_array("input_ids", batch["input_ids"]))
         else:
             raise ValueError(f"batch lacks graph input {name!r} (has {sorted(batch)})")
     shapes = {a.shape for a in feed.values()}

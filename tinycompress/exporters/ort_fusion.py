@@ -1,17 +1,34 @@
-"""ORT_FUSION_DOC"""
+"""ONNX Runtime's transformer optimizer on exported BERT-family graphs: Attention,
+EmbedLayerNormalization, SkipLayerNormalization and BiasGelu fusion, made exact for pruned models.
+
+Full fusion needs the legacy exporter with eager attention (see :mod:`tinycompress.exporters.onnx`);
+:func:`export_optimized_onnx` exports and fuses in one call, as the quantize stage does.
+
+Pruned models
+-------------
+transformers 5 reshapes Q/K/V with ``view(batch, seq, -1, head_dim)``, so the exported
+graph does not state the head count. ORT then either fails to detect it (``num_heads=0``:
+no Attention fusion at all) or, given ``num_heads``, applies that one number to every
+layer - which silently computes *wrong* logits for layers whose heads were pruned.
+``optimize_onnx`` therefore first pins the ``-1`` in each Q/K/V reshape to the layer's
+true head count (out_features / head_dim of that layer's projection weight), which is an
+exact rewrite; ORT then detects the heads per layer and fuses every layer correctly.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
-import shutil
 
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -155,7 +172,7 @@ def optimize_onnx(
     Args:
         in_path: fp32 graph from ``export_onnx`` (legacy exporter for Attention fusion).
         out_path: where to write the fused graph.
-        model_type: an HF model type of :mod:`tinycompress.arch` (``"bert"``, ``"distilbert"``:
+        model_type: an HF model type of :mod:`tinycompress.models.arch` (``"bert"``, ``"distilbert"``:
             mapped through ``ArchSpec.ort_model_type``) or any key of
             ``onnxruntime.transformers.optimizer.MODEL_TYPES``.
         num_heads, hidden_size: 0 = detect. Head counts are pinned per layer before
@@ -210,8 +227,8 @@ def export_optimized_onnx(model, path: Path, *, opset: int, scratch: Path) -> di
     [heads per fused layer]}``. Families ORT has no fusions for (``ArchSpec.ort_model_type``
     None) are exported unfused.
     """
-    from tinycompress.models.arch import get_arch
     from tinycompress.exporters.onnx import export_onnx
+    from tinycompress.models.arch import get_arch
 
     raw = export_onnx(model, scratch / "fp32-raw.onnx", opset=opset)
     ort_type = get_arch(model).ort_model_type

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
 import numpy as np
 import torch
-from tinycompress.data.batching import encode_rows
+
+from tinycompress.data.batching import as_text_row, encode_rows
 from tinycompress.errors import TinycompressError
-from tinycompress.exporters.onnx import feed_for
-from tinycompress.exporters.onnx import model_input_names
+from tinycompress.exporters.onnx import feed_for, model_input_names
 
 
 def torch_logits_fn(model: torch.nn.Module) -> Callable[..., np.ndarray]:
@@ -45,10 +47,7 @@ class ParityResult:
 
 
 def _named_batches(batches) -> list[tuple[str, Mapping[str, Any]]]:
-    if isinstance(batches, Mapping):
-        items = list(batches.items())
-    else:
-        items = [(f"batch{i}", b) for i, b in enumerate(batches)]
+    items = list(batches.items()) if isinstance(batches, Mapping) else [(f"batch{i}", b) for i, b in enumerate(batches)]
     if not items:
         raise ValueError("parity_check needs at least one batch")
     return [(str(name), batch) for name, batch in items]
@@ -116,7 +115,7 @@ def parity_batches(tokenizer, rows: Sequence, max_length: int) -> dict[str, dict
     are rarely that long). ``mixed``: rows spread over the length distribution, padded to the
     longest. Rows are strings or tuples (pair tasks).
     """
-    rows = [(r,) if isinstance(r, str) else tuple(r) for r in rows]
+    rows = [as_text_row(r) for r in rows]
     if not rows:
         raise TinycompressError("the test split is empty; parity needs test sentences", "check data.max_test_samples and the data folder")
     lengths = [len(ids) for ids in encode_rows(tokenizer, rows, max_length, return_tensors=None)["input_ids"]]
@@ -132,8 +131,8 @@ def parity_batches(tokenizer, rows: Sequence, max_length: int) -> dict[str, dict
 
 def _long_rows(tokenizer, rows: list[tuple], max_length: int, count: int) -> list[tuple]:
     """``count`` rows, each consecutive rows joined (column by column) past ``max_length`` tokens."""
-    long_rows, start = [], 0
-    for _ in range(count):
+    long_rows = []
+    for start in range(count):
         joined = rows[start % len(rows)]
         # Bounded: every row adds at least a word; the cap only guards against all-empty texts.
         for step in range(1, 4 * max_length):
@@ -142,7 +141,6 @@ def _long_rows(tokenizer, rows: list[tuple], max_length: int, count: int) -> lis
             extra = rows[(start + step) % len(rows)]
             joined = tuple(f"{a} {b}" for a, b in zip(joined, extra))
         long_rows.append(joined)
-        start += 1
     return long_rows
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
+
 import torch
 from torch import nn
-from tinycompress.exporters.onnx import LogitsOnly, _example_args
+
+from tinycompress.data.batching import zero_token_type_ids
+from tinycompress.exporters.onnx import LogitsOnly, example_args
 
 
 @contextmanager
@@ -49,7 +53,7 @@ def script_or_trace(model: nn.Module, example_batch: Mapping[str, Any] | None = 
     batch size and sequence length stay dynamic. ``example_batch`` defaults to a small
     padded batch (padding makes sure the real masking path is traced).
     """
-    names, args = _example_args(model, example_batch)
+    names, args = example_args(model, example_batch)
     was_training = model.training
     model.eval()
     try:
@@ -85,15 +89,18 @@ def torchscript_logits_fn(module) -> Callable:
     """A TorchScript classifier as ``fn(input_ids, attention_mask, token_type_ids=None)`` -> numpy."""
     import torch
 
-    from tinycompress.inference.predictor import torchscript_input_names
-
     names = torchscript_input_names(module)
 
     def run(input_ids, attention_mask, token_type_ids=None):
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         if given["token_type_ids"] is None:
-            given["token_type_ids"] = torch.zeros_like(input_ids)
+            given["token_type_ids"] = zero_token_type_ids(input_ids)
         with torch.no_grad():
             return module(*[given[n] for n in names]).float().numpy()
 
     return run
+
+
+def torchscript_input_names(module) -> list[str]:
+    """The positional inputs a traced ``LogitsOnly`` takes (token_type_ids only for BERT-likes)."""
+    return [argument.name for argument in module.forward.schema.arguments[1:]]  # [0] is self

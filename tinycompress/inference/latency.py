@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Sequence
-
+from collections.abc import Callable, Sequence
+from typing import Any
 
 LATENCY_BATCH_SIZES = (1, 32)
 
@@ -57,9 +57,9 @@ def latency_batches(tokenizer, texts: Sequence[str | tuple[str, ...]], max_lengt
     typical request, not the shortest or longest); batch 32 is the first 32 rows (cycled when
     fewer), padded to the longest of them. Raises ValueError when ``texts`` is empty.
     """
-    from tinycompress.data.batching import encode_rows
+    from tinycompress.data.batching import as_text_row, encode_rows
 
-    rows = [(t,) if isinstance(t, str) else tuple(t) for t in texts]
+    rows = [as_text_row(t) for t in texts]
     if not rows:
         raise ValueError("latency_batches needs at least one text")
     lengths = [len(ids) for ids in encode_rows(tokenizer, rows, max_length, return_tensors=None)["input_ids"]]
@@ -71,7 +71,7 @@ def latency_batches(tokenizer, texts: Sequence[str | tuple[str, ...]], max_lengt
 
 def measure_predictor(predictor, texts: Sequence, *, max_length: int, runs: int, warmup: int = DEFAULT_WARMUP) -> dict[str, dict]:
     """``{"batch_1": {median_ms, p90_ms, runs}, "batch_32": {...}}``: the latency of a
-    :class:`~tinycompress.runtime.Predictor` on :func:`latency_batches` of ``texts``, tokenized
+    :class:`~tinycompress.inference.predictor.Predictor` on :func:`latency_batches` of ``texts``, tokenized
     by its own tokenizer and truncated to ``max_length`` tokens."""
     return {
         f"batch_{size}": measure_latency(lambda inputs=inputs: predictor.forward(inputs), runs=runs, warmup=warmup)

@@ -6,7 +6,6 @@ import os
 import platform
 from pathlib import Path
 
-
 VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "neon", "asimd")
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
 import numpy as np
+
 from tinycompress.exporters.onnx import feed_for
-
-
 
 
 class OnnxClassifier:

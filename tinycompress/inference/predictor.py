@@ -14,13 +14,21 @@ that is present wins: ``model.onnx``, then the int8 TorchScript file, then the f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-from tinycompress.errors import TinycompressError
-from tinycompress.checkpoint.format import ONNX_FILE, TORCHSCRIPT_FILE, TORCHSCRIPT_INT8_FILE
-from tinycompress.checkpoint.hf import build_model_skeleton
+from typing import Any
 
+from tinycompress.checkpoint.format import (
+    INT8_RECIPE_FILE,
+    MANIFEST_NAME,
+    MODEL_CONFIG_FILE,
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+    TORCHSCRIPT_INT8_FILE,
+)
+from tinycompress.checkpoint.hf import build_model_skeleton
+from tinycompress.errors import TinycompressError
 
 # Used when neither the manifest nor the tokenizer says how long inputs may be.
 FALLBACK_MAX_LENGTH = 512
@@ -38,7 +46,6 @@ class Predictor:
     kind: str  # "torch", "onnx", "torch-int8", "torchscript"
     model: Any = None  # the fp32 torch module, when there is one (parameter counts)
     max_length: int = FALLBACK_MAX_LENGTH  # tokens per input; longer texts are truncated
-    artifact: Path | None = None  # the file that runs (None for an in-memory torch model)
 
     @property
     def label_names(self) -> list[str]:
@@ -79,7 +86,7 @@ def onnx_predictor(folder: str | Path, *, threads: int | None = None, max_length
     def forward(inputs: dict):
         return session(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
 
-    return _folder_predictor(folder, forward, "onnx", folder / ONNX_FILE, max_length)
+    return _folder_predictor(folder, forward, "onnx", max_length)
 
 
 def load_torch_int8_model(folder: str | Path):
@@ -93,8 +100,6 @@ def torch_int8_predictor(folder: str | Path, *, max_length: int | None = None) -
     """The torch int8 backend: dynamic-int8 Linears and an int8 word embedding."""
     import torch
 
-    from tinycompress.quantization.torch import INT8_WEIGHTS_FILE
-
     folder = Path(folder)
     model = load_torch_int8_model(folder)
 
@@ -104,7 +109,7 @@ def torch_int8_predictor(folder: str | Path, *, max_length: int | None = None) -
 
     # model stays None: packed int8 Linears hold no nn.Parameters, so counting them would
     # report a meaningless parameter count.
-    return _folder_predictor(folder, forward, "torch-int8", folder / INT8_WEIGHTS_FILE, max_length)
+    return _folder_predictor(folder, forward, "torch-int8", max_length)
 
 
 def torchscript_predictor(folder: str | Path, file: str, *, max_length: int | None = None) -> Predictor:
@@ -117,7 +122,7 @@ def torchscript_predictor(folder: str | Path, file: str, *, max_length: int | No
     """
     import torch
 
-    from tinycompress.exporters.torchscript import load_torchscript
+    from tinycompress.exporters.torchscript import load_torchscript, torchscript_input_names
 
     folder = Path(folder)
     module = load_torchscript(folder / file)
@@ -127,30 +132,25 @@ def torchscript_predictor(folder: str | Path, file: str, *, max_length: int | No
     def forward(inputs: dict):
         return module(*[_input_or_zeros(inputs, name) for name in names])
 
-    return _folder_predictor(folder, forward, "torchscript", folder / file, max_length)
-
-
-def torchscript_input_names(module) -> list[str]:
-    """The positional inputs a traced ``LogitsOnly`` takes (token_type_ids only for BERT-likes)."""
-    return [argument.name for argument in module.forward.schema.arguments[1:]]  # [0] is self
+    return _folder_predictor(folder, forward, "torchscript", max_length)
 
 
 def _input_or_zeros(inputs: dict, name: str):
-    import torch
+    from tinycompress.data.batching import zero_token_type_ids
 
     if name in inputs and inputs[name] is not None:
         return inputs[name]
     if name == "token_type_ids":  # a tokenizer without segments: every token is segment 0
-        return torch.zeros_like(inputs["input_ids"])
+        return zero_token_type_ids(inputs["input_ids"])
     raise TinycompressError(f"the TorchScript model needs input {name!r}, which the tokenizer does not produce")
 
 
-def _folder_predictor(folder: Path, forward, kind: str, artifact: Path, max_length: int | None) -> Predictor:
+def _folder_predictor(folder: Path, forward, kind: str, max_length: int | None) -> Predictor:
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     config = AutoConfig.from_pretrained(folder)
-    return Predictor(forward, tokenizer, config, kind, None, max_length or _tokenizer_limit(tokenizer, config), artifact)
+    return Predictor(forward, tokenizer, config, kind, None, max_length or _tokenizer_limit(tokenizer, config))
 
 
 def _tokenizer_limit(tokenizer, config) -> int:
@@ -170,17 +170,15 @@ def _manifest_max_length(checkpoint) -> int | None:
 def load_predictor(path, *, threads: int | None = None) -> Predictor:
     """A predictor for a checkpoint or export folder (verified first when it has a manifest).
 
-    ``path`` may also be an already verified :class:`~tinycompress.checkpoint.Checkpoint`, so
+    ``path`` may also be an already verified :class:`~tinycompress.checkpoint.store.Checkpoint`, so
     callers that read it themselves do not hash its files a second time.
 
     Inputs are truncated to the manifest's ``model.max_length`` (the length the model was
     trained and measured with), else the tokenizer's limit. Raises TinycompressError for a
     missing, corrupt or model-less folder.
     """
-    from tinycompress.checkpoint.format import MANIFEST_NAME
-    from tinycompress.checkpoint.store import Checkpoint, read_checkpoint
     from tinycompress.checkpoint.hf import load_hf_model
-    from tinycompress.quantization.torch import INT8_RECIPE_FILE
+    from tinycompress.checkpoint.store import Checkpoint, read_checkpoint
 
     if isinstance(path, Checkpoint):
         checkpoint, path = path, path.path
@@ -191,9 +189,7 @@ def load_predictor(path, *, threads: int | None = None) -> Predictor:
     if checkpoint is not None and checkpoint.stage in ("finetune", "prune"):
         # PyTorch stages hold safetensors weights only; nothing else in them is ever loaded.
         model, tokenizer = load_hf_model(checkpoint)
-        predictor = torch_predictor(model, tokenizer, max_length=max_length)
-        predictor.artifact = path / "model.safetensors"
-        return predictor
+        return torch_predictor(model, tokenizer, max_length=max_length)
     if (path / ONNX_FILE).is_file():
         return onnx_predictor(path, threads=threads, max_length=max_length)
     if (path / INT8_RECIPE_FILE).is_file():
@@ -201,11 +197,11 @@ def load_predictor(path, *, threads: int | None = None) -> Predictor:
     for file in (TORCHSCRIPT_INT8_FILE, TORCHSCRIPT_FILE):
         if (path / file).is_file():
             return torchscript_predictor(path, file, max_length=max_length)
-    if (path / "config.json").is_file() and checkpoint is None:
+    if (path / MODEL_CONFIG_FILE).is_file() and checkpoint is None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         return torch_predictor(AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path))
     raise TinycompressError(
-        f"{path} holds no model (no {MANIFEST_NAME}, {ONNX_FILE}, TorchScript file or config.json)",
+        f"{path} holds no model (no {MANIFEST_NAME}, {ONNX_FILE}, TorchScript file or {MODEL_CONFIG_FILE})",
         "pass a checkpoint or export folder, e.g. runs/sst2/export-v1",
     )

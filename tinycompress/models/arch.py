@@ -14,7 +14,9 @@ encoder layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from torch import nn
+
 from tinycompress.errors import TinycompressError
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import random
 from typing import TYPE_CHECKING
-from tinycompress.errors import TinycompressError
+
 from tinycompress.data.tasks import TaskSpec, get_task
+from tinycompress.errors import TinycompressError
+
 if TYPE_CHECKING:
     import torch
 
@@ -31,7 +33,7 @@ def configure_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def resolve_device(device: str) -> "torch.device":
+def resolve_device(device: str) -> torch.device:
     """auto = cuda > mps > cpu; an explicit device that is absent is an error."""
     import torch
 
@@ -45,7 +47,7 @@ def resolve_device(device: str) -> "torch.device":
     return torch.device(device)
 
 
-def prepare(config: "Config") -> tuple[TaskSpec, "torch.device", int]:
+def prepare(config: Config) -> tuple[TaskSpec, torch.device, int]:
     """(task spec, device, thread count) for a stage run with ``config``; threads and HF's
     logging are set up on the way."""
     quiet_hf()

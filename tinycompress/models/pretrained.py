@@ -1,12 +1,14 @@
-"""Finding and building models: the offline default, hub ids, local folders; devices and seeds."""
+"""Pretrained classifiers: the offline default, hub ids or local folders, loaded with a fresh task head; parameter counts."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
-from tinycompress.errors import TinycompressError
+
 from tinycompress.data.tasks import TaskSpec
+from tinycompress.errors import TinycompressError
 from tinycompress.models.device import set_seed
+
 if TYPE_CHECKING:
 
     pass

@@ -1,14 +1,28 @@
-"""A pruned model's structure: kept heads and FFN neurons per layer, slicing layers to it, and rebuilding it on load."""
+"""A pruned model's structure: kept heads and FFN neurons per layer, slicing layers to it, and rebuilding it on load.
+
+transformers 5.x has no ``prune_heads``, so removal is done here: Q/K/V output rows,
+output-projection input columns, FFN-in rows and FFN-out columns are sliced into new, smaller
+``nn.Linear`` modules. This works because BERT and DistilBERT attention in transformers 5.x
+reshape with ``-1`` heads, so a narrower Linear simply means fewer heads.
+
+The resulting structure is recorded in ``model.config.tinycompress_pruning`` (saved to
+config.json by ``save_pretrained``) so that ``apply_structure_`` can rebuild the same shapes on
+a freshly built model before loading a state dict.
+
+Head indices in ``heads_to_keep`` always refer to the *current* positions in the model;
+``heads_kept`` in the recorded structure always holds *original* head ids (positions in the
+unpruned model).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor, nn
+
 from tinycompress.models.arch import ArchSpec, get_arch, get_module, layers, set_module
-
-
-STRUCTURE_ATTR = "tinycompress_pruning"
+from tinycompress.models.config_fields import STRUCTURE_ATTR
 
 
 def head_counts(model: nn.Module) -> list[int]:

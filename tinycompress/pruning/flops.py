@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import nn
+
 from tinycompress.models.arch import get_arch, get_module, layers
 
 

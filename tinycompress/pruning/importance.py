@@ -1,23 +1,12 @@
-"""Structured pruning of attention heads and FFN neurons.
+"""Importance scores of attention heads and FFN neurons: taylor, fisher, magnitude, random.
 
-transformers 5.x has neither ``prune_heads`` nor ``head_mask``, so this module
-does both jobs itself:
+transformers 5.x has no ``head_mask``, so the gradient criteria insert multiplicative gates
+(all ones) with forward pre-hooks on the attention output projection (per head) and the FFN
+output Linear (per neuron); gradients of the loss w.r.t. those gates give the scores.
+Removing the lowest-scoring units is :mod:`tinycompress.models.structure`'s job.
 
-* scoring: multiplicative gates (all ones) are inserted with forward pre-hooks
-  on the attention output projection (per head) and the FFN output Linear (per
-  neuron); gradients of the loss w.r.t. those gates give the importance scores;
-* removal: Q/K/V output rows, output-projection input columns, FFN-in rows and
-  FFN-out columns are sliced into new, smaller ``nn.Linear`` modules. This works
-  because BERT and DistilBERT attention in transformers 5.x reshape with ``-1``
-  heads, so a narrower Linear simply means fewer heads.
-
-The resulting structure is recorded in ``model.config.tinycompress_pruning``
-(saved to config.json by ``save_pretrained``) so that ``apply_structure_`` can
-rebuild the same shapes on a freshly built model before loading a state dict.
-
-Head indices in ``heads_to_keep`` / scores always refer to the *current*
-positions in the model; ``heads_kept`` in the recorded structure always holds
-*original* head ids (positions in the unpruned model).
+Scores always refer to the *current* positions in the model (a pruned layer's remaining
+heads are numbered from 0 again); the recorded structure maps them to original head ids.
 """
 
 from __future__ import annotations
@@ -25,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
+
 from tinycompress.models.arch import get_arch, get_module, layers
 from tinycompress.models.structure import ffn_sizes, head_counts
-
 
 CRITERIA: tuple[str, ...] = ("taylor", "fisher", "magnitude", "random")
 

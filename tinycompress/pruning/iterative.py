@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
+
+from tinycompress.models.structure import current_head_ids, ffn_sizes, head_counts, prune_heads_, prune_neurons_
 from tinycompress.pruning.importance import CRITERIA, Importance, LossFn, compute_importance
 from tinycompress.pruning.selection import check_capacity, check_min, count_to_remove, select_lowest
-from tinycompress.models.structure import ffn_sizes, head_counts, current_head_ids, prune_heads_, prune_neurons_
 
-
-SCHEDULES: tuple[str, ...] = ("linear", "geometric")
+# How removals are split across steps. Only "linear" exists; the name is kept so a manifest or
+# caller naming another schedule gets a clear error rather than a silent default.
+SCHEDULES: tuple[str, ...] = ("linear",)
 
 
 @dataclass
@@ -30,10 +33,15 @@ class StepRecord:
 @dataclass
 class PruningRecord:
     """Per-step removals plus the final scores of the surviving units (the
-    last step's scores restricted to kept units, aligned with the final model)."""
+    last step's scores restricted to kept units, aligned with the final model).
+
+    ``initial_importance`` holds the scores the first step ranked by: every unit of the model
+    as it was passed in, removed ones included, so callers need not score that model again.
+    """
 
     steps: list[StepRecord] = field(default_factory=list)
     final_importance: Importance | None = None
+    initial_importance: Importance | None = None
 
     def to_dict(self) -> dict:
         """JSON-serialisable summary."""
@@ -53,8 +61,7 @@ class PruningRecord:
 def cumulative_schedule(total: int, target: int, steps: int, schedule: str = "linear") -> list[int]:
     """Cumulative number removed after steps 1..steps, ending exactly at ``target``.
 
-    "linear" removes about target/steps each step; "geometric" keeps the same
-    *fraction* each step (larger cuts first, smaller later, as the model shrinks).
+    "linear" removes about target/steps each step.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"Unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -62,11 +69,7 @@ def cumulative_schedule(total: int, target: int, steps: int, schedule: str = "li
         raise ValueError(f"steps must be a positive int, got {steps}")
     if target == 0:
         return [0] * steps
-    if schedule == "linear":
-        cumulative = [math.floor(target * k / steps + 0.5) for k in range(1, steps + 1)]
-    else:
-        keep_fraction = (total - target) / total
-        cumulative = [total - math.floor(total * keep_fraction ** (k / steps) + 0.5) for k in range(1, steps + 1)]
+    cumulative = [math.floor(target * k / steps + 0.5) for k in range(1, steps + 1)]
     cumulative[-1] = target
     return cumulative
 
@@ -125,6 +128,8 @@ def prune_iteratively(
     for step in range(1, steps + 1):
         batches = batches_fn() if batches_fn is not None else None
         importance = compute_importance(model, batches, criterion, loss_fn=loss_fn, seed=seed + step - 1)
+        if step == 1:
+            record.initial_importance = importance
         head_keep = select_lowest(
             importance.head_scores, head_cum[step] - head_cum[step - 1], min_heads_per_layer, "heads"
         )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
 import torch
 from torch import Tensor
-
 
 Scores = Tensor | Sequence[Tensor]
 
@@ -63,8 +63,8 @@ def select_lowest(scores: Scores, n_remove: int, min_per_layer: int = 1, unit: s
     flat = torch.cat([s.float() for s in layer_scores])
     if torch.isnan(flat).any():
         raise ValueError("Scores contain NaN")
-    layer_of = torch.cat([torch.full((c,), l) for l, c in enumerate(counts)]).tolist()
-    offsets = [sum(counts[:l]) for l in range(len(counts))]
+    layer_of = torch.cat([torch.full((c,), layer) for layer, c in enumerate(counts)]).tolist()
+    offsets = [sum(counts[:layer]) for layer in range(len(counts))]
     remaining = list(counts)
     removed: set[int] = set()
     for pos in torch.argsort(flat, stable=True).tolist():
@@ -74,7 +74,7 @@ def select_lowest(scores: Scores, n_remove: int, min_per_layer: int = 1, unit: s
         if remaining[layer] > min_per_layer:
             removed.add(pos)
             remaining[layer] -= 1
-    return [[i for i in range(c) if offsets[l] + i not in removed] for l, c in enumerate(counts)]
+    return [[i for i in range(c) if offsets[layer] + i not in removed] for layer, c in enumerate(counts)]
 
 
 def select_heads(head_scores: Scores, ratio: float, min_heads_per_layer: int = 1) -> list[list[int]]:

@@ -24,18 +24,12 @@ import copy
 import json
 import tempfile
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
-
-TOKENIZER_JSON = "tokenizer.json"
-
-
-VOCAB_TXT = "vocab.txt"
-
-
-TOKENIZER_CONFIG = "tokenizer_config.json"
-
+from tinycompress.checkpoint.format import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, VOCAB_FILE
+from tinycompress.data.batching import as_text_row
 
 # Config fields holding token ids; each must survive pruning and be remapped with the rows.
 CONFIG_TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "unk_token_id", "mask_token_id")
@@ -55,16 +49,16 @@ def count_ids(id_lists: Iterable[Sequence[int]]) -> Counter:
 def collect_token_counts(tokenizer, texts: Sequence[str | Sequence[str]], max_length: int) -> Counter:
     """Token id -> count over ``texts`` (strings, or tuples for sentence pairs).
 
-    Tokenized by :func:`tinycompress.data.encode`, i.e. exactly as the model sees them at
+    Tokenized by :func:`tinycompress.data.batching.encode`, i.e. exactly as the model sees them at
     training and test time: both texts of a pair, special tokens added, truncated to
     ``max_length`` (tokens past it never reach the model, so they need no row).
     """
-    from tinycompress.data.glue import Examples
     from tinycompress.data.batching import encode
+    from tinycompress.data.glue import Examples
 
     if max_length < 1:
         raise ValueError(f"max_length must be a positive int, got {max_length}")
-    rows = [(text,) if isinstance(text, str) else tuple(text) for text in texts]
+    rows = [as_text_row(text) for text in texts]
     if not rows:
         return Counter()
     if len({len(row) for row in rows}) != 1:
@@ -260,9 +254,9 @@ def rewrite_tokenizer_files(folder: str | Path, kept_ids: Sequence[int]) -> None
     ``tokenizer_config.json``, whichever of them the folder holds.
     """
     folder = Path(folder)
-    json_path, txt_path, config_path = folder / TOKENIZER_JSON, folder / VOCAB_TXT, folder / TOKENIZER_CONFIG
+    json_path, txt_path, config_path = folder / TOKENIZER_FILE, folder / VOCAB_FILE, folder / TOKENIZER_CONFIG_FILE
     if not json_path.is_file() and not txt_path.is_file():
-        raise ValueError(f"{folder} holds neither {TOKENIZER_JSON} nor {VOCAB_TXT}")
+        raise ValueError(f"{folder} holds neither {TOKENIZER_FILE} nor {VOCAB_FILE}")
     mapping = id_map(kept_ids)
     data = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else None
     if txt_path.is_file():
@@ -340,7 +334,7 @@ def tokenization_report(old_tokenizer, new_tokenizer, texts: Sequence[str | Sequ
     ``words_to_unk`` (the whole word is now one [UNK]), ``words_resegmented`` (now spelled with
     other kept pieces), ``kept_pieces_lost`` (kept pieces inside words that became [UNK]).
     """
-    rows = [(text,) if isinstance(text, str) else tuple(text) for text in texts]
+    rows = [as_text_row(text) for text in texts]
     kept = set(_check_kept(kept_ids))
     report: dict[str, Any] = {"rows": len(rows)}
     if not rows:

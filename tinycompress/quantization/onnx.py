@@ -1,18 +1,38 @@
-"""QUANT_ONNX_DOC"""
+"""ONNX Runtime int8 quantisation of exported classifiers: the quantize stage's ``onnx`` backend.
+
+:func:`quantize_onnx_model` writes the int8 graph of an fp32 HF classifier, by mode:
+
+``dynamic``: export -> ORT transformer optimizer (Attention / EmbedLayerNormalization fusion,
+with each pruned layer's own head count, see :mod:`tinycompress.exporters.ort_fusion`) ->
+:func:`quantize_onnx_dynamic` of MatMul, the fused Attention and, with ``quantize_embeddings``,
+the word embedding (Gather, or EmbedLayerNormalization once fused). Weights are stored int8;
+activations are quantised per call.
+
+``static``: :func:`quantize_onnx_static`, QDQ int8 of MatMul (and Gather) calibrated (MinMax) on
+seeded-random training rows (:func:`calibration_batches`). It quantises the *unfused* export:
+ORT's QDQ quantizer has no Attention / EmbedLayerNormalization support, so fusing first would
+leave the attention and embedding weights fp32. ORT fuses Q/DQ pairs into int8 kernels at
+session load.
+
+Both quantisers count, in the graph they wrote, how many nodes of each requested op type were
+quantised, so an op type ORT silently skipped shows up in the manifest.
+"""
 
 from __future__ import annotations
 
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
+
 import numpy as np
 import onnx
+
 from tinycompress.config import QuantizeSettings
 from tinycompress.exporters.onnx import feed_for
 from tinycompress.exporters.ort_fusion import export_optimized_onnx
-
 
 #: Default op types for dynamic quantisation of an *unfused* export: every Linear (MatMul)
 #: and every embedding lookup (Gather) - the word embedding alone is about half of
@@ -150,11 +170,6 @@ class _ListDataReader:
             return None
         self._index += 1
         return self._feeds[self._index - 1]
-
-    def rewind(self) -> None:
-        self._index = 0
-
-
 
 
 def _count_qdq_quantized(graph: onnx.GraphProto, op_types: Sequence[str]) -> dict[str, int]:

@@ -1,5 +1,6 @@
-"""PyTorch int8 backend: dynamic int8 Linear + weight-only int8 word embedding, a
-pickle-free safetensors checkpoint format for it, and TorchScript tracing.
+"""PyTorch int8 (the quantize stage's ``torch`` backend): dynamic int8 Linear + weight-only int8
+word embedding, and a pickle-free safetensors checkpoint format for it. The int8 model traces
+to TorchScript like an fp32 one (:mod:`tinycompress.exporters.torchscript`).
 
 Which quantisation API (torch 2.13, CPU)
 ----------------------------------------
@@ -43,20 +44,18 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
+
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from tinycompress.checkpoint.format import INT8_RECIPE_FILE, INT8_WEIGHTS_FILE
 from tinycompress.config import QuantizeSettings
-
-
-INT8_WEIGHTS_FILE = "int8_weights.safetensors"
-
-
-INT8_RECIPE_FILE = "int8_recipe.json"
-
+from tinycompress.models.arch import set_module
 
 _FORMAT = "tinycompress-torch-int8"
 
@@ -97,7 +96,7 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scale", torch.ones(num_embeddings, dtype=torch.float32))
 
     @classmethod
-    def from_float(cls, embedding: nn.Embedding) -> "Int8Embedding":
+    def from_float(cls, embedding: nn.Embedding) -> Int8Embedding:
         """Quantise an ``nn.Embedding``: per row, scale = max|w| / 127, q = round(w / scale)."""
         if not isinstance(embedding, nn.Embedding):
             raise ValueError(f"expected nn.Embedding, got {type(embedding).__name__}")
@@ -112,10 +111,6 @@ class Int8Embedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = nn.functional.embedding(input_ids, self.weight_int8)
         return rows.to(torch.float32) * self.scale[input_ids].unsqueeze(-1)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The fp32 table this module represents (for inspection and error measurement)."""
-        return self.weight_int8.float() * self.scale[:, None]
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row, padding_idx={self.padding_idx}"
@@ -137,12 +132,6 @@ def _quantize_linears(model: nn.Module, per_channel: bool) -> None:
     qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     with _quiet_torch_ao():
         quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 def _module_name(root: nn.Module, target: nn.Module) -> str:
@@ -178,7 +167,7 @@ def quantize_torch_dynamic(
         embedding = get_embeddings() if callable(get_embeddings) else None
         if not isinstance(embedding, nn.Embedding):
             raise ValueError("quantize_embeddings=True needs model.get_input_embeddings() to return nn.Embedding")
-        _set_submodule(qmodel, _module_name(qmodel, embedding), Int8Embedding.from_float(embedding))
+        set_module(qmodel, _module_name(qmodel, embedding), Int8Embedding.from_float(embedding))
     return qmodel
 
 
@@ -309,7 +298,7 @@ def _swap_in_linear(model: nn.Module, name: str, info: Mapping[str, Any], tensor
     with _quiet_torch_ao():
         qlinear = linear_cls(info["in_features"], info["out_features"], bias_=info["bias"], dtype=torch.qint8)
         qlinear.set_weight_bias(_quantized_weight(name, info, tensors), tensors.get(f"{name}.bias"))
-    _set_submodule(model, name, qlinear)
+    set_module(model, name, qlinear)
 
 
 def _swap_in_embedding(model: nn.Module, name: str, info: Mapping[str, Any], tensors) -> None:
@@ -320,7 +309,7 @@ def _swap_in_embedding(model: nn.Module, name: str, info: Mapping[str, Any], ten
     module = Int8Embedding(*shape, padding_idx=info["padding_idx"])
     module.weight_int8.copy_(tensors[f"{name}.weight_int8"])
     module.scale.copy_(tensors[f"{name}.scale"])
-    _set_submodule(model, name, module)
+    set_module(model, name, module)
 
 
 def load_torch_int8(directory: str | Path, fp32_model_builder: Callable[[], nn.Module]) -> nn.Module:

@@ -1,1 +1,2 @@
-"""report"""
+"""The comparison report of a chain: its rows, measuring their latency, and the table, files and
+plots it is shown as."""

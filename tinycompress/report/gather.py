@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-from tinycompress.console import log_to_stderr
-from tinycompress.stage_graph import STAGES
-from tinycompress.checkpoint.store import Checkpoint
-from tinycompress.checkpoint.format import task_dir
-from tinycompress.errors import TinycompressError
-from tinycompress.report.rows import Report, Row, TEST_SPLIT_NOTE, baseline_rows, build_rows, compute_ratios
-from tinycompress.report.measure import bench_rows
-from tinycompress.checkpoint.workspace import chain_end, find_baselines, locate, walk_chain
+from typing import Any
 
+from tinycompress.checkpoint.format import task_dir
+from tinycompress.checkpoint.store import Checkpoint
+from tinycompress.checkpoint.workspace import chain_end, find_baselines, locate, walk_chain
+from tinycompress.console import log_to_stderr
+from tinycompress.errors import TinycompressError
+from tinycompress.report.measure import bench_rows
+from tinycompress.report.rows import TEST_SPLIT_NOTE, Report, Row, baseline_rows, build_rows, compute_ratios
+from tinycompress.stage_graph import STAGE_ORDER
 
 SWEEP_DIR_NAME = "sweeps"
 
@@ -56,7 +57,7 @@ def stage_timing(chain: list[Checkpoint], measured: dict[str, float] | None = No
     ``baselines`` are listed per checkpoint (stage "baseline") but not added to the chain's stages.
     """
     measured = measured or {}
-    per_stage: dict[str, float | None] = {stage: None for stage in STAGES}
+    per_stage: dict[str, float | None] = {stage: None for stage in STAGE_ORDER}
     timing: dict[str, dict[str, Any]] = {}
     for in_chain, checkpoint in [(True, c) for c in chain] + [(False, c) for c in baselines]:
         if checkpoint.name in measured:

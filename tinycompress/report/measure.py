@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
-from tinycompress.report.rows import Row
-from tinycompress.console import log_to_stderr
+from collections.abc import Callable
+from typing import Any
+
 from tinycompress.checkpoint.store import Checkpoint
+from tinycompress.console import log_to_stderr
 from tinycompress.errors import TinycompressError
-from tinycompress.report.rows import BATCH_KEYS
+from tinycompress.report.rows import BATCH_KEYS, Row
 
 
 def _test_texts(finetune: Checkpoint, data_dir: str | None, limit: int = 512) -> list[tuple[str, ...]]:
@@ -38,9 +39,9 @@ def bench_rows(rows: list[Row], chain: list[Checkpoint], *, runs: int = 50, thre
                data_dir: str | None = None, log: Callable[[str], None] = log_to_stderr) -> dict[str, Any]:
     """Measure every row's latency now, in place; returns the ``latency`` section of the report.
 
-    Each row's folder is loaded with :func:`tinycompress.runtime.load_predictor` and fed the same
+    Each row's folder is loaded with :func:`tinycompress.inference.predictor.load_predictor` and fed the same
     test texts, tokenized by its own tokenizer (they are copies of one another) into a batch of 1
-    (the median-length row) and a batch of 32 (see :func:`tinycompress.bench.latency_batches`).
+    (the median-length row) and a batch of 32 (see :func:`tinycompress.inference.latency.latency_batches`).
     The original row has the fine-tuned architecture, so it gets the fine-tuned latency.
     """
     from tinycompress.inference.latency import DEFAULT_WARMUP, LATENCY_BATCH_SIZES, measure_predictor

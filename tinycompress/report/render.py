@@ -1,4 +1,4 @@
-"""Showing and writing a :class:`~tinycompress.report.Report`: the terminal table, report.md,
+"""Showing and writing a :class:`~tinycompress.report.rows.Report`: the terminal table, report.md,
 report.csv, report.json and the PNG plots.
 
     tinycompress report --task sst2                 # prints the table, writes runs/sst2/report/
@@ -17,11 +17,11 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+
 from tinycompress.checkpoint.format import task_dir
 from tinycompress.errors import TinycompressError
-from tinycompress.report.rows import TEST_SPLIT_NOTE, Report, Row
 from tinycompress.report.plots import plot_size, plot_sweep
-
+from tinycompress.report.rows import TEST_SPLIT_NOTE, Report, Row
 
 REPORT_DIR_NAME = "report"
 

@@ -19,9 +19,10 @@ this machine, the same inputs for every row) and the sweep curve (a ``prune_swee
 by ``benchmarks/prune_sweep.py``: ``--sweep CSV``, else the newest ``prune_sweep.csv`` under
 ``runs/<task>/sweeps/``).
 
-:func:`build_report` gathers a :class:`Report`; :func:`run_report` is the ``tinycompress report``
-command as a function (settings, build, write). Showing and writing it -- the Rich table,
-``report.md``, ``report.json``, ``report.csv`` and PNG plots -- is :mod:`tinycompress.report_render`.
+:func:`~tinycompress.report.gather.build_report` gathers a :class:`Report` of these rows;
+:func:`~tinycompress.stages.report.run_report` is the ``tinycompress report`` command as a function
+(settings, build, write). Showing and writing it -- the Rich table, ``report.md``, ``report.json``,
+``report.csv`` -- is :mod:`tinycompress.report.render`, the plots :mod:`tinycompress.report.plots`.
 """
 
 from __future__ import annotations
@@ -31,12 +32,18 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from tinycompress.stage_graph import STAGES, producing_command
-from tinycompress.checkpoint.store import Checkpoint
-from tinycompress.checkpoint.workspace import stage_versions
-from tinycompress.errors import TinycompressError
-from tinycompress.checkpoint.workspace import quantize_kind
 
+from tinycompress.checkpoint.format import (
+    MODEL_CONFIG_FILE,
+    ONNX_FILE,
+    STRUCTURE_ATTR,
+    TORCHSCRIPT_FILE,
+    TORCHSCRIPT_INT8_FILE,
+)
+from tinycompress.checkpoint.store import Checkpoint
+from tinycompress.checkpoint.workspace import quantize_kind, stage_versions
+from tinycompress.errors import TinycompressError
+from tinycompress.stage_graph import STAGE_ORDER, STAGES
 
 REPORT_SCHEMA = 1
 
@@ -49,9 +56,9 @@ BATCH_KEYS = ("batch_1", "batch_32")
 
 # Files an export folder may hold: (file, runtime format, title, prefix of its test metrics).
 EXPORT_ARTIFACT_FILES = (
-    ("model.onnx", "onnx", "ONNX", "onnx"),
-    ("model.torchscript.pt", "torchscript", "TorchScript", "torchscript"),
-    ("model_int8.torchscript.pt", "torchscript", "TorchScript", "torchscript_int8"),
+    (ONNX_FILE, "onnx", "ONNX", "onnx"),
+    (TORCHSCRIPT_FILE, "torchscript", "TorchScript", "torchscript"),
+    (TORCHSCRIPT_INT8_FILE, "torchscript", "TorchScript", "torchscript_int8"),
 )
 
 
@@ -149,12 +156,12 @@ def _structure(folder: Path) -> tuple[int, int, int, int] | None:
     from tinycompress.models.arch import get_arch
 
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
         spec = get_arch(SimpleNamespace(model_type=config.get("model_type")))
         layers, heads, ffn = config[spec.layers_field], config[spec.heads_field], config[spec.ffn_field]
     except (OSError, ValueError, KeyError, TypeError, TinycompressError):
         return None
-    structure = config.get("tinycompress_pruning") or {}
+    structure = config.get(STRUCTURE_ATTR) or {}
     heads_kept = sum(len(h) for h in structure["heads_kept"]) if "heads_kept" in structure else layers * heads
     ffn_kept = sum(structure["intermediate_sizes"]) if "intermediate_sizes" in structure else layers * ffn
     return heads_kept, layers * heads, ffn_kept, layers * ffn
@@ -189,11 +196,8 @@ def _task_metrics(checkpoint: Checkpoint, names: list[str], prefix: str = "test/
 def _stage_row(checkpoint: Checkpoint, names: list[str]) -> Row:
     """The row of a finetune, prune or quantize checkpoint, straight from its manifest."""
     metrics = checkpoint.metrics
-    if checkpoint.stage == "finetune":
-        label, runtime = "fine-tuned", "torch fp32"
-    elif checkpoint.stage == "prune":
-        label, runtime = "pruned", "torch fp32"
-    else:
+    label, runtime = STAGES[checkpoint.stage].label, "torch fp32"
+    if checkpoint.stage == "quantize":
         parent_stage = (checkpoint.manifest.get("parent") or {}).get("stage")
         label = "pruned + quantized" if parent_stage == "prune" else "quantized"
         runtime = _quantize_runtime(checkpoint)
@@ -263,7 +267,7 @@ def _export_rows(checkpoint: Checkpoint, chain: list[Checkpoint], names: list[st
                 row.metrics_from = f"{source.checkpoint} (parity passed)"
         if info.get("passed") is False:
             row.notes.append(f"parity check failed against {info.get('reference')}")
-        if file == "model.onnx" and manifest_latency is not None:
+        if file == ONNX_FILE and manifest_latency is not None:
             row.latency_ms, row.latency_machine = manifest_latency
             row.latency_source = "manifest"
         rows.append(row)
@@ -283,8 +287,7 @@ def _original_row(finetune: Row, checkpoint: Checkpoint, names: list[str]) -> Ro
 
 
 def _missing_row(stage: str, task: str, workdir: Path) -> Row:
-    labels = {"finetune": "fine-tuned", "prune": "pruned", "quantize": "pruned + quantized", "export": "exported"}
-    row = Row(key=stage, label=labels[stage], status="not run", command=producing_command(stage, task))
+    row = Row(key=stage, label=STAGES[stage].label, status="not run", command=STAGES[stage].command(task))
     others = [path.name for _, path in stage_versions(workdir, task, stage)]
     if others:
         row.notes.append(f"not in this chain; other {stage} checkpoints: {', '.join(others)}")
@@ -321,7 +324,7 @@ def build_rows(chain: list[Checkpoint], task: str, workdir: Path, names: list[st
     Stages absent from ``chain`` become "not run" rows with their producing command.
     """
     rows: list[Row] = []
-    by_stage: dict[str, list[Checkpoint]] = {stage: [c for c in chain if c.stage == stage] for stage in STAGES}
+    by_stage: dict[str, list[Checkpoint]] = {stage: [c for c in chain if c.stage == stage] for stage in STAGE_ORDER}
     finetunes = by_stage["finetune"]
     if finetunes:
         finetune_row = _stage_row(finetunes[0], names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+
 from tinycompress.inference.machine import machine_info
 
 
@@ -11,8 +12,8 @@ def environment_report(data_dir: str | None) -> dict:
 
     from tinycompress.checkpoint.store import library_versions
     from tinycompress.data.glue import DATA_DIR_ENV, resolve_data_dir
-    from tinycompress.models.pretrained import default_model_path
     from tinycompress.data.tasks import TASKS
+    from tinycompress.models.pretrained import default_model_path
 
     chosen = resolve_data_dir(data_dir)
     tasks_found = []

@@ -43,19 +43,19 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-from tinycompress.checkpoint.store import Checkpoint, Measured, write_checkpoint
+from typing import Any
+
+from tinycompress.checkpoint.format import ONNX_FILE, TORCHSCRIPT_FILE, TORCHSCRIPT_INT8_FILE
 from tinycompress.checkpoint.hf import load_hf_model, save_config_and_tokenizer
-from tinycompress.checkpoint.workspace import resolve_input
+from tinycompress.checkpoint.store import Checkpoint, Measured, write_checkpoint
+from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
 from tinycompress.errors import TinycompressError
-from tinycompress.checkpoint.workspace import check_parent
-from tinycompress.checkpoint.format import ONNX_FILE, TORCHSCRIPT_FILE, TORCHSCRIPT_INT8_FILE
 from tinycompress.exporters.parity import parity_batches
 from tinycompress.exporters.torchscript import torchscript_logits_fn
-
 
 FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "all": ("onnx", "torchscript")}
 
@@ -119,9 +119,9 @@ def check_parity(artifact: Artifact, reference_fn: Callable, candidate_fn: Calla
 
 def write_onnx(sources: Sources, model, folder: Path, config: Config, batches: dict, threads: int) -> Artifact:
     """``model.onnx``: the quantize checkpoint's int8 graph copied, else an fp32 export of ``model``."""
-    from tinycompress.inference.onnx_session import OnnxClassifier
     from tinycompress.exporters.onnx import export_onnx
     from tinycompress.exporters.parity import torch_logits_fn
+    from tinycompress.inference.onnx_session import OnnxClassifier
 
     path = folder / ONNX_FILE
     if sources.backend == "onnx":
@@ -134,8 +134,8 @@ def write_onnx(sources: Sources, model, folder: Path, config: Config, batches: d
 
 
 def _trace_and_check(module, path: Path, artifact: Artifact, batches: dict) -> Artifact:
-    from tinycompress.exporters.torchscript import load_torchscript, save_torchscript, script_or_trace
     from tinycompress.exporters.parity import torch_logits_fn
+    from tinycompress.exporters.torchscript import load_torchscript, save_torchscript, script_or_trace
 
     save_torchscript(script_or_trace(module), path)
     # Loading the file just written (torch.jit.load) checks what users will load: allowed for
@@ -159,10 +159,10 @@ def write_torchscript(sources: Sources, model, folder: Path, config: Config, bat
 def run_export(config: Config, parent: Checkpoint, folder: Path) -> Measured:
     """Write the requested files into ``folder``, check each against PyTorch and measure each
     on the test split; returns the metrics and details for the manifest. Used as
-    :func:`~tinycompress.checkpoint.write_checkpoint`'s ``write_files`` (see :func:`export`)."""
+    :func:`~tinycompress.checkpoint.store.write_checkpoint`'s ``write_files`` (see :func:`export`)."""
     from tinycompress.data.glue import load_config_data
-    from tinycompress.models.pretrained import count_parameters
     from tinycompress.models.device import prepare
+    from tinycompress.models.pretrained import count_parameters
 
     check_parent("export", parent, config)
     sources = resolve_sources(parent)
@@ -206,9 +206,9 @@ METRIC_PREFIX = {ONNX_FILE: "onnx", TORCHSCRIPT_FILE: "torchscript", TORCHSCRIPT
 
 def measure_artifacts(folder: Path, artifacts: list[Artifact], config: Config, spec, threads: int) -> dict[str, Any]:
     """Test metrics of every written file, run from ``folder`` (``onnx/test/accuracy``, ...),
-    plus ``test/<m>`` of the file :func:`tinycompress.runtime.load_predictor` runs for this folder."""
-    from tinycompress.training.evaluation import evaluate_predictor
+    plus ``test/<m>`` of the file :func:`tinycompress.inference.predictor.load_predictor` runs for this folder."""
     from tinycompress.inference.predictor import onnx_predictor, torchscript_predictor
+    from tinycompress.training.evaluation import evaluate_predictor
 
     metrics: dict[str, Any] = {}
     for artifact in artifacts:

@@ -5,13 +5,18 @@ tinycompress finetune --task sst2 --data-dir ../shared/data/glue
 
 from __future__ import annotations
 
-from tinycompress.checkpoint.store import Checkpoint, write_checkpoint
 from tinycompress.checkpoint.hf import save_hf_model
+from tinycompress.checkpoint.store import Checkpoint, write_checkpoint
 from tinycompress.config import Config
 from tinycompress.data.batching import encode, padding_id
 from tinycompress.data.glue import load_config_data
-from tinycompress.models.pretrained import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, count_parameters, load_pretrained_classifier
 from tinycompress.models.device import prepare
+from tinycompress.models.pretrained import (
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_HUB_ID,
+    count_parameters,
+    load_pretrained_classifier,
+)
 
 
 def finetune(config: Config) -> Checkpoint:

@@ -6,7 +6,7 @@
 Every stage gets the same resolved :class:`~tinycompress.config.Config` and writes its usual
 ``<stage>-v<N>`` folder. The pipeline resumes: before running a stage it looks for an existing
 checkpoint of that stage (newest first) made from the same parent checkpoint with the same
-settings for that stage (see :data:`STAGE_SECTIONS`) and reuses it instead. So a second identical
+settings for that stage (its ``fingerprint`` in :data:`~tinycompress.stage_graph.STAGES`) and reuses it instead. So a second identical
 ``run`` only rebuilds the report, and changing ``--ratio`` re-runs prune, quantize and export but
 not the fine-tune. A stage interrupted mid-way leaves no folder (checkpoints are written
 atomically), so it simply runs again next time.
@@ -19,15 +19,17 @@ shows those checkpoints as rows measured beside the chain.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-from tinycompress.console import log_to_stderr
+from typing import Any
+
 from tinycompress.checkpoint.store import Checkpoint
-from tinycompress.config import Config, QuantizeSettings
-from tinycompress.errors import TinycompressError
-from tinycompress.stage_graph import BASELINE_BACKENDS, BASELINE_SECTIONS, PIPELINE_STAGES
 from tinycompress.checkpoint.workspace import find_reusable
+from tinycompress.config import Config, QuantizeSettings
+from tinycompress.console import log_to_stderr
+from tinycompress.errors import TinycompressError
+from tinycompress.stage_graph import BASELINE_BACKENDS, BASELINE_FINGERPRINT, STAGE_ORDER, STAGES
 
 
 @dataclass
@@ -37,44 +39,26 @@ class PipelineResult:
     checkpoints: dict[str, Checkpoint]  # stage -> the checkpoint used (new or reused)
     skipped: list[str]  # stages whose existing checkpoint was reused
     seconds: dict[str, float]  # wall seconds of the stages run now, by checkpoint name
-    report: Any  # tinycompress.report.Report
+    report: Any  # tinycompress.report.rows.Report
     report_dir: Path
     log: list[str] = field(default_factory=list)
     baselines: dict[str, Checkpoint] = field(default_factory=dict)  # backend -> unpruned int8 checkpoint
 
 
+def stage_functions() -> dict[str, Callable[[Config, Checkpoint | None], Checkpoint]]:
+    """stage -> function(config, parent) writing a new checkpoint, from :data:`STAGES` (each
+    imported only when called); "baseline" writes a quantize checkpoint marked as a baseline."""
 
+    def runner(stage: str, **options: Any) -> Callable[[Config, Checkpoint | None], Checkpoint]:
+        spec = STAGES[stage]
 
-def _stage_functions() -> dict[str, Callable[[Config, Checkpoint | None], Checkpoint]]:
-    """stage -> function(config, parent) writing a new checkpoint (imported only when needed);
-    "baseline" writes a quantize checkpoint marked as a baseline."""
+        def run(config: Config, parent: Checkpoint | None) -> Checkpoint:
+            function = spec.load_function()
+            return function(config, parent, **options) if spec.parents else function(config, **options)
 
-    def run_finetune(config: Config, parent: Checkpoint | None) -> Checkpoint:
-        from tinycompress.stages.finetune import finetune
+        return run
 
-        return finetune(config)
-
-    def run_prune(config: Config, parent: Checkpoint | None) -> Checkpoint:
-        from tinycompress.stages.prune import prune
-
-        return prune(config, parent)
-
-    def run_quantize(config: Config, parent: Checkpoint | None) -> Checkpoint:
-        from tinycompress.stages.quantize import quantize
-
-        return quantize(config, parent)
-
-    def run_export(config: Config, parent: Checkpoint | None) -> Checkpoint:
-        from tinycompress.stages.export import export
-
-        return export(config, parent)
-
-    def run_baseline(config: Config, parent: Checkpoint | None) -> Checkpoint:
-        from tinycompress.stages.quantize import quantize
-
-        return quantize(config, parent, baseline=True)
-
-    return {"finetune": run_finetune, "prune": run_prune, "quantize": run_quantize, "export": run_export, "baseline": run_baseline}
+    return {stage: runner(stage) for stage in STAGE_ORDER} | {"baseline": runner("quantize", baseline=True)}
 
 
 def _bench_default(config: Config) -> bool:
@@ -110,12 +94,12 @@ def run_pipeline(
     Returns a :class:`PipelineResult`; raises :class:`TinycompressError` as the stages do,
     leaving the checkpoints written so far in place for the next run to reuse.
     """
+    from tinycompress.data.tasks import get_task
     from tinycompress.report.gather import build_report
     from tinycompress.report.render import default_out_dir, previous_measured_seconds, write_report
-    from tinycompress.data.tasks import get_task
 
     config = config.model_copy(update={"task": get_task(config.task).name})
-    functions = stages or _stage_functions()
+    functions = stages or stage_functions()
     checkpoints: dict[str, Checkpoint] = {}
     baselines: dict[str, Checkpoint] = {}
     skipped: list[str] = []
@@ -135,7 +119,7 @@ def run_pipeline(
         return checkpoint
 
     parent: Checkpoint | None = None
-    for stage in PIPELINE_STAGES:
+    for stage in STAGE_ORDER:
         reused = find_reusable(stage, config, parent, log=say)
         if reused is not None:
             same = "the same config" if parent is None else f"the same config and parent ({parent.name})"
@@ -151,7 +135,7 @@ def run_pipeline(
         for backend in BASELINE_BACKENDS:
             # Default quantize settings but the backend: the baseline is the plain recipe.
             baseline = config.model_copy(update={"quantize": QuantizeSettings(backend=backend)})
-            reused = find_reusable("quantize", baseline, checkpoints["finetune"], log=say, sections=BASELINE_SECTIONS)
+            reused = find_reusable("quantize", baseline, checkpoints["finetune"], log=say, sections=BASELINE_FINGERPRINT)
             if reused is not None:
                 say(f"skip baseline {backend} int8: {_shown(reused.path)} has the same config and parent ({checkpoints['finetune'].name})")
                 skipped.append(f"baseline-{backend}")
@@ -164,7 +148,7 @@ def run_pipeline(
                 # A comparison row must not cost the user the chain's report: say why it is missing.
                 say(f"baseline {backend} int8 failed, left out of the table: {exc.problem}")
 
-    end = checkpoints[PIPELINE_STAGES[-1]]
+    end = checkpoints[STAGE_ORDER[-1]]
     target_dir = Path(out_dir) if out_dir is not None else None
     # Wall times of stages reused now were timed by the run that made them; its report kept them.
     earlier_dir = target_dir or Path(config.workdir) / config.task / "report"

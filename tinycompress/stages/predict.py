@@ -4,7 +4,7 @@
     tinycompress predict runs/sst2/quantize-v1 --file reviews.txt --json
 
 The folder may be an export (ONNX through ONNX Runtime, TorchScript through ``torch.jit``) or a
-finetune / prune / quantize checkpoint (see :func:`tinycompress.runtime.load_predictor`); its
+finetune / prune / quantize checkpoint (see :func:`tinycompress.inference.predictor.load_predictor`); its
 own tokenizer is used. Texts longer than the model's max length are truncated; an empty text is
 a valid (if uninformative) input. For pair tasks (MRPC, QNLI, ...) separate the two sentences
 with a tab.
@@ -12,12 +12,15 @@ with a tab.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
-import numpy as np
-from tinycompress.data.batching import encode_rows
-from tinycompress.errors import TinycompressError
+from typing import Any
 
+import numpy as np
+
+from tinycompress.data.batching import encode, padding_id
+from tinycompress.data.glue import Examples
+from tinycompress.errors import TinycompressError
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -41,19 +44,24 @@ def _rows(text: str) -> tuple[str, ...]:
     return tuple(text.split("\t", 1)) if "\t" in text else (text,)
 
 
-def predict_logits(predictor, texts: Sequence[str], batch_size: int) -> np.ndarray:
-    """Logits [len(texts), labels], batching texts with the same number of segments together."""
+def text_logits(predictor, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    """Logits [len(texts), labels]. Texts with the same number of segments are encoded together
+    and run ``batch_size`` consecutive texts at a time (the order they were given, not grouped
+    by length) through :func:`tinycompress.training.evaluation.predict_logits`."""
+    from tinycompress.training.evaluation import predict_logits
+
     rows = [_rows(t) for t in texts]
     out: np.ndarray | None = None
     for arity in sorted({len(r) for r in rows}):
         indices = [i for i, r in enumerate(rows) if len(r) == arity]
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            logits = predictor.forward(encode_rows(predictor.tokenizer, [rows[i] for i in chunk], predictor.max_length))
-            logits = np.asarray(logits.float().numpy() if hasattr(logits, "numpy") else logits, dtype=np.float32)
-            if out is None:
-                out = np.zeros((len(texts), logits.shape[-1]), dtype=np.float32)
-            out[chunk] = logits
+        encoded = encode(predictor.tokenizer, Examples([rows[i] for i in indices], None), predictor.max_length)
+        logits = predict_logits(
+            None, encoded, batch_size=batch_size, pad_id=padding_id(predictor.tokenizer), forward=predictor.forward,
+            group_by_length=False,
+        )
+        if out is None:
+            out = np.zeros((len(texts), logits.shape[-1]), dtype=np.float32)
+        out[indices] = logits
     return out
 
 
@@ -83,8 +91,8 @@ def predict(path: str | Path, texts: Sequence[str], *, batch_size: int = DEFAULT
 
     Raises TinycompressError for no texts, a batch size below 1, or a missing / model-less folder.
     """
-    from tinycompress.models.device import configure_threads, quiet_hf
     from tinycompress.inference.predictor import load_predictor
+    from tinycompress.models.device import configure_threads, quiet_hf
 
     if not texts:
         raise TinycompressError("no texts to predict", 'pass texts as arguments or --file F')
@@ -92,7 +100,7 @@ def predict(path: str | Path, texts: Sequence[str], *, batch_size: int = DEFAULT
         raise TinycompressError(f"--batch-size must be at least 1, got {batch_size}")
     quiet_hf()
     predictor = load_predictor(path, threads=configure_threads(threads))
-    return to_predictions(predictor, texts, predict_logits(predictor, texts, batch_size))
+    return to_predictions(predictor, texts, text_logits(predictor, texts, batch_size))
 
 
 def format_prediction(prediction: dict[str, Any], width: int = 80) -> str:

@@ -10,12 +10,12 @@ the heads and neurons the parent still has, the parent is the distillation teach
 positions in the manifest refer to the parent's FFN. Other stages are refused.
 
 Importance is scored on training rows (never on test), units are removed with
-:func:`tinycompress.pruning.prune_iteratively`, test metrics are measured on the parent, right
+:func:`tinycompress.pruning.iterative.prune_iteratively`, test metrics are measured on the parent, right
 after pruning and after recovery, and everything lands in one ``prune-v<N>`` folder.
 
 With ``prune.vocab`` the word embedding is cut last, after recovery (the teacher and the
 student must read the same ids while distilling), to the tokens the train and dev texts use
-(:mod:`tinycompress.vocab`); the folder's tokenizer then emits the new ids. When no head or
+(:mod:`tinycompress.pruning.vocab`); the folder's tokenizer then emits the new ids. When no head or
 neuron is removed (``--ratio 0``) there is nothing to recover and recovery is skipped.
 """
 
@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
-from tinycompress.checkpoint.store import Checkpoint, write_checkpoint
+from typing import Any
+
 from tinycompress.checkpoint.hf import load_hf_model, save_hf_model
-from tinycompress.checkpoint.workspace import resolve_input
+from tinycompress.checkpoint.store import Checkpoint, write_checkpoint
+from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
 from tinycompress.data.batching import Encoded, iterate_batches, padding_id, subset_rows
 from tinycompress.data.glue import Examples
 from tinycompress.errors import TinycompressError
-from tinycompress.checkpoint.workspace import check_parent
-
 
 # FLOPs depend on the sequence length; 128 is the default max_length, so numbers from
 # different runs and tasks are comparable whatever their own max_length.
@@ -76,7 +76,7 @@ def measure_test(model, encoded: Encoded, spec, config: Config, *, pad_id: int, 
 def recover(model, teacher, train_enc: Encoded, dev_enc: Encoded, spec, config: Config, *, pad_id: int, device, progress=None):
     """Fine-tune ``model`` for ``config.prune.recover_epochs`` with distillation from ``teacher``.
 
-    The dev split selects the best epoch; returns the :class:`~tinycompress.training.TrainResult`.
+    The dev split selects the best epoch; returns the :class:`~tinycompress.training.loop.TrainResult`.
     """
     from tinycompress.models.device import set_seed
     from tinycompress.training.loop import train
@@ -266,7 +266,17 @@ def _prune_vocab(model, job: _Job, config: Config) -> tuple[Any, dict[str, Any],
     new tokenizer and replace the caller's (which it keeps as ``pre_vocab/test/*``).
     """
     from tinycompress.data.batching import encode
-    from tinycompress.pruning.vocab import config_token_ids, count_ids, embedding_bytes, oov_rate, prune_embeddings_, rewrite_tokenizer, select_vocab, special_ids, tokenization_report
+    from tinycompress.pruning.vocab import (
+        config_token_ids,
+        count_ids,
+        embedding_bytes,
+        oov_rate,
+        prune_embeddings_,
+        rewrite_tokenizer,
+        select_vocab,
+        special_ids,
+        tokenization_report,
+    )
 
     settings, old_tokenizer = config.prune, job.tokenizer
     # job.train / job.dev are already tokenized as the model sees them (pairs, max_length).
@@ -306,17 +316,15 @@ def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
     ``parent`` must be a finetune or prune checkpoint of ``config.task``. The returned model is
     on the CPU in eval mode, exactly what :func:`write_prune` saves.
     """
-    from tinycompress.pruning.importance import compute_importance
-
     check_parent("prune", parent, config)
     job = _load_job(config, parent)
     model = copy.deepcopy(job.teacher)
     start = time.perf_counter()
     record = _prune_in_place(model, job.batches, config)
     prune_seconds = time.perf_counter() - start
-    # The scores step 1 ranked by, on the parent: the same batches and seed give the same numbers,
-    # and unlike the pruner's final scores they cover the removed heads too.
-    importance = compute_importance(job.teacher, job.batches(), config.prune.criterion, seed=config.seed)
+    # The scores step 1 ranked by, on the (still unpruned) copy of the parent: unlike the
+    # pruner's final scores they cover the removed heads too.
+    importance = record.initial_importance
     removed_any = any(any(step.heads_removed) or any(step.neurons_removed) for step in record.steps)
     metrics, recovery = _measure_and_recover(model, job, config, parent, recover_model=removed_any)
     tokenizer, vocab = job.tokenizer, None

@@ -10,18 +10,12 @@ folder. Quantize and export folders are refused: quantizing twice compounds the 
 
 Backends
 --------
-``onnx`` (default), ``mode: dynamic``: export (dynamic batch and sequence axes) -> ORT transformer
-optimizer (Attention / EmbedLayerNormalization fusion, with each pruned layer's own head count)
--> dynamic int8 of MatMul, the fused Attention and, with ``quantize_embeddings``, the word
-embedding (Gather, or EmbedLayerNormalization once fused). Only the int8 ``model.onnx`` is kept.
-
-``onnx``, ``mode: static``: QDQ int8 of MatMul (and Gather) calibrated (MinMax) on
-``calibration_samples`` seeded-random training rows. It quantizes the *unfused* export: ORT's QDQ
-quantizer has no Attention / EmbedLayerNormalization support, so fusing first would leave the
-attention and embedding weights fp32. ORT fuses Q/DQ pairs into int8 kernels at session load.
+``onnx`` (default): ONNX Runtime int8 (:mod:`tinycompress.quantization.onnx`), ``mode: dynamic``
+on the fused graph or ``mode: static`` (QDQ, calibrated on ``calibration_samples`` seeded-random
+training rows) on the plain export. Only the int8 ``model.onnx`` is kept.
 
 ``torch``: ``torch.ao`` dynamic int8 Linear + weight-only int8 word embedding
-(:mod:`tinycompress.int8`), stored as ``int8_weights.safetensors`` + ``int8_recipe.json``.
+(:mod:`tinycompress.quantization.torch`), stored as ``int8_weights.safetensors`` + ``int8_recipe.json``.
 
 The test metrics are measured by running the written artifact (ONNX Runtime session or the
 reloaded int8 module) on the test split, and latency at batch 1 and 32 is measured on real test
@@ -34,14 +28,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
-from tinycompress.checkpoint.format import BASELINE_FLAG
-from tinycompress.checkpoint.store import Checkpoint, Measured, write_checkpoint
+
+from tinycompress.checkpoint.format import BASELINE_FLAG, ONNX_FILE
 from tinycompress.checkpoint.hf import load_hf_model, save_config_and_tokenizer
-from tinycompress.checkpoint.workspace import resolve_input
+from tinycompress.checkpoint.store import Checkpoint, Measured, write_checkpoint
+from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
 from tinycompress.errors import TinycompressError
-from tinycompress.checkpoint.workspace import check_parent
-from tinycompress.checkpoint.format import ONNX_FILE
 from tinycompress.quantization.onnx import calibration_batches, quantize_onnx_model
 from tinycompress.quantization.torch import quantize_torch_model
 
@@ -91,16 +84,16 @@ def build_artifact(config: Config, model, tokenizer, folder: Path, data) -> dict
 
 def run_quantize(config: Config, parent: Checkpoint, folder: Path) -> Measured:
     """Quantize ``parent`` into ``folder`` and measure the artifact there; returns the metrics
-    and details for the manifest. Used as :func:`~tinycompress.checkpoint.write_checkpoint`'s
+    and details for the manifest. Used as :func:`~tinycompress.checkpoint.store.write_checkpoint`'s
     ``write_files`` (see :func:`quantize`), so ``folder`` is the checkpoint's temporary folder."""
-    from tinycompress.models.arch import get_arch
-    from tinycompress.inference.latency import artifact_latency
     from tinycompress.data.glue import load_config_data
-    from tinycompress.training.evaluation import evaluate_predictor
-    from tinycompress.models.pretrained import count_parameters
-    from tinycompress.models.device import prepare
-    from tinycompress.models.structure import head_counts
+    from tinycompress.inference.latency import artifact_latency
     from tinycompress.inference.predictor import load_predictor
+    from tinycompress.models.arch import get_arch
+    from tinycompress.models.device import prepare
+    from tinycompress.models.pretrained import count_parameters
+    from tinycompress.models.structure import head_counts
+    from tinycompress.training.evaluation import evaluate_predictor
 
     check_parent("quantize", parent, config)  # again: callers may skip quantize()
     check_settings(config)
@@ -137,7 +130,7 @@ def run_quantize(config: Config, parent: Checkpoint, folder: Path) -> Measured:
 def quantize(config: Config, parent: str | Path | Checkpoint | None = None, *, baseline: bool = False) -> Checkpoint:
     """Quantize ``parent`` (default: the newest prune checkpoint of ``config.task``); returns the
     new ``quantize-v<N>`` checkpoint. ``baseline`` marks it as made for comparison only
-    (:data:`~tinycompress.checkpoint.BASELINE_FLAG`), so later stages do not take it by default.
+    (:data:`~tinycompress.checkpoint.format.BASELINE_FLAG`), so later stages do not take it by default.
 
     Raises :class:`TinycompressError` (and writes nothing) for a missing or corrupt parent, a
     parent of another stage or task, or ``mode: static`` with ``backend: torch``. Build

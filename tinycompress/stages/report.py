@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-from tinycompress.report.rows import Report
+from typing import Any
+
 from tinycompress.console import log_to_stderr
 from tinycompress.report.gather import build_report
+from tinycompress.report.rows import Report
 
 
 def run_report(
@@ -27,7 +29,7 @@ def run_report(
     the config file's, else the workspace's most recent one -- not Config's default, since a
     report without a task means "the latest results". ``target``, ``data_dir`` and ``sweep`` are
     as for :func:`build_report`; ``out_dir`` as for
-    :func:`~tinycompress.report_render.write_report`. Returns (report, folder written).
+    :func:`~tinycompress.report.render.write_report`. Returns (report, folder written).
     """
     from tinycompress.config import load_config, read_yaml
     from tinycompress.report.render import write_report

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+
 import numpy as np
 import torch
-from tinycompress.data.batching import Encoded, iterate_batches
-from tinycompress.training.metrics import compute_metrics
-from tinycompress.data.tasks import TaskSpec
-from tinycompress.data.batching import encode, padding_id
+
+from tinycompress.data.batching import Encoded, encode, iterate_batches, padding_id
 from tinycompress.data.glue import load_config_data
+from tinycompress.data.tasks import TaskSpec
+from tinycompress.training.metrics import compute_metrics
 
 
 def model_inputs(batch: dict, device) -> dict:
@@ -17,14 +18,19 @@ def model_inputs(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def predict_logits(model, encoded: Encoded, *, batch_size: int, pad_id: int, device=None, forward: Callable | None = None) -> np.ndarray:
+def predict_logits(
+    model, encoded: Encoded, *, batch_size: int, pad_id: int, device=None, forward: Callable | None = None,
+    group_by_length: bool = True,
+) -> np.ndarray:
     """Logits for every row, in the rows' original order.
 
-    ``forward`` replaces ``model(**inputs).logits`` (e.g. an ONNX Runtime session).
+    ``forward`` replaces ``model(**inputs).logits`` (e.g. an ONNX Runtime session). Batches
+    group rows of similar length (least padding) unless ``group_by_length`` is False: then
+    they are consecutive rows, in order.
     """
     device = device or torch.device("cpu")
     out: np.ndarray | None = None
-    for indices, batch in iterate_batches(encoded, batch_size, pad_id, regression=False, group_by_length=True):
+    for indices, batch in iterate_batches(encoded, batch_size, pad_id, regression=False, group_by_length=group_by_length):
         inputs = model_inputs(batch, device)
         logits = forward(inputs) if forward is not None else model(**inputs).logits
         logits = logits.float().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits, dtype=np.float32)
@@ -42,7 +48,7 @@ def evaluate(model, encoded: Encoded, spec: TaskSpec, *, batch_size: int, pad_id
 
 
 def evaluate_predictor(predictor, config, spec) -> dict[str, float]:
-    """Test metrics of a :class:`~tinycompress.runtime.Predictor` on ``config``'s data."""
+    """Test metrics of a :class:`~tinycompress.inference.predictor.Predictor` on ``config``'s data."""
 
     data = load_config_data(config, spec)
     encoded = encode(predictor.tokenizer, data.test, config.model.max_length)

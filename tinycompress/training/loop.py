@@ -1,4 +1,4 @@
-"""The training and evaluation loops shared by fine-tuning and pruning recovery."""
+"""The training loop shared by fine-tuning and pruning recovery (optionally distilling from a teacher)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
 import torch
+
 from tinycompress.data.batching import Encoded, batch_order, collate
 from tinycompress.data.tasks import TaskSpec
-from tinycompress.training.losses import batch_loss
 from tinycompress.training.evaluation import evaluate
+from tinycompress.training.losses import batch_loss
 
 
 @dataclass
@@ -135,7 +137,14 @@ def train(
 def make_progress():
     """A Rich progress bar on stderr with loss and samples/s."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[bold]{task.description}"),

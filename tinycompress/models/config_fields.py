@@ -1,0 +1,9 @@
+"""Fields tinycompress adds to a Hugging Face model config (and so to its ``config.json``).
+
+Kept apart from :mod:`tinycompress.models.structure` so that code which only reads a folder's
+``config.json`` (the checkpoint format, the report) can name them without importing torch.
+"""
+
+# The pruned structure (original ids of the kept heads, FFN width per layer): the shapes
+# ``config.json`` alone cannot express, rebuilt by ``apply_structure_`` before weights load.
+STRUCTURE_ATTR = "tinycompress_pruning"
