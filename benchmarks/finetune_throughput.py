@@ -25,7 +25,9 @@ def ours(model_factory, rows, tokenizer, args) -> float:
     encoded = encode(tokenizer, rows, args.max_length)
     dev = encode(tokenizer, rows.subset(range(8)), args.max_length)
     settings = FinetuneSettings(epochs=1, batch_size=args.batch_size, learning_rate=5e-5)
-    result = train(model_factory(), encoded, dev, spec, settings, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), seed=0)
+    result = train(
+        model_factory(), encoded, dev, spec, settings, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), seed=0
+    )
     return result.samples_per_second
 
 
@@ -34,7 +36,11 @@ def hf_trainer(model_factory, rows, tokenizer, args, *, group_by_length: bool) -
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     table = datasets.Dataset.from_dict({"sentence": [t[0] for t in rows.texts], "label": rows.labels})
-    table = table.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=args.max_length), batched=True, remove_columns=["sentence"])
+    table = table.map(
+        lambda b: tokenizer(b["sentence"], truncation=True, max_length=args.max_length),
+        batched=True,
+        remove_columns=["sentence"],
+    )
     training_args = TrainingArguments(
         output_dir="/tmp/tinycompress-trainer-bench",
         per_device_train_batch_size=args.batch_size,
@@ -51,7 +57,9 @@ def hf_trainer(model_factory, rows, tokenizer, args, *, group_by_length: bool) -
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         seed=0,
     )
-    trainer = Trainer(model=model_factory(), args=training_args, train_dataset=table, data_collator=DataCollatorWithPadding(tokenizer))
+    trainer = Trainer(
+        model=model_factory(), args=training_args, train_dataset=table, data_collator=DataCollatorWithPadding(tokenizer)
+    )
     started = time.perf_counter()
     trainer.train()
     return len(table) / (time.perf_counter() - started)
@@ -83,8 +91,14 @@ def main() -> None:
 
     loops = [
         ("tinycompress (length-grouped, dynamic padding)", lambda: ours(factory, data.train, tokenizer, args)),
-        ("HF Trainer + DataCollatorWithPadding", lambda: hf_trainer(factory, data.train, tokenizer, args, group_by_length=False)),
-        ("HF Trainer + DataCollatorWithPadding, group_by_length", lambda: hf_trainer(factory, data.train, tokenizer, args, group_by_length=True)),
+        (
+            "HF Trainer + DataCollatorWithPadding",
+            lambda: hf_trainer(factory, data.train, tokenizer, args, group_by_length=False),
+        ),
+        (
+            "HF Trainer + DataCollatorWithPadding, group_by_length",
+            lambda: hf_trainer(factory, data.train, tokenizer, args, group_by_length=True),
+        ),
     ]
     # Interleaved repeats, median kept: one pass of a few thousand rows is noisy on 2 cores.
     rates: dict[str, list[float]] = {name: [] for name, _ in loops}
@@ -93,7 +107,9 @@ def main() -> None:
             rates[name].append(loop())
     results = [(name, statistics.median(values)) for name, values in rates.items()]
     baseline = results[1][1]
-    print(f"\nall-MiniLM-L6-v2 on {len(data.train)} SST-2 rows, batch {args.batch_size}, {threads} threads, 1 epoch, CPU, median of {args.repeats} interleaved runs")
+    print(
+        f"\nall-MiniLM-L6-v2 on {len(data.train)} SST-2 rows, batch {args.batch_size}, {threads} threads, 1 epoch, CPU, median of {args.repeats} interleaved runs"
+    )
     print(f"{'loop':<62} {'samples/s':>10} {'vs Trainer':>11}")
     for name, rate in results:
         print(f"{name:<62} {rate:>10.1f} {rate / baseline:>10.2f}x")

@@ -39,7 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finetuned", type=Path, required=True, help="finetune checkpoint, e.g. runs/sst2/finetune-v1")
     parser.add_argument("--pruned", type=Path, required=True, help="prune checkpoint, e.g. runs/sst2/prune-v1")
     parser.add_argument("--pruned-int8", type=Path, help="ONNX quantize checkpoint of --pruned [default: built now]")
-    parser.add_argument("--unpruned-int8", type=Path, help="ONNX quantize checkpoint of --finetuned [default: built now]")
+    parser.add_argument(
+        "--unpruned-int8", type=Path, help="ONNX quantize checkpoint of --finetuned [default: built now]"
+    )
     parser.add_argument("--data-dir", help="folder of GLUE TSVs [default: the pruned checkpoint's]")
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads [default: 2]")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per model and batch size [default: 50]")
@@ -86,7 +88,10 @@ def quantized_predictor(path: Path, threads: int):
 
     checkpoint = read_checkpoint(path)
     if checkpoint.stage != "quantize" or not (path / ONNX_FILE).is_file():
-        raise TinycompressError(f"{path} is not an ONNX quantize checkpoint", "pass a folder written by `tinycompress quantize --backend onnx`")
+        raise TinycompressError(
+            f"{path} is not an ONNX quantize checkpoint",
+            "pass a folder written by `tinycompress quantize --backend onnx`",
+        )
     return onnx_predictor(path, threads=threads)
 
 
@@ -117,7 +122,10 @@ def build_variants(args, finetuned, pruned, scratch: Path) -> list[tuple[str, An
         ("pruned      ONNX fp32 (fused)", onnx("pruned-fp32", pr_model, pr_tokenizer, int8=False, fused=True)),
         ("pruned      ONNX int8", pruned_int8),
         ("unpruned    ONNX int8", unpruned_int8),
-        ("pruned      ONNX fp32 (unfused export)", onnx("pruned-fp32-export", pr_model, pr_tokenizer, int8=False, fused=False)),
+        (
+            "pruned      ONNX fp32 (unfused export)",
+            onnx("pruned-fp32-export", pr_model, pr_tokenizer, int8=False, fused=False),
+        ),
     ]
 
 
@@ -127,8 +135,10 @@ def build_variants(args, finetuned, pruned, scratch: Path) -> list[tuple[str, An
 def time_variants(variants, texts, max_length: int, runs: int, warmup: int) -> list[dict[str, Any]]:
     from tinycompress.inference.latency import measure_predictor
 
-    results = [{"variant": name, **measure_predictor(predictor, texts, max_length=max_length, runs=runs, warmup=warmup)}
-               for name, predictor in variants]
+    results = [
+        {"variant": name, **measure_predictor(predictor, texts, max_length=max_length, runs=runs, warmup=warmup)}
+        for name, predictor in variants
+    ]
     base = results[0]
     for row in results:
         for key in ("batch_1", "batch_32"):
@@ -142,7 +152,9 @@ def print_table(results: list[dict[str, Any]], header: str) -> None:
     print(f"{'model':<{width}}  {'batch 1 ms':>10}  {'speed-up':>8}  {'batch 32 ms':>11}  {'speed-up':>8}")
     for r in results:
         b1, b32 = r["batch_1"], r["batch_32"]
-        print(f"{r['variant']:<{width}}  {b1['median_ms']:>10.2f}  {b1['speedup']:>7.2f}x  {b32['median_ms']:>11.2f}  {b32['speedup']:>7.2f}x")
+        print(
+            f"{r['variant']:<{width}}  {b1['median_ms']:>10.2f}  {b1['speedup']:>7.2f}x  {b32['median_ms']:>11.2f}  {b32['speedup']:>7.2f}x"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         finetuned, pruned = read_checkpoint(args.finetuned), read_checkpoint(args.pruned)
         config = pruned.config
-        data = load_task_data(get_task(config.task), data_dir=args.data_dir or config.data.data_dir,
-                              dev_fraction=config.data.dev_fraction, seed=config.seed)
+        data = load_task_data(
+            get_task(config.task),
+            data_dir=args.data_dir or config.data.data_dir,
+            dev_fraction=config.data.dev_fraction,
+            seed=config.seed,
+        )
         with tempfile.TemporaryDirectory(prefix="tinycompress-latency-") as scratch:
             variants = build_variants(args, finetuned, pruned, Path(scratch))
             results = time_variants(variants, data.test.texts, config.model.max_length, args.runs, args.warmup)
@@ -171,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"machine": machine, "runs": args.runs, "task": config.task, "results": results}, indent=2))
     else:
-        header = (f"{config.task}: median of {args.runs} runs, {threads} threads, {machine['cpu']} "
-                  f"({', '.join(machine['vector_extensions']) or 'no vector extensions found'}); speed-up vs {BASELINE.split()[0]} PyTorch fp32")
+        header = (
+            f"{config.task}: median of {args.runs} runs, {threads} threads, {machine['cpu']} "
+            f"({', '.join(machine['vector_extensions']) or 'no vector extensions found'}); speed-up vs {BASELINE.split()[0]} PyTorch fp32"
+        )
         print_table(results, header)
     return 0
 

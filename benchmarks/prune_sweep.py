@@ -55,11 +55,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a finetune checkpoint folder, e.g. runs/sst2/finetune-v1")
     parser.add_argument("--data-dir", help="folder of GLUE TSVs [default: the checkpoint's]")
-    parser.add_argument("--ratios", type=_ratios, default=_ratios(DEFAULT_RATIOS), help=f"head ratios [default: {DEFAULT_RATIOS}]")
+    parser.add_argument(
+        "--ratios", type=_ratios, default=_ratios(DEFAULT_RATIOS), help=f"head ratios [default: {DEFAULT_RATIOS}]"
+    )
     parser.add_argument("--criteria", type=_criteria, default=list(CRITERIA), help=f"[default: {','.join(CRITERIA)}]")
     parser.add_argument("--importance-samples", type=int, default=1024, help="training rows used to score importance")
-    parser.add_argument("--recover-train-samples", type=int, default=2000,
-                        help="training rows for the 1-epoch recovery of the best criterion; 0 skips recovery")
+    parser.add_argument(
+        "--recover-train-samples",
+        type=int,
+        default=2000,
+        help="training rows for the 1-epoch recovery of the best criterion; 0 skips recovery",
+    )
     parser.add_argument("--max-test-samples", type=int, help="evaluate on only this many test rows")
     parser.add_argument("--threads", type=int, help="torch threads [default: the checkpoint's setting]")
     parser.add_argument("--seed", type=int, help="[default: the checkpoint's seed]")
@@ -91,8 +97,11 @@ class Sweep:
 
         parent = read_checkpoint(args.checkpoint)
         overrides = {
-            "data.data_dir": args.data_dir, "data.max_test_samples": args.max_test_samples,
-            "threads": args.threads, "seed": args.seed, "prune.recover_epochs": 1,
+            "data.data_dir": args.data_dir,
+            "data.max_test_samples": args.max_test_samples,
+            "threads": args.threads,
+            "seed": args.seed,
+            "prune.recover_epochs": 1,
         }
         self.config = load_config(None, overrides, base=parent.manifest["config"])
         self.spec, self.device, self.threads = prepare(self.config)
@@ -100,11 +109,17 @@ class Sweep:
         self.model.to(self.device)
         data = load_config_data(self.config, self.spec)
         max_length = self.config.model.max_length
-        self.train, self.dev, self.test = (encode(self.tokenizer, s, max_length) for s in (data.train, data.dev, data.test))
+        self.train, self.dev, self.test = (
+            encode(self.tokenizer, s, max_length) for s in (data.train, data.dev, data.test)
+        )
         self.pad_id = padding_id(self.tokenizer)
         self.batches = importance_batches(
-            self.train, args.importance_samples, batch_size=self.config.finetune.batch_size,
-            pad_id=self.pad_id, regression=self.spec.is_regression, seed=self.config.seed,
+            self.train,
+            args.importance_samples,
+            batch_size=self.config.finetune.batch_size,
+            pad_id=self.pad_id,
+            regression=self.spec.is_regression,
+            seed=self.config.seed,
         )
         self.checkpoint = parent
 
@@ -122,7 +137,9 @@ class Sweep:
         prune_heads_(model, select_heads(head_scores, ratio, self.config.prune.min_heads_per_layer))
         return model
 
-    def row(self, model, criterion: str, ratio: float, *, recovered: bool, recovery_rows: int = 0, seconds: float = 0.0) -> dict:
+    def row(
+        self, model, criterion: str, ratio: float, *, recovered: bool, recovery_rows: int = 0, seconds: float = 0.0
+    ) -> dict:
         from tinycompress.models.pretrained import count_parameters
         from tinycompress.models.structure import head_counts
         from tinycompress.pruning.flops import estimate_flops
@@ -131,9 +148,14 @@ class Sweep:
         start = time.perf_counter()
         metrics = self.measure(model)
         return {
-            "criterion": criterion, "head_ratio": ratio, "recovered": recovered, "recovery_train_rows": recovery_rows,
-            "heads": sum(head_counts(model)), **{f"test_{k}": round(v, 4) for k, v in metrics.items()},
-            "parameters": count_parameters(model), f"flops_seq{FLOPS_SEQ_LEN}": estimate_flops(model, FLOPS_SEQ_LEN),
+            "criterion": criterion,
+            "head_ratio": ratio,
+            "recovered": recovered,
+            "recovery_train_rows": recovery_rows,
+            "heads": sum(head_counts(model)),
+            **{f"test_{k}": round(v, 4) for k, v in metrics.items()},
+            "parameters": count_parameters(model),
+            f"flops_seq{FLOPS_SEQ_LEN}": estimate_flops(model, FLOPS_SEQ_LEN),
             "seconds": round(seconds + time.perf_counter() - start, 1),
         }
 
@@ -175,7 +197,11 @@ def recovered_rows(sweep: Sweep, criterion: str, importance, ratios: list[float]
             continue
         start = time.perf_counter()
         recover(model, sweep.model, train, dev, sweep.spec, sweep.config, pad_id=sweep.pad_id, device=sweep.device)
-        rows.append(sweep.row(model, criterion, ratio, recovered=True, recovery_rows=len(train), seconds=time.perf_counter() - start))
+        rows.append(
+            sweep.row(
+                model, criterion, ratio, recovered=True, recovery_rows=len(train), seconds=time.perf_counter() - start
+            )
+        )
         _progress(rows[-1], sweep.spec.primary_metric)
     return rows
 
@@ -193,7 +219,11 @@ def best_criterion(rows: list[dict], metric: str) -> str:
 
 def _progress(row: dict, metric: str) -> None:
     tag = " + recovery" if row["recovered"] else ""
-    print(f"  {row['criterion']:<9} ratio {row['head_ratio']:.2f}{tag}: test {metric} {row[f'test_{metric}']:.4f} ({row['seconds']}s)", file=sys.stderr, flush=True)
+    print(
+        f"  {row['criterion']:<9} ratio {row['head_ratio']:.2f}{tag}: test {metric} {row[f'test_{metric}']:.4f} ({row['seconds']}s)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -209,13 +239,22 @@ def print_table(rows: list[dict], metric: str, notes: list[str]) -> None:
     from rich.table import Table
 
     flops_key = next(k for k in rows[0] if k.startswith("flops_seq"))
-    table = Table(title=f"Head pruning sweep: test {metric} (GLUE validation); GFLOPs at {flops_key[9:]} tokens; recovery = 1 epoch")
+    table = Table(
+        title=f"Head pruning sweep: test {metric} (GLUE validation); GFLOPs at {flops_key[9:]} tokens; recovery = 1 epoch"
+    )
     for column in ("criterion", "ratio", "recovery", "heads", metric, "params", "GFLOPs"):
         table.add_column(column, justify="left" if column in ("criterion", "recovery") else "right", no_wrap=True)
     for row in rows:
         recovery = f"{row['recovery_train_rows']} rows" if row["recovered"] else "-"
-        table.add_row(row["criterion"], f"{row['head_ratio']:.2f}", recovery, str(row["heads"]), f"{row[f'test_{metric}']:.4f}",
-                      f"{row['parameters']:,}", f"{row[flops_key] / 1e9:.3f}")
+        table.add_row(
+            row["criterion"],
+            f"{row['head_ratio']:.2f}",
+            recovery,
+            str(row["heads"]),
+            f"{row[f'test_{metric}']:.4f}",
+            f"{row['parameters']:,}",
+            f"{row[flops_key] / 1e9:.3f}",
+        )
     console = Console()
     console.print(table)
     for note in notes:
@@ -235,7 +274,11 @@ def plot(rows: list[dict], metric: str, path: Path, caption: str) -> None:
     criteria = list(dict.fromkeys(r["criterion"] for r in rows if r["criterion"] != "unpruned"))
     for color, criterion in zip(colors, criteria):  # one colour per criterion, dashed once recovered
         for recovered, style in ((False, "-o"), (True, "--s")):
-            points = [(r["head_ratio"], r[f"test_{metric}"]) for r in rows if r["criterion"] == criterion and r["recovered"] == recovered]
+            points = [
+                (r["head_ratio"], r[f"test_{metric}"])
+                for r in rows
+                if r["criterion"] == criterion and r["recovered"] == recovered
+            ]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, style, color=color, label=f"{criterion} + 1 epoch recovery" if recovered else criterion)
@@ -262,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return 1
     metric = sweep.spec.primary_metric
-    print(f"sweeping {sweep.checkpoint.path} on {len(sweep.test)} test rows, {sweep.threads} threads, {sweep.device}", file=sys.stderr)
+    print(
+        f"sweeping {sweep.checkpoint.path} on {len(sweep.test)} test rows, {sweep.threads} threads, {sweep.device}",
+        file=sys.stderr,
+    )
     rows = [sweep.row(sweep.model, "unpruned", 0.0, recovered=False)]
     scores = {}
     for criterion in args.criteria:

@@ -54,20 +54,30 @@ def seed_table(reports: list[dict[str, Any]]) -> str:
     seeds = [chain_seed(r) for r in reports]
     labels: list[str] = []
     for report in reports:
-        labels += [row["label"] for row in report["rows"]
-                   if row["status"] == "ok" and row["key"] not in SKIPPED_KEYS and row["label"] not in labels]
+        labels += [
+            row["label"]
+            for row in report["rows"]
+            if row["status"] == "ok" and row["key"] not in SKIPPED_KEYS and row["label"] not in labels
+        ]
     headers = ["version", *(f"seed {s}" for s in seeds), f"mean ± std ({len(reports)} runs)", "size (MB, mean)"]
     lines = ["| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
     for label in labels:
-        found = [next((row for row in r["rows"] if row["label"] == label and row["status"] == "ok"), None) for r in reports]
+        found = [
+            next((row for row in r["rows"] if row["label"] == label and row["status"] == "ok"), None) for r in reports
+        ]
         scores = [row["metrics"].get(metric) if row else None for row in found]
         sizes = [row["size_mb"] for row in found if row and row.get("size_mb") is not None]
         cells = [f"{s:.4f}" if s is not None else "—" for s in scores]
         known = [s for s in scores if s is not None]
         size = f"{statistics.mean(sizes):.1f}" if sizes else "—"
         lines.append("| " + " | ".join([label, *cells, mean_std(known), size]) + " |")
-    lines += ["", f"test {metric}; wall seconds per stage:", "",
-              "| seed | " + " | ".join(reports[0]["stage_seconds"]) + " |", "|---|" + "---:|" * len(reports[0]["stage_seconds"])]
+    lines += [
+        "",
+        f"test {metric}; wall seconds per stage:",
+        "",
+        "| seed | " + " | ".join(reports[0]["stage_seconds"]) + " |",
+        "|---|" + "---:|" * len(reports[0]["stage_seconds"]),
+    ]
     for seed, report in zip(seeds, reports):
         cells = ["—" if v is None else f"{v:,.0f}" for v in report["stage_seconds"].values()]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")

@@ -89,12 +89,20 @@ def make_tiny_model_dir(folder: Path, kind: str = "bert", seed: int = 0) -> Path
     tokenizer = _toy_tokenizer(folder)
     torch.manual_seed(seed)
     if kind == "bert":
-        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=37, max_position_embeddings=64, type_vocab_size=2)
+        config = BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            type_vocab_size=2,
+        )
         model = BertModel(config)
     elif kind == "distilbert":
-        config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=4, hidden_dim=37,
-                                  max_position_embeddings=64)
+        config = DistilBertConfig(
+            vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64
+        )
         model = DistilBertModel(config)
     else:
         raise ValueError(kind)

@@ -15,7 +15,9 @@ def _write(workdir, files: dict[str, bytes], **kwargs):
         for name, data in files.items():
             (folder / name).write_bytes(data)
 
-    return write_checkpoint(workdir, "sst2", "finetune", put, config=load_config(), metrics={"test/accuracy": 0.5}, seed=1, **kwargs)
+    return write_checkpoint(
+        workdir, "sst2", "finetune", put, config=load_config(), metrics={"test/accuracy": 0.5}, seed=1, **kwargs
+    )
 
 
 def test_versions_are_never_overwritten(tmp_path):
@@ -32,8 +34,16 @@ def test_versions_are_never_overwritten(tmp_path):
 
 def test_lineage_records_parent_and_its_checksum(tmp_path):
     parent = _write(tmp_path, {"model.safetensors": b"p"})
-    child = write_checkpoint(tmp_path, "sst2", "prune", lambda f: (f / "x.bin").write_bytes(b"c"),
-                             config=load_config(), metrics={}, seed=1, parent=parent)
+    child = write_checkpoint(
+        tmp_path,
+        "sst2",
+        "prune",
+        lambda f: (f / "x.bin").write_bytes(b"c"),
+        config=load_config(),
+        metrics={},
+        seed=1,
+        parent=parent,
+    )
     assert child.manifest["parent"]["path"] == "finetune-v1"
     assert child.parent().path == parent.path.resolve()
     assert resolve_input(None, workdir=tmp_path, task="sst2", stage="quantize").path == child.path
@@ -104,8 +114,16 @@ def test_files_not_in_the_manifest_are_refused(tmp_path):
 
 def test_parent_changed_after_the_child_was_written(tmp_path):
     parent = _write(tmp_path, {"model.safetensors": b"p"})
-    child = write_checkpoint(tmp_path, "sst2", "prune", lambda f: (f / "x.bin").write_bytes(b"c"),
-                             config=load_config(), metrics={}, seed=1, parent=parent)
+    child = write_checkpoint(
+        tmp_path,
+        "sst2",
+        "prune",
+        lambda f: (f / "x.bin").write_bytes(b"c"),
+        config=load_config(),
+        metrics={},
+        seed=1,
+        parent=parent,
+    )
     manifest_path = parent.path / MANIFEST_NAME
     manifest = yaml.safe_load(manifest_path.read_text())
     manifest["metrics"]["test/accuracy"] = 0.99
@@ -118,7 +136,9 @@ def test_temporary_folder_of_a_dead_writer_is_removed(tmp_path):
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     orphan = tmp_path / "sst2" / f".tmp-finetune-{dead.stdout.strip()}-deadbeef"
     live = tmp_path / "sst2" / f".tmp-finetune-{os.getpid()}-cafe0000"
     orphan.mkdir(parents=True)

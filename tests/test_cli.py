@@ -13,7 +13,6 @@ from tinycompress.errors import TinycompressError
 runner = CliRunner()
 
 
-
 COMMANDS = ("run", "finetune", "prune", "quantize", "export", "report", "predict", "evaluate", "env")
 
 
@@ -21,7 +20,9 @@ def test_help_lists_commands_and_examples():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     # Every command, in the order a user meets them.
-    listed = [line.split()[1] for line in result.stdout.splitlines() if len(line.split()) > 1 and line.split()[1] in COMMANDS]
+    listed = [
+        line.split()[1] for line in result.stdout.splitlines() if len(line.split()) > 1 and line.split()[1] in COMMANDS
+    ]
     assert listed == list(COMMANDS)
     for command in COMMANDS:
         sub = runner.invoke(app, [command, "--help"])
@@ -48,7 +49,9 @@ def test_python_dash_m_works():
 
 
 def test_unknown_task(tmp_path):
-    assert_one_line_error(runner.invoke(app, ["finetune", "--task", "sst3", "--workdir", str(tmp_path)]), "unknown task 'sst3'", "sst2")
+    assert_one_line_error(
+        runner.invoke(app, ["finetune", "--task", "sst3", "--workdir", str(tmp_path)]), "unknown task 'sst3'", "sst2"
+    )
     assert not any(tmp_path.iterdir())
 
 
@@ -79,7 +82,9 @@ def test_missing_and_corrupt_checkpoint(tmp_path, tiny_finetuned):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_finetuned.path, copy)
     (copy / "model.safetensors").write_bytes(b"garbage")
-    assert_one_line_error(runner.invoke(app, ["evaluate", str(copy)]), "model.safetensors is corrupt", "tinycompress finetune")
+    assert_one_line_error(
+        runner.invoke(app, ["evaluate", str(copy)]), "model.safetensors is corrupt", "tinycompress finetune"
+    )
 
 
 def test_debug_variable_shows_traceback(tmp_path):
@@ -91,8 +96,25 @@ def test_debug_variable_shows_traceback(tmp_path):
 
 
 def test_finetune_and_evaluate_through_the_cli(tiny_bert_dir, toy_glue, tmp_path):
-    args = ["finetune", "--model", str(tiny_bert_dir), "--data-dir", str(toy_glue), "--workdir", str(tmp_path),
-            "--epochs", "10", "--lr", "2e-3", "--batch-size", "16", "--max-length", "32", "--threads", "1"]
+    args = [
+        "finetune",
+        "--model",
+        str(tiny_bert_dir),
+        "--data-dir",
+        str(toy_glue),
+        "--workdir",
+        str(tmp_path),
+        "--epochs",
+        "10",
+        "--lr",
+        "2e-3",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "32",
+        "--threads",
+        "1",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "wrote" in result.stdout and (tmp_path / "sst2" / "finetune-v1" / "tinycompress.yaml").is_file()
@@ -101,7 +123,9 @@ def test_finetune_and_evaluate_through_the_cli(tiny_bert_dir, toy_glue, tmp_path
     metrics = json.loads(evaluated.stdout)
     from tinycompress.checkpoint.store import read_checkpoint
 
-    assert metrics["test/accuracy"] == pytest.approx(read_checkpoint(tmp_path / "sst2" / "finetune-v1").metrics["test/accuracy"])
+    assert metrics["test/accuracy"] == pytest.approx(
+        read_checkpoint(tmp_path / "sst2" / "finetune-v1").metrics["test/accuracy"]
+    )
 
 
 def test_evaluate_original_model_is_seeded(tiny_bert_dir, toy_glue):
@@ -134,7 +158,10 @@ def test_env_reports_model_and_data(toy_glue):
     assert "sst2" in report["data_dir"] and report["threads"] >= 1
 
 
-@pytest.mark.parametrize("args, needle", [(["prune", "--ratio", "abc"], "--ratio"), (["finetune", "--bogus"], "--bogus"), (["nosuch"], "nosuch")])
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["prune", "--ratio", "abc"], "--ratio"), (["finetune", "--bogus"], "--bogus"), (["nosuch"], "nosuch")],
+)
 def test_usage_errors_from_the_console_script_are_one_line(args, needle):
     out = subprocess.run([sys.executable, "-m", "tinycompress", *args], capture_output=True, text=True)
     assert out.returncode == 2

@@ -37,18 +37,21 @@ def test_help_lists_every_command():
         assert f" {command} " in flat(result.stdout), command
 
 
-@pytest.mark.parametrize("command, flag, key", [
-    ("prune", "--ratio", "prune.ratio"),
-    ("prune", "--importance-samples", "prune.importance_samples"),
-    ("run", "--ratio", "prune.ratio"),
-    ("finetune", "--lr,--learning-rate", "finetune.learning_rate"),
-    ("finetune", "--epochs", "finetune.epochs"),
-    ("quantize", "--calibration-samples", "quantize.calibration_samples"),
-    ("quantize", "--mode", "quantize.mode"),
-    ("export", "--opset", "export.opset"),
-    ("report", "--runs", "report.bench_runs"),
-    ("evaluate", "--seed", "seed"),
-])
+@pytest.mark.parametrize(
+    "command, flag, key",
+    [
+        ("prune", "--ratio", "prune.ratio"),
+        ("prune", "--importance-samples", "prune.importance_samples"),
+        ("run", "--ratio", "prune.ratio"),
+        ("finetune", "--lr,--learning-rate", "finetune.learning_rate"),
+        ("finetune", "--epochs", "finetune.epochs"),
+        ("quantize", "--calibration-samples", "quantize.calibration_samples"),
+        ("quantize", "--mode", "quantize.mode"),
+        ("export", "--opset", "export.opset"),
+        ("report", "--runs", "report.bench_runs"),
+        ("evaluate", "--seed", "seed"),
+    ],
+)
 def test_help_states_the_schema_default(command, flag, key):
     default = Config().model_dump()
     for part in key.split("."):
@@ -86,5 +89,8 @@ def test_flags_map_to_config_keys_declared_once():
     assert run["prune.ratio"] == 0.3 and run["workdir"] == "ws" and run["report.bench"] is None
     assert not {"sweep", "out", "config", "as_json"} & set(run)
     assert flags(cli_app.prune, ratio=0.3)["prune.ratio"] == 0.3
-    assert flags(cli_app.quantize, embeddings=False, bench_runs=9).items() >= {"quantize.quantize_embeddings": False, "report.bench_runs": 9}.items()
+    assert (
+        flags(cli_app.quantize, embeddings=False, bench_runs=9).items()
+        >= {"quantize.quantize_embeddings": False, "report.bench_runs": 9}.items()
+    )
     assert flags(cli_app.report, bench_runs=7)["report.bench_runs"] == 7

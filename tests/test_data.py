@@ -24,8 +24,12 @@ def test_quotes_are_not_special(tmp_path):
 
 
 def test_ours_and_classic_layouts_give_the_same_rows(tmp_path):
-    cola_rows = ["gj04\t1\t\tThe sailors rode the breeze .", "gj04\t0\t*\tThe more we study , the more .",
-                 "gj04\t1\t\tA third one .", "gj04\t0\t*\tOne more bad ."]
+    cola_rows = [
+        "gj04\t1\t\tThe sailors rode the breeze .",
+        "gj04\t0\t*\tThe more we study , the more .",
+        "gj04\t1\t\tA third one .",
+        "gj04\t0\t*\tOne more bad .",
+    ]
     ours, classic = tmp_path / "ours", tmp_path / "classic"
     header = "source\tlabel\toriginal_label\tsentence\n"
     _write(ours / "cola/train.tsv", header + "\n".join(cola_rows) + "\n")
@@ -36,13 +40,20 @@ def test_ours_and_classic_layouts_give_the_same_rows(tmp_path):
     spec = get_task("cola")
     a = load_task_data(spec, data_dir=str(ours), dev_fraction=0.25, seed=3)
     b = load_task_data(spec, data_dir=str(classic), dev_fraction=0.25, seed=3)
-    assert (a.train.texts, a.train.labels, a.dev.texts, a.test.texts) == (b.train.texts, b.train.labels, b.dev.texts, b.test.texts)
+    assert (a.train.texts, a.train.labels, a.dev.texts, a.test.texts) == (
+        b.train.texts,
+        b.train.labels,
+        b.dev.texts,
+        b.test.texts,
+    )
     assert len(a.train) == 3 and len(a.dev) == 1 and a.test.labels == [1, 0]
 
 
 def test_string_labels_and_pairs(tmp_path):
     header = "index\tsentence1\tsentence2\tlabel\n"
-    file = _write(tmp_path / "rte/train.tsv", header + "0\tA man .\tA person .\tentailment\n1\tX .\tY .\tnot_entailment\n")
+    file = _write(
+        tmp_path / "rte/train.tsv", header + "0\tA man .\tA person .\tentailment\n1\tX .\tY .\tnot_entailment\n"
+    )
     rows = read_tsv(file, get_task("rte"), with_labels=True)
     assert rows.texts == [("A man .", "A person ."), ("X .", "Y .")] and rows.labels == [0, 1]
 

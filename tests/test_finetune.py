@@ -26,7 +26,14 @@ def test_tiny_model_learns_the_toy_task(tiny_finetuned):
 
 def test_checkpoint_files_and_manifest(tiny_finetuned):
     assert sorted(os.listdir(tiny_finetuned.path)) == sorted(
-        ["README.md", "config.json", "model.safetensors", "tinycompress.yaml", "tokenizer.json", "tokenizer_config.json"]
+        [
+            "README.md",
+            "config.json",
+            "model.safetensors",
+            "tinycompress.yaml",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
     )
     card = (tiny_finetuned.path / "README.md").read_text()
     assert card.startswith("---\nbase_model:") and "pipeline_tag: text-classification" in card
@@ -71,7 +78,9 @@ def test_nan_dev_metric_still_keeps_a_best_epoch(tiny_bert_dir, toy_glue, tmp_pa
     import tinycompress.training.loop as training
 
     monkeypatch.setattr(training, "evaluate", lambda *a, **k: {"accuracy": float("nan")})
-    checkpoint = finetune(load_config(None, tiny_finetune_overrides(tiny_bert_dir, toy_glue, tmp_path, **{"finetune.epochs": 2})))
+    checkpoint = finetune(
+        load_config(None, tiny_finetune_overrides(tiny_bert_dir, toy_glue, tmp_path, **{"finetune.epochs": 2}))
+    )
     assert checkpoint.metrics["best_epoch"] == 1
     assert len(checkpoint.manifest["details"]["history"]) == 2
 
@@ -83,8 +92,14 @@ def test_stsb_regression_on_sentence_pairs(tiny_bert_dir, toy_stsb, tmp_path):
     checkpoint = finetune(load_config(None, overrides))
     metrics = checkpoint.metrics
     for prefix in ("test/", "dev/", "original/test/"):
-        assert {k for k in metrics if k.startswith(prefix) and k.count("/") == prefix.count("/")} == {f"{prefix}pearson", f"{prefix}spearman"}
-        assert all(math.isfinite(metrics[f"{prefix}{m}"]) and -1.0 <= metrics[f"{prefix}{m}"] <= 1.0 for m in ("pearson", "spearman"))
+        assert {k for k in metrics if k.startswith(prefix) and k.count("/") == prefix.count("/")} == {
+            f"{prefix}pearson",
+            f"{prefix}spearman",
+        }
+        assert all(
+            math.isfinite(metrics[f"{prefix}{m}"]) and -1.0 <= metrics[f"{prefix}{m}"] <= 1.0
+            for m in ("pearson", "spearman")
+        )
     model, tokenizer = load_hf_model(checkpoint)
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
     # Both sentences of a pair reach the model, as segments 0 and 1, and scores stay floats.
@@ -100,7 +115,8 @@ def test_compute_metrics_known_values():
     classification = dataclasses.replace(get_task("sst2"), metrics=("accuracy", "f1", "matthews_correlation"))
     # TP 2, TN 1, FP 1, FN 0: precision 2/3, recall 1; MCC (2*1 - 1*0) / sqrt(3*2*2*1).
     assert compute_metrics(classification, logits, labels) == pytest.approx(
-        {"accuracy": 0.75, "f1": 0.8, "matthews_correlation": 1 / math.sqrt(3)}, rel=1e-12)
+        {"accuracy": 0.75, "f1": 0.8, "matthews_correlation": 1 / math.sqrt(3)}, rel=1e-12
+    )
     # Regression reads column 0: predictions rank 1, 3, 2, 4 against 1, 2, 3, 4: 1 - 6*2/(4*15).
     scores = compute_metrics(get_task("stsb"), np.array([[1.0], [3.0], [2.0], [4.0]]), [1.0, 2.0, 3.0, 4.0])
     assert scores == pytest.approx({"pearson": 0.8, "spearman": 0.8}, rel=1e-12)

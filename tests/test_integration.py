@@ -38,7 +38,11 @@ def test_real_checkpoint_loads_with_plain_transformers(minilm_finetuned):
 
     model = AutoModelForSequenceClassification.from_pretrained(minilm_finetuned.path).eval()
     tokenizer = AutoTokenizer.from_pretrained(minilm_finetuned.path)
-    batch = tokenizer(["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés"], padding=True, return_tensors="pt")
+    batch = tokenizer(
+        ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés"],
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         assert model(**batch).logits.shape == (2, 2)
     assert model.config.id2label == {0: "negative", 1: "positive"}

@@ -127,7 +127,9 @@ def test_old_chain_reports_and_takes_a_new_stage(old_workspace):
     from tinycompress.stages.report import run_report
 
     workdir, glue = old_workspace
-    report, written = run_report(workdir / "sst2" / "export-v1", overrides={"report.bench": False}, out_dir=workdir / "report")
+    report, written = run_report(
+        workdir / "sst2" / "export-v1", overrides={"report.bench": False}, out_dir=workdir / "report"
+    )
     assert [(row.label, row.status, row.checkpoint, row.metrics["accuracy"]) for row in report.rows] == [
         ("original", "ok", None, 0.5),
         ("fine-tuned", "ok", "finetune-v1", 1.0),
@@ -135,7 +137,12 @@ def test_old_chain_reports_and_takes_a_new_stage(old_workspace):
         ("pruned + quantized", "ok", "quantize-v1", 1.0),
         ("exported (ONNX int8)", "ok", "export-v1", 1.0),
     ]
-    assert sorted(p.name for p in written.iterdir()) == ["accuracy_vs_size.png", "report.csv", "report.json", "report.md"]
+    assert sorted(p.name for p in written.iterdir()) == [
+        "accuracy_vs_size.png",
+        "report.csv",
+        "report.json",
+        "report.md",
+    ]
     # The new code quantizes an old prune checkpoint; the parent link verifies.
     parent = read_checkpoint(workdir / "sst2" / "prune-v1")
     overrides = {"data.data_dir": str(glue), "quantize.backend": "torch", "report.bench_runs": 5, "threads": 1}
@@ -165,7 +172,7 @@ def test_no_import_cycles_between_modules():
             if not imported.startswith("tinycompress.") or imported.endswith("__init__"):
                 continue
             if state.get(imported) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(imported):] + [imported]))
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(imported) :] + [imported]))
             if imported not in state:
                 visit(imported)
         path.pop()

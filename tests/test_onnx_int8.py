@@ -45,8 +45,13 @@ def _randomize(model: nn.Module, seed: int) -> nn.Module:
 def build_bert() -> BertForSequenceClassification:
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        intermediate_size=FFN, max_position_embeddings=64, num_labels=LABELS,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FFN,
+        max_position_embeddings=64,
+        num_labels=LABELS,
     )
     return _randomize(BertForSequenceClassification(config), seed=1)
 
@@ -54,8 +59,13 @@ def build_bert() -> BertForSequenceClassification:
 def build_distilbert() -> DistilBertForSequenceClassification:
     torch.manual_seed(0)
     config = DistilBertConfig(
-        vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, hidden_dim=FFN,
-        max_position_embeddings=64, num_labels=LABELS,
+        vocab_size=VOCAB,
+        dim=HIDDEN,
+        n_layers=LAYERS,
+        n_heads=HEADS,
+        hidden_dim=FFN,
+        max_position_embeddings=64,
+        num_labels=LABELS,
     )
     return _randomize(DistilBertForSequenceClassification(config), seed=2)
 

@@ -29,7 +29,14 @@ from tinycompress.stages.prune import FLOPS_SEQ_LEN, check_feasible, prune, run_
 
 runner = CliRunner()
 # BertTokenizer in transformers 5 saves tokenizer.json + tokenizer_config.json (no vocab.txt).
-EXPECTED_FILES = {"config.json", "model.safetensors", "README.md", MANIFEST_NAME, "tokenizer.json", "tokenizer_config.json"}
+EXPECTED_FILES = {
+    "config.json",
+    "model.safetensors",
+    "README.md",
+    MANIFEST_NAME,
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
 FAST = {"prune.importance_samples": 64, "prune.recover_epochs": 0, "threads": 1}
 
 
@@ -93,7 +100,10 @@ def test_prune_writes_v1_that_reloads_exactly(parent):
     kept = [scores[layer][h] for layer, heads in enumerate(details["heads_kept"]) for h in heads]
     assert max(removed) <= min(kept)
     assert metrics["parameters"] == count_parameters(reloaded) < metrics["parent/parameters"]
-    assert metrics["flops"] < metrics["parent/flops"] and metrics["flops_seq_len"] == FLOPS_SEQ_LEN == details["flops_seq_len"]
+    assert (
+        metrics["flops"] < metrics["parent/flops"]
+        and metrics["flops_seq_len"] == FLOPS_SEQ_LEN == details["flops_seq_len"]
+    )
     for key in ("test/accuracy", "pruned_no_recovery/test/accuracy", "parent/test/accuracy"):
         assert 0.0 <= metrics[key] <= 1.0
     # Without recovery the final metrics are those right after pruning.
@@ -124,7 +134,9 @@ def test_recovery_records_both_metric_sets(parent):
 
 @pytest.mark.parametrize("criterion", ["magnitude", "random"])
 def test_data_free_criteria(parent, criterion):
-    checkpoint = prune(prune_config(parent, **{"prune.ratio": 0.5, "prune.steps": 2, "prune.criterion": criterion}), parent)
+    checkpoint = prune(
+        prune_config(parent, **{"prune.ratio": 0.5, "prune.steps": 2, "prune.criterion": criterion}), parent
+    )
     assert checkpoint.metrics["heads"] == 4 and len(checkpoint.details["step_log"]) == 2
     assert checkpoint.metrics["importance_rows"] == 0  # these criteria read no data
 
@@ -156,7 +168,9 @@ def test_refuses_a_parent_of_another_stage(parent, tmp_path):
     shutil.copytree(parent.path, quantized)
     manifest = yaml.safe_load((quantized / MANIFEST_NAME).read_text())
     (quantized / MANIFEST_NAME).write_text(yaml.safe_dump(manifest | {"stage": "quantize"}))
-    with pytest.raises(TinycompressError, match=r"quantize checkpoint \(already quantized\); prune needs a finetune or prune"):
+    with pytest.raises(
+        TinycompressError, match=r"quantize checkpoint \(already quantized\); prune needs a finetune or prune"
+    ):
         prune(prune_config(parent), quantized)
     assert sorted(p.name for p in (tmp_path / "other" / "sst2").iterdir()) == ["quantize-v1"]
 
@@ -178,11 +192,29 @@ def test_distilbert_round_trip(tiny_distilbert_dir, toy_glue, tmp_path):
 # ------------------------------------------------------------------------------ the command
 
 
-
 def test_cli_prunes_the_newest_finetune_of_the_workspace(parent):
     workspace = parent.path.parent.parent
-    args = ["prune", "--workdir", str(workspace), "--task", "sst2", "--ratio", "0.25", "--ffn-ratio", "0.1",
-            "--criterion", "magnitude", "--steps", "2", "--recover-epochs", "0", "--importance-samples", "32", "--threads", "1"]
+    args = [
+        "prune",
+        "--workdir",
+        str(workspace),
+        "--task",
+        "sst2",
+        "--ratio",
+        "0.25",
+        "--ffn-ratio",
+        "0.1",
+        "--criterion",
+        "magnitude",
+        "--steps",
+        "2",
+        "--recover-epochs",
+        "0",
+        "--importance-samples",
+        "32",
+        "--threads",
+        "1",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "wrote" in result.stdout and "prune-v1" in result.stdout
@@ -209,7 +241,9 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(parent, extra, needles):
 
 def test_cli_missing_and_corrupt_checkpoint(parent, tmp_path):
     assert_one_line_error(runner.invoke(app, ["prune", str(tmp_path / "nothing")]), "not found")
-    assert_one_line_error(runner.invoke(app, ["prune", "--workdir", str(tmp_path / "empty"), "--task", "sst2"]), "no finetune checkpoint")
+    assert_one_line_error(
+        runner.invoke(app, ["prune", "--workdir", str(tmp_path / "empty"), "--task", "sst2"]), "no finetune checkpoint"
+    )
     corrupt = tmp_path / "corrupt" / "sst2" / "finetune-v1"
     shutil.copytree(parent.path, corrupt)
     (corrupt / "model.safetensors").write_bytes(b"garbage")

@@ -54,8 +54,20 @@ def build_chain(finetune_dir: Path, root: Path) -> Chain:
     shutil.copytree(finetune_dir, target)
     finetune = read_checkpoint(target)
     # 3 of 8 heads: the two layers must keep different head counts (the per-layer fusion case).
-    pruned = prune(load_config(None, {**FAST, "prune.ratio": 0.375, "prune.ffn_ratio": 0.2, "prune.recover_epochs": 0,
-                                      "prune.importance_samples": 32}, base=parent_base(finetune, "prune")), finetune)
+    pruned = prune(
+        load_config(
+            None,
+            {
+                **FAST,
+                "prune.ratio": 0.375,
+                "prune.ffn_ratio": 0.2,
+                "prune.recover_epochs": 0,
+                "prune.importance_samples": 32,
+            },
+            base=parent_base(finetune, "prune"),
+        ),
+        finetune,
+    )
 
     def quantized(**overrides):
         return quantize(load_config(None, {**FAST, **overrides}, base=parent_base(pruned, "quantize")), pruned)
@@ -91,7 +103,6 @@ def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-
 def evaluate_cli(folder: Path) -> dict:
     result = runner.invoke(app, ["evaluate", str(folder), "--json", "--threads", "1"])
     assert result.exit_code == 0, result.output
@@ -113,12 +124,19 @@ def assert_common_manifest(checkpoint: Checkpoint, chain: Chain) -> None:
     assert metrics["parent/test/accuracy"] == chain.prune.metrics["test/accuracy"]
     assert metrics["parameters"] == chain.prune.metrics["parameters"]
     assert 0.0 <= metrics["test/accuracy"] <= 1.0 and metrics["test_rows"] == 80
-    assert details["attention_heads"] == head_counts(load_hf_model(chain.prune)[0]) and len(set(details["attention_heads"])) == 2
+    assert (
+        details["attention_heads"] == head_counts(load_hf_model(chain.prune)[0])
+        and len(set(details["attention_heads"])) == 2
+    )
     assert set(details["versions"]) == {"onnxruntime", "torch"}
-    assert {"cpu", "cores", "threads", "vector_extensions"} <= set(details["machine"]) and details["machine"]["threads"] == 1
+    assert {"cpu", "cores", "threads", "vector_extensions"} <= set(details["machine"]) and details["machine"][
+        "threads"
+    ] == 1
     latency = details["latency"]
     assert latency["batch_1"]["runs"] == latency["batch_32"]["runs"] == 5
-    assert 0 < latency["batch_1"]["median_ms"] <= latency["batch_1"]["p90_ms"] and latency["machine"] == details["machine"]
+    assert (
+        0 < latency["batch_1"]["median_ms"] <= latency["batch_1"]["p90_ms"] and latency["machine"] == details["machine"]
+    )
     # Measured on the artifact: `tinycompress evaluate` on the folder gives the same number.
     assert evaluate_cli(checkpoint.path)["test/accuracy"] == metrics["test/accuracy"]
 
@@ -128,7 +146,12 @@ def test_onnx_dynamic_quantize_round_trip(chain):
     assert q.name == "quantize-v2" and files(q) == COMMON_FILES | {"model.onnx"}
     assert_common_manifest(q, chain)
     details = q.details
-    assert (details["backend"], details["mode"], details["per_channel"], details["calibration_rows"]) == ("onnx", "dynamic", False, 0)
+    assert (details["backend"], details["mode"], details["per_channel"], details["calibration_rows"]) == (
+        "onnx",
+        "dynamic",
+        False,
+        0,
+    )
     # Fused per layer with each layer's own head count, and the fused weights are int8 too.
     assert details["attention_fusion"] and details["fused_attention_heads"] == details["attention_heads"]
     assert details["quantized_ops"]["Attention"] == 2 and details["quantized_ops"]["EmbedLayerNormalization"] == 1
@@ -189,7 +212,9 @@ def test_cli_quantizes_newest_prune_and_an_explicit_finetune(own_chain):
     assert "wrote" in result.stdout and "quantize-v3" in result.stdout and "latency" in result.stdout
     assert read_checkpoint(workspace / "sst2" / "quantize-v3").manifest["parent"]["path"] == "prune-v1"
     # The unpruned model, for comparison, with the torch backend and no int8 embedding.
-    result = runner.invoke(app, ["quantize", str(own_chain.finetune.path), "--backend", "torch", "--no-embeddings", *common])
+    result = runner.invoke(
+        app, ["quantize", str(own_chain.finetune.path), "--backend", "torch", "--no-embeddings", *common]
+    )
     assert result.exit_code == 0, result.output
     unpruned = read_checkpoint(workspace / "sst2" / "quantize-v4")
     assert unpruned.manifest["parent"]["stage"] == "finetune" and unpruned.details["quantized_ops"]["Embedding"] == 0
@@ -219,7 +244,11 @@ def test_fp32_exports_match_pytorch(chain):
     shapes = onnx.details["parity_batches"]  # max_length batch at the limit; mixed one padded
     assert shapes["max_length"] == [4, 32] and shapes["short"][1] < shapes["mixed"][1] <= 32
     for checkpoint, prefix in ((onnx, "onnx"), (script, "torchscript")):
-        assert checkpoint.metrics[f"{prefix}/test/accuracy"] == checkpoint.metrics["test/accuracy"] == chain.prune.metrics["test/accuracy"]
+        assert (
+            checkpoint.metrics[f"{prefix}/test/accuracy"]
+            == checkpoint.metrics["test/accuracy"]
+            == chain.prune.metrics["test/accuracy"]
+        )
     assert set(onnx.details["latency"]) == {"batch_1", "batch_32", "machine"}
     # The tokenizer saved with the export truncates at the model's max length on its own.
     assert json.loads((onnx.path / "tokenizer_config.json").read_text())["model_max_length"] == 32
@@ -250,7 +279,9 @@ def test_export_all_of_torch_int8(own_chain):
 def test_cli_export_to_output_folder(own_chain, tmp_path):
     workspace, target = own_chain.workspace, tmp_path / "deploy" / "sst2-fp32"
     before = listing(workspace)
-    result = runner.invoke(app, ["export", str(own_chain.prune.path), "--format", "onnx", "--output", str(target), "--threads", "1"])
+    result = runner.invoke(
+        app, ["export", str(own_chain.prune.path), "--format", "onnx", "--output", str(target), "--threads", "1"]
+    )
     assert result.exit_code == 0, result.output
     written = read_checkpoint(target)
     assert files(written) == COMMON_FILES | {"model.onnx"} and written.version == 1
@@ -285,10 +316,17 @@ def test_predict_text_file_and_plain_output(chain, tmp_path):
 
 def test_example_script_runs_without_tinycompress(chain, tmp_path):
     script = REPO / "examples" / "onnx_inference.py"
-    check = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
-             "assert not [m for m in sys.modules if m.split('.')[0] == 'tinycompress'], 'imported tinycompress'")
-    out = subprocess.run([sys.executable, "-c", check, str(script), str(chain.onnx_export.path), "--json", *TEXTS],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    check = (
+        "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'tinycompress'], 'imported tinycompress'"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check, str(script), str(chain.onnx_export.path), "--json", *TEXTS],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     example = json.loads(out.stdout)
     for got, want in zip(example, predict_cli(chain.onnx_export.path, TEXTS), strict=True):
@@ -331,8 +369,21 @@ def test_latency_benchmark_on_the_tiny_chain(chain, capsys):
     spec = importlib.util.spec_from_file_location("latency_benchmark", REPO / "benchmarks" / "latency.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    argv = ["--finetuned", str(chain.finetune.path), "--pruned", str(chain.prune.path), "--pruned-int8", str(chain.onnx_int8.path),
-            "--threads", "1", "--runs", "5", "--warmup", "1", "--json"]
+    argv = [
+        "--finetuned",
+        str(chain.finetune.path),
+        "--pruned",
+        str(chain.prune.path),
+        "--pruned-int8",
+        str(chain.onnx_int8.path),
+        "--threads",
+        "1",
+        "--runs",
+        "5",
+        "--warmup",
+        "1",
+        "--json",
+    ]
     assert module.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     variants = [r["variant"].split() for r in report["results"]]

@@ -26,17 +26,57 @@ from tinycompress.stages.quantize import quantize
 runner = CliRunner()
 FAST = {"prune.importance_samples": 64, "prune.recover_epochs": 0, "report.bench_runs": 5, "threads": 1}
 REPORT_FILES = {"report.md", "report.json", "report.csv", "accuracy_vs_size.png"}
-CHAIN_LABELS = ["original", "fine-tuned", "pruned", "pruned + quantized", "exported (ONNX int8)", "exported (TorchScript fp32)"]
+CHAIN_LABELS = [
+    "original",
+    "fine-tuned",
+    "pruned",
+    "pruned + quantized",
+    "exported (ONNX int8)",
+    "exported (TorchScript fp32)",
+]
 ROW_KEYS = {
-    "key", "label", "status", "checkpoint", "path", "artifact", "command", "runtime", "size_bytes", "size_mb", "metrics",
-    "metrics_from", "parameters", "heads_kept", "heads_total", "ffn_kept", "ffn_total", "latency_ms", "latency_source",
-    "latency_machine", "compression", "speedup", "test_rows", "notes",
+    "key",
+    "label",
+    "status",
+    "checkpoint",
+    "path",
+    "artifact",
+    "command",
+    "runtime",
+    "size_bytes",
+    "size_mb",
+    "metrics",
+    "metrics_from",
+    "parameters",
+    "heads_kept",
+    "heads_total",
+    "ffn_kept",
+    "ffn_total",
+    "latency_ms",
+    "latency_source",
+    "latency_machine",
+    "compression",
+    "speedup",
+    "test_rows",
+    "notes",
 }
 REPORT_KEYS = {
-    "schema", "task", "workspace", "created", "test_split", "metrics", "primary_metric", "chain", "rows", "latency",
-    "stage_seconds", "stage_timing", "sweep", "footnotes", "files",
+    "schema",
+    "task",
+    "workspace",
+    "created",
+    "test_split",
+    "metrics",
+    "primary_metric",
+    "chain",
+    "rows",
+    "latency",
+    "stage_seconds",
+    "stage_timing",
+    "sweep",
+    "footnotes",
+    "files",
 }
-
 
 
 def _copy_finetune(tiny_finetuned, workdir: Path):
@@ -50,10 +90,14 @@ def chain(tiny_finetuned, tmp_path_factory):
     """finetune-v1 → prune-v1 → quantize-v1 (ONNX int8) → export-v1 (ONNX + TorchScript), made through the Python API."""
     workdir = tmp_path_factory.mktemp("chain")
     finetuned = _copy_finetune(tiny_finetuned, workdir)
-    config = load_config(None, {**FAST, "prune.ratio": 0.5, "prune.ffn_ratio": 0.25}, base=parent_base(finetuned, "prune"))
+    config = load_config(
+        None, {**FAST, "prune.ratio": 0.5, "prune.ffn_ratio": 0.25}, base=parent_base(finetuned, "prune")
+    )
     pruned = prune(config, finetuned)
     quantized = quantize(config, pruned)
-    exported = export(config.model_copy(update={"export": config.export.model_copy(update={"format": "all"})}), quantized)
+    exported = export(
+        config.model_copy(update={"export": config.export.model_copy(update={"format": "all"})}), quantized
+    )
     return {"workdir": workdir, "finetune": finetuned, "prune": pruned, "quantize": quantized, "export": exported}
 
 
@@ -65,7 +109,14 @@ def test_rows_are_the_chain_in_order_with_manifest_values(chain):
     finetuned, pruned, quantized, exported = (chain[s] for s in ("finetune", "prune", "quantize", "export"))
 
     assert [r.label for r in report.rows] == CHAIN_LABELS
-    assert [r.checkpoint for r in report.rows] == [None, "finetune-v1", "prune-v1", "quantize-v1", "export-v1", "export-v1"]
+    assert [r.checkpoint for r in report.rows] == [
+        None,
+        "finetune-v1",
+        "prune-v1",
+        "quantize-v1",
+        "export-v1",
+        "export-v1",
+    ]
     assert report.chain == ["finetune-v1", "prune-v1", "quantize-v1", "export-v1"]
     assert all(r.status == "ok" for r in report.rows)
     original, fine, pr, qz, onnx, ts = report.rows
@@ -84,10 +135,14 @@ def test_rows_are_the_chain_in_order_with_manifest_values(chain):
     assert ts.size_bytes == (exported.path / "model.torchscript.pt").stat().st_size
     assert any("original" in note and "fine-tuned model's fp32" in note for note in report.footnotes)
 
-    assert [r.parameters for r in report.rows] == [finetuned.metrics["parameters"]] * 2 + [pruned.metrics["parameters"]] * 4
+    assert [r.parameters for r in report.rows] == [finetuned.metrics["parameters"]] * 2 + [
+        pruned.metrics["parameters"]
+    ] * 4
     # Tiny BERT: 2 layers x 4 heads, FFN 37 per layer; prune 50 % of heads and 25 % of neurons.
     assert [(r.heads_kept, r.heads_total) for r in report.rows] == [(8, 8)] * 2 + [(pruned.metrics["heads"], 8)] * 4
-    assert [(r.ffn_kept, r.ffn_total) for r in report.rows] == [(74, 74)] * 2 + [(pruned.metrics["ffn_neurons"], 74)] * 4
+    assert [(r.ffn_kept, r.ffn_total) for r in report.rows] == [(74, 74)] * 2 + [
+        (pruned.metrics["ffn_neurons"], 74)
+    ] * 4
     assert pruned.metrics["heads"] == 4 and pruned.metrics["ffn_neurons"] < 74
 
     # Latency from the manifests: only the quantize and ONNX export stages record one.
@@ -110,8 +165,14 @@ def test_rows_are_the_chain_in_order_with_manifest_values(chain):
 
 
 def test_bench_measures_every_row_with_the_same_inputs(chain):
-    report = build_report(workdir=chain["workdir"], task="sst2", bench=True, bench_runs=5, threads=1, log=lambda _: None)
-    assert report.latency["source"] == "bench" and report.latency["machine"]["threads"] == 1 and report.latency["runs"] == 5
+    report = build_report(
+        workdir=chain["workdir"], task="sst2", bench=True, bench_runs=5, threads=1, log=lambda _: None
+    )
+    assert (
+        report.latency["source"] == "bench"
+        and report.latency["machine"]["threads"] == 1
+        and report.latency["runs"] == 5
+    )
     fine = report.row("finetune")
     for row in report.rows:
         assert row.latency_source == "bench" and all(row.latency_ms[k] > 0 for k in ("batch_1", "batch_32")), row
@@ -125,7 +186,12 @@ def test_missing_stages_are_rows_with_their_command(chain, tiny_finetuned, tmp_p
     # An explicit checkpoint ends the chain there; later stages exist elsewhere in the workspace.
     report = build_report(chain["prune"].path)
     assert [(r.label, r.status) for r in report.rows] == [
-        ("original", "ok"), ("fine-tuned", "ok"), ("pruned", "ok"), ("pruned + quantized", "not run"), ("exported", "not run")]
+        ("original", "ok"),
+        ("fine-tuned", "ok"),
+        ("pruned", "ok"),
+        ("pruned + quantized", "not run"),
+        ("exported", "not run"),
+    ]
     assert report.row("quantize").command == "tinycompress quantize --task sst2"
     assert report.row("export").command == "tinycompress export --task sst2"
     assert "quantize-v1" in report.row("quantize").notes[0]
@@ -146,35 +212,63 @@ def test_baselines_are_the_newest_unpruned_int8_of_each_backend(chain, tmp_path)
 
     workdir = tmp_path / "ws"
     shutil.copytree(chain["workdir"], workdir)
-    finetuned, pruned = read_checkpoint(workdir / "sst2" / "finetune-v1"), read_checkpoint(workdir / "sst2" / "prune-v1")
+    finetuned, pruned = (
+        read_checkpoint(workdir / "sst2" / "finetune-v1"),
+        read_checkpoint(workdir / "sst2" / "prune-v1"),
+    )
     config = load_config(None, FAST, base=parent_base(finetuned, "quantize"))
-    old_onnx = quantize(config, finetuned)                                                   # quantize-v2
-    torch_int8 = quantize(config.model_copy(update={"quantize": config.quantize.model_copy(update={"backend": "torch"})}), finetuned)  # v3
-    new_onnx = quantize(config, finetuned)                                                   # quantize-v4
-    not_a_baseline = quantize(load_config(None, FAST, base=parent_base(pruned, "quantize")), pruned)  # v5: made from the prune
-    assert [c.name for c in (old_onnx, torch_int8, new_onnx, not_a_baseline)] == ["quantize-v2", "quantize-v3", "quantize-v4", "quantize-v5"]
+    old_onnx = quantize(config, finetuned)  # quantize-v2
+    torch_int8 = quantize(
+        config.model_copy(update={"quantize": config.quantize.model_copy(update={"backend": "torch"})}), finetuned
+    )  # v3
+    new_onnx = quantize(config, finetuned)  # quantize-v4
+    not_a_baseline = quantize(
+        load_config(None, FAST, base=parent_base(pruned, "quantize")), pruned
+    )  # v5: made from the prune
+    assert [c.name for c in (old_onnx, torch_int8, new_onnx, not_a_baseline)] == [
+        "quantize-v2",
+        "quantize-v3",
+        "quantize-v4",
+        "quantize-v5",
+    ]
 
     report = build_report(workdir / "sst2" / "export-v1")
-    assert [r.label for r in report.rows] == CHAIN_LABELS + ["int8 only, unpruned (ONNX Runtime)", "int8 only, unpruned (torch)"]
+    assert [r.label for r in report.rows] == CHAIN_LABELS + [
+        "int8 only, unpruned (ONNX Runtime)",
+        "int8 only, unpruned (torch)",
+    ]
     onnx_row, torch_row = report.rows[-2:]
     assert (torch_row.key, torch_row.checkpoint, torch_row.runtime) == ("baseline", "quantize-v3", "torch int8")
     assert (onnx_row.checkpoint, onnx_row.runtime) == ("quantize-v4", "onnx int8")
-    assert onnx_row.metrics == {"accuracy": new_onnx.metrics["test/accuracy"]} and onnx_row.size_bytes == new_onnx.model_bytes
+    assert (
+        onnx_row.metrics == {"accuracy": new_onnx.metrics["test/accuracy"]}
+        and onnx_row.size_bytes == new_onnx.model_bytes
+    )
     fine = report.row("finetune")
     for row in (torch_row, onnx_row):  # the unpruned architecture, compared with the fine-tuned model
         assert (row.heads_kept, row.heads_total, row.ffn_kept, row.ffn_total) == (8, 8, 74, 74)
         assert row.parameters == fine.parameters and row.compression == pytest.approx(fine.size_bytes / row.size_bytes)
-    assert report.stage_timing["quantize-v4"]["stage"] == "baseline" and report.stage_seconds["quantize"] == report.stage_timing["quantize-v1"]["seconds"]
+    assert (
+        report.stage_timing["quantize-v4"]["stage"] == "baseline"
+        and report.stage_seconds["quantize"] == report.stage_timing["quantize-v1"]["seconds"]
+    )
     assert any("int8 only, unpruned" in note and "quantize-v4, quantize-v3" in note for note in report.footnotes)
     assert report.chain == ["finetune-v1", "prune-v1", "quantize-v1", "export-v1"]
 
     # Other settings are another kind of baseline, named by what differs from the plain recipe.
-    per_channel = quantize(config.model_copy(update={"quantize": config.quantize.model_copy(update={"per_channel": True})}), finetuned)
+    per_channel = quantize(
+        config.model_copy(update={"quantize": config.quantize.model_copy(update={"per_channel": True})}), finetuned
+    )
     labels = {r.label: r.checkpoint for r in build_report(workdir / "sst2" / "export-v1").rows if r.key == "baseline"}
-    assert labels == {"int8 only, unpruned (ONNX Runtime)": "quantize-v4", "int8 only, unpruned (ONNX Runtime, per-channel)": per_channel.name,
-                      "int8 only, unpruned (torch)": "quantize-v3"}
+    assert labels == {
+        "int8 only, unpruned (ONNX Runtime)": "quantize-v4",
+        "int8 only, unpruned (ONNX Runtime, per-channel)": per_channel.name,
+        "int8 only, unpruned (torch)": "quantize-v3",
+    }
     # --no-baselines (or report.baselines: false) leaves them out.
-    result = runner.invoke(app, ["report", str(workdir / "sst2" / "export-v1"), "--no-baselines", "--json", "--out", str(tmp_path / "out")])
+    result = runner.invoke(
+        app, ["report", str(workdir / "sst2" / "export-v1"), "--no-baselines", "--json", "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 0, result.output
     assert [r["label"] for r in json.loads(result.stdout)["rows"]] == CHAIN_LABELS
 
@@ -183,7 +277,10 @@ def test_baselines_are_the_newest_unpruned_int8_of_each_backend(chain, tmp_path)
     weights = next(p for p in new_onnx.path.iterdir() if p.name.endswith(".onnx"))
     os.chmod(weights, 0o644)
     weights.write_bytes(weights.read_bytes() + b"x")
-    assert [r.checkpoint for r in build_report(workdir / "sst2" / "export-v1").rows if r.key == "baseline"] == ["quantize-v2", "quantize-v3"]
+    assert [r.checkpoint for r in build_report(workdir / "sst2" / "export-v1").rows if r.key == "baseline"] == [
+        "quantize-v2",
+        "quantize-v3",
+    ]
 
 
 # ------------------------------------------------------------------------------ report: files and JSON
@@ -191,11 +288,18 @@ def test_baselines_are_the_newest_unpruned_int8_of_each_backend(chain, tmp_path)
 
 def test_json_schema_through_the_cli(chain, tmp_path):
     out = tmp_path / "out"
-    result = runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--task", "sst2", "--json", "--out", str(out)])
+    result = runner.invoke(
+        app, ["report", "--workdir", str(chain["workdir"]), "--task", "sst2", "--json", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)  # stdout holds only the JSON
     assert set(data) == REPORT_KEYS | {"out_dir"}
-    assert data["schema"] == 1 and data["task"] == "sst2" and data["metrics"] == ["accuracy"] and data["primary_metric"] == "accuracy"
+    assert (
+        data["schema"] == 1
+        and data["task"] == "sst2"
+        and data["metrics"] == ["accuracy"]
+        and data["primary_metric"] == "accuracy"
+    )
     assert "GLUE validation" in data["test_split"]
     assert [r["label"] for r in data["rows"]] == CHAIN_LABELS
     for row in data["rows"]:
@@ -218,7 +322,9 @@ def test_files_written_and_replaced(chain, tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 1000
     with open(out / "report.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["label"] for r in rows] == CHAIN_LABELS and rows[1]["test_accuracy"] == str(chain["finetune"].metrics["test/accuracy"])
+    assert [r["label"] for r in rows] == CHAIN_LABELS and rows[1]["test_accuracy"] == str(
+        chain["finetune"].metrics["test/accuracy"]
+    )
     markdown = (out / "report.md").read_text()
     assert "GLUE validation set (GLUE test labels are hidden)" in markdown and "| pruned + quantized |" in markdown
 
@@ -229,7 +335,8 @@ def test_files_written_and_replaced(chain, tmp_path):
     (sweeps / "prune_sweep.csv").write_text(
         "criterion,head_ratio,recovered,recovery_train_rows,heads,test_accuracy,parameters,flops_seq128,seconds\n"
         "unpruned,0.0,False,0,8,0.9,100,1,0\ntaylor,0.25,False,0,6,0.85,90,1,0\ntaylor,0.5,False,0,4,0.8,80,1,0\n"
-        "taylor,0.5,True,64,4,0.88,80,1,0\n")
+        "taylor,0.5,True,64,4,0.88,80,1,0\n"
+    )
     report = build_report(workdir=sweep_dir, task="sst2")
     assert report.sweep["rows"] == 4 and report.sweep["criteria"] == ["taylor", "unpruned"]
     write_report(report)
@@ -273,19 +380,41 @@ def test_failed_replace_restores_the_earlier_report(chain, tmp_path, monkeypatch
 
 
 def test_report_errors_are_one_line(tmp_path, chain):
-    assert_one_line_error(runner.invoke(app, ["report", "--workdir", str(tmp_path / "empty")]), "no checkpoints in workspace")
-    assert_one_line_error(runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--task", "sst3"]), "unknown task 'sst3'")
-    assert_one_line_error(runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--task", "rte"]), "no checkpoints for task rte")
+    assert_one_line_error(
+        runner.invoke(app, ["report", "--workdir", str(tmp_path / "empty")]), "no checkpoints in workspace"
+    )
+    assert_one_line_error(
+        runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--task", "sst3"]), "unknown task 'sst3'"
+    )
+    assert_one_line_error(
+        runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--task", "rte"]),
+        "no checkpoints for task rte",
+    )
     assert_one_line_error(runner.invoke(app, ["report", str(tmp_path / "nowhere")]), "not found")
-    assert_one_line_error(runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--sweep", str(tmp_path / "x.csv")]), "sweep CSV not found")
+    assert_one_line_error(
+        runner.invoke(app, ["report", "--workdir", str(chain["workdir"]), "--sweep", str(tmp_path / "x.csv")]),
+        "sweep CSV not found",
+    )
 
 
 # ------------------------------------------------------------------------------ run
 
 
 def _run_args(tiny_bert_dir, toy_glue, workdir, config_file, *extra):
-    return ["run", "--model", str(tiny_bert_dir), "--data-dir", str(toy_glue), "--workdir", str(workdir),
-            "--config", str(config_file), "--threads", "1", *extra]
+    return [
+        "run",
+        "--model",
+        str(tiny_bert_dir),
+        "--data-dir",
+        str(toy_glue),
+        "--workdir",
+        str(workdir),
+        "--config",
+        str(config_file),
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def _folders(workdir: Path) -> set[str]:
@@ -294,14 +423,18 @@ def _folders(workdir: Path) -> set[str]:
 
 def test_run_end_to_end_resumes_and_reruns_from_the_changed_stage(tiny_bert_dir, toy_glue, tmp_path):
     config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump({
-        "task": "sst2",
-        "model": {"max_length": 32},
-        "data": {"dev_fraction": 0.2},
-        "finetune": {"epochs": 4, "learning_rate": 2e-3, "batch_size": 16, "warmup_ratio": 0.0},
-        "prune": {"ratio": 0.5, "importance_samples": 64, "recover_epochs": 1},
-        "report": {"bench_runs": 5},
-    }))
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "task": "sst2",
+                "model": {"max_length": 32},
+                "data": {"dev_fraction": 0.2},
+                "finetune": {"epochs": 4, "learning_rate": 2e-3, "batch_size": 16, "warmup_ratio": 0.0},
+                "prune": {"ratio": 0.5, "importance_samples": 64, "recover_epochs": 1},
+                "report": {"bench_runs": 5},
+            }
+        )
+    )
     workdir = tmp_path / "ws"
     args = _run_args(tiny_bert_dir, toy_glue, workdir, config_file)
 
@@ -314,8 +447,10 @@ def test_run_end_to_end_resumes_and_reruns_from_the_changed_stage(tiny_bert_dir,
     data = json.loads((workdir / "sst2" / "report" / "report.json").read_text())
     assert data["chain"] == ["finetune-v1", "prune-v1", "quantize-v1", "export-v1"]
     baselines = [(r["label"], r["checkpoint"], r["runtime"]) for r in data["rows"] if r["key"] == "baseline"]
-    assert baselines == [("int8 only, unpruned (ONNX Runtime)", "quantize-v2", "onnx int8"),
-                         ("int8 only, unpruned (torch)", "quantize-v3", "torch int8")]
+    assert baselines == [
+        ("int8 only, unpruned (ONNX Runtime)", "quantize-v2", "onnx int8"),
+        ("int8 only, unpruned (torch)", "quantize-v3", "torch int8"),
+    ]
     for version in ("quantize-v2", "quantize-v3"):
         baseline = read_checkpoint(workdir / "sst2" / version)
         assert baseline.manifest["parent"]["path"] == "finetune-v1" and baseline.details["baseline"] is True
@@ -323,10 +458,16 @@ def test_run_end_to_end_resumes_and_reruns_from_the_changed_stage(tiny_bert_dir,
     # The baselines are newer, but a later stage given no path still starts from the chain.
     assert resolve_input(None, workdir=workdir, task="sst2", stage="export").name == "quantize-v1"
     assert data["latency"]["source"] == "bench"  # run measures every row by default, baselines included
-    assert all(r["latency_source"] == "bench" and r["speedup"]["batch_1"] > 0 for r in data["rows"] if r["status"] == "ok")
+    assert all(
+        r["latency_source"] == "bench" and r["speedup"]["batch_1"] > 0 for r in data["rows"] if r["status"] == "ok"
+    )
     assert all(isinstance(data["stage_seconds"][s], float) for s in ("finetune", "prune", "quantize", "export"))
     assert {t["source"] for t in data["stage_timing"].values()} == {"run: wall time"}
-    assert [data["stage_timing"][v]["stage"] for v in ("quantize-v1", "quantize-v2", "quantize-v3")] == ["quantize", "baseline", "baseline"]
+    assert [data["stage_timing"][v]["stage"] for v in ("quantize-v1", "quantize-v2", "quantize-v3")] == [
+        "quantize",
+        "baseline",
+        "baseline",
+    ]
     assert data["stage_seconds"]["quantize"] == data["stage_timing"]["quantize-v1"]["seconds"]
     assert read_checkpoint(workdir / "sst2" / "prune-v1").manifest["config"]["prune"]["recover_epochs"] == 1
 
@@ -354,7 +495,9 @@ def test_run_end_to_end_resumes_and_reruns_from_the_changed_stage(tiny_bert_dir,
 
 
 def test_run_refuses_bad_input_in_one_line(tmp_path):
-    assert_one_line_error(runner.invoke(app, ["run", "--task", "sst3", "--workdir", str(tmp_path)]), "unknown task 'sst3'")
+    assert_one_line_error(
+        runner.invoke(app, ["run", "--task", "sst3", "--workdir", str(tmp_path)]), "unknown task 'sst3'"
+    )
     assert_one_line_error(runner.invoke(app, ["run", "--ratio", "1.5", "--workdir", str(tmp_path)]), "prune.ratio")
     assert not any(tmp_path.iterdir())
 
@@ -393,9 +536,36 @@ def test_quantize_with_another_opset_is_not_reused(tiny_finetuned, tmp_path):
 
 def test_distilbert_runs_the_whole_pipeline(tiny_distilbert_dir, toy_glue, tmp_path):
     """DistilBERT (no token_type_ids, other module names) through every stage and the report."""
-    args = ["run", "--task", "sst2", "--model", str(tiny_distilbert_dir), "--data-dir", str(toy_glue),
-            "--workdir", str(tmp_path), "--epochs", "10", "--lr", "2e-3", "--batch-size", "16", "--max-length", "32",
-            "--threads", "1", "--ratio", "0.5", "--ffn-ratio", "0.25", "--recover-epochs", "1", "--no-bench", "--no-baselines", "--json"]
+    args = [
+        "run",
+        "--task",
+        "sst2",
+        "--model",
+        str(tiny_distilbert_dir),
+        "--data-dir",
+        str(toy_glue),
+        "--workdir",
+        str(tmp_path),
+        "--epochs",
+        "10",
+        "--lr",
+        "2e-3",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "32",
+        "--threads",
+        "1",
+        "--ratio",
+        "0.5",
+        "--ffn-ratio",
+        "0.25",
+        "--recover-epochs",
+        "1",
+        "--no-bench",
+        "--no-baselines",
+        "--json",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -404,21 +574,53 @@ def test_distilbert_runs_the_whole_pipeline(tiny_distilbert_dir, toy_glue, tmp_p
     assert rows["prune"]["heads_kept"] == 4 and rows["prune"]["heads_total"] == 8
     assert rows["quantize"]["runtime"] == "onnx int8"
     assert rows["quantize"]["metrics"]["accuracy"] >= 0.9
-    assert sorted(p.name for p in (tmp_path / "sst2").iterdir()) == ["export-v1", "finetune-v1", "prune-v1", "quantize-v1", "report"]
+    assert sorted(p.name for p in (tmp_path / "sst2").iterdir()) == [
+        "export-v1",
+        "finetune-v1",
+        "prune-v1",
+        "quantize-v1",
+        "report",
+    ]
 
 
 def test_regression_pair_task_runs_the_whole_pipeline(tiny_bert_dir, toy_stsb, tmp_path):
     """STS-B: sentence pairs and one regression output through every stage, then predict."""
-    args = ["run", "--task", "stsb", "--model", str(tiny_bert_dir), "--data-dir", str(toy_stsb),
-            "--workdir", str(tmp_path), "--epochs", "3", "--lr", "2e-3", "--batch-size", "16", "--max-length", "32",
-            "--threads", "1", "--ratio", "0.25", "--recover-epochs", "0", "--no-bench", "--json"]
+    args = [
+        "run",
+        "--task",
+        "stsb",
+        "--model",
+        str(tiny_bert_dir),
+        "--data-dir",
+        str(toy_stsb),
+        "--workdir",
+        str(tmp_path),
+        "--epochs",
+        "3",
+        "--lr",
+        "2e-3",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "32",
+        "--threads",
+        "1",
+        "--ratio",
+        "0.25",
+        "--recover-epochs",
+        "0",
+        "--no-bench",
+        "--json",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = {row["key"]: row for row in json.loads(result.stdout)["rows"]}
     for key in ("finetune", "prune", "quantize", "baseline"):
         assert set(rows[key]["metrics"]) == {"pearson", "spearman"}
         assert all(value == value for value in rows[key]["metrics"].values())  # not NaN
-    predicted = runner.invoke(app, ["predict", str(tmp_path / "stsb" / "export-v1"), "the film is good\tthe movie is good", "--json"])
+    predicted = runner.invoke(
+        app, ["predict", str(tmp_path / "stsb" / "export-v1"), "the film is good\tthe movie is good", "--json"]
+    )
     assert predicted.exit_code == 0, predicted.output
     [only] = json.loads(predicted.stdout)
     assert isinstance(only["score"], float)
@@ -445,19 +647,37 @@ def test_walk_chain_stops_at_a_parent_changed_after_the_child(tmp_path):
 def test_seed_table_benchmark_gives_mean_and_sample_std_per_row(tmp_path, capsys):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("seed_table", Path(__file__).resolve().parents[1] / "benchmarks" / "seed_table.py")
+    spec = importlib.util.spec_from_file_location(
+        "seed_table", Path(__file__).resolve().parents[1] / "benchmarks" / "seed_table.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     folders = []
     for seed, fine, pruned in ((42, 0.89, 0.88), (43, 0.90, None), (44, 0.91, 0.86)):
         (tmp_path / "sst2" / f"finetune-v{seed}").mkdir(parents=True)
         (tmp_path / "sst2" / f"finetune-v{seed}" / "tinycompress.yaml").write_text(yaml.safe_dump({"seed": seed}))
-        rows = [{"key": "original", "label": "original", "status": "ok", "metrics": {"accuracy": 0.5}, "size_mb": 90.0},
-                {"key": "finetune", "label": "fine-tuned", "status": "ok", "metrics": {"accuracy": fine}, "size_mb": 90.0}]
+        rows = [
+            {"key": "original", "label": "original", "status": "ok", "metrics": {"accuracy": 0.5}, "size_mb": 90.0},
+            {"key": "finetune", "label": "fine-tuned", "status": "ok", "metrics": {"accuracy": fine}, "size_mb": 90.0},
+        ]
         if pruned is not None:
-            rows.append({"key": "prune", "label": "pruned", "status": "ok", "metrics": {"accuracy": pruned}, "size_mb": 80.0 + seed - 42})
-        report = {"task": "sst2", "workspace": str(tmp_path), "chain": [f"finetune-v{seed}"], "primary_metric": "accuracy",
-                  "rows": rows, "stage_seconds": {"finetune": 1000.0 + seed, "prune": None}}
+            rows.append(
+                {
+                    "key": "prune",
+                    "label": "pruned",
+                    "status": "ok",
+                    "metrics": {"accuracy": pruned},
+                    "size_mb": 80.0 + seed - 42,
+                }
+            )
+        report = {
+            "task": "sst2",
+            "workspace": str(tmp_path),
+            "chain": [f"finetune-v{seed}"],
+            "primary_metric": "accuracy",
+            "rows": rows,
+            "stage_seconds": {"finetune": 1000.0 + seed, "prune": None},
+        }
         folder = tmp_path / f"report-{seed}"
         folder.mkdir()
         (folder / "report.json").write_text(json.dumps(report))
@@ -485,6 +705,8 @@ def test_a_failed_baseline_is_left_out_and_the_report_still_written(chain, tmp_p
     result = run_pipeline(config, bench=False, log=messages.append, stages=stage_functions() | {"baseline": failing})
     assert result.skipped == ["finetune", "prune", "quantize", "export"]  # the chain is reused ...
     assert result.baselines == {}  # ... and both baselines failed
-    assert [m for m in messages if "int8 failed" in m] == [f"baseline {b} int8 failed, left out of the table: no int8 kernels here" for b in ("onnx", "torch")]
+    assert [m for m in messages if "int8 failed" in m] == [
+        f"baseline {b} int8 failed, left out of the table: no int8 kernels here" for b in ("onnx", "torch")
+    ]
     assert [r.label for r in result.report.rows] == CHAIN_LABELS
     assert (workdir / "sst2" / "report" / "report.json").is_file()

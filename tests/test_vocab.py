@@ -37,7 +37,14 @@ from tinycompress.pruning.vocab import (
 from tinycompress.stages.prune import run_prune, write_prune
 
 runner = CliRunner()
-EXPECTED_FILES = {"config.json", "model.safetensors", "README.md", MANIFEST_NAME, "tokenizer.json", "tokenizer_config.json"}
+EXPECTED_FILES = {
+    "config.json",
+    "model.safetensors",
+    "README.md",
+    MANIFEST_NAME,
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
 FAST = {"prune.importance_samples": 32, "prune.recover_epochs": 0, "prune.criterion": "magnitude", "threads": 1}
 KEPT_TEXTS = ["the film was good", "a bad movie", "the plot is very dull"]
 KEPT_PAIRS = [("the film was good", "a bad movie"), ("great story", "the plot is dull")]
@@ -148,7 +155,11 @@ def test_rewritten_tokenizer_round_trips_and_remaps_specials(tiny_bert_dir, tmp_
         for text in KEPT_TEXTS:
             old_ids = old(text)["input_ids"]
             assert tokenizer(text)["input_ids"] == _remap(old_ids, mapping, unk)
-            assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == old.decode(old_ids, skip_special_tokens=True) == text
+            assert (
+                tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True)
+                == old.decode(old_ids, skip_special_tokens=True)
+                == text
+            )
         for first, second in KEPT_PAIRS:
             old_pair, new_pair = old(first, second), tokenizer(first, second)
             assert new_pair["input_ids"] == _remap(old_pair["input_ids"], mapping, unk)
@@ -156,14 +167,25 @@ def test_rewritten_tokenizer_round_trips_and_remaps_specials(tiny_bert_dir, tmp_
         # Every special token is present, at the rank of its old id.
         for token in SPECIALS:
             assert tokenizer.convert_tokens_to_ids(token) == mapping[old.convert_tokens_to_ids(token)]
-        assert (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id) == (mapping[0], mapping[2], mapping[3])
+        assert (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id) == (
+            mapping[0],
+            mapping[2],
+            mapping[3],
+        )
         # A dropped token is [UNK] (a whole word here: toy words are single pieces).
         dropped = next(w for w in ("superb", "lovely", "grim", "awful") if old.convert_tokens_to_ids(w) not in mapping)
-        assert tokenizer(f"the {dropped} film")["input_ids"] == [tokenizer.cls_token_id, mapping[old.convert_tokens_to_ids("the")], unk,
-                                                                 mapping[old.convert_tokens_to_ids("film")], tokenizer.sep_token_id]
+        assert tokenizer(f"the {dropped} film")["input_ids"] == [
+            tokenizer.cls_token_id,
+            mapping[old.convert_tokens_to_ids("the")],
+            unk,
+            mapping[old.convert_tokens_to_ids("film")],
+            tokenizer.sep_token_id,
+        ]
     saved = json.loads((tmp_path / "tokenizer.json").read_text())
     assert sorted(saved["model"]["vocab"].values()) == list(range(len(kept)))
-    assert {t["content"]: t["id"] for t in saved["added_tokens"]} == {t: mapping[old.convert_tokens_to_ids(t)] for t in SPECIALS}
+    assert {t["content"]: t["id"] for t in saved["added_tokens"]} == {
+        t: mapping[old.convert_tokens_to_ids(t)] for t in SPECIALS
+    }
     assert saved["post_processor"]["special_tokens"]["[CLS]"]["ids"] == [new.cls_token_id]
     assert saved["post_processor"]["special_tokens"]["[SEP]"]["ids"] == [new.sep_token_id]
 
@@ -175,7 +197,9 @@ def reload_tokenizer(folder: Path):
 
 
 def test_wordpiece_collapses_a_word_with_a_missing_piece_to_unk(tmp_path):
-    old = toy_tokenizer(["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]", "the", "play", "##s", "##ing", "playing", "actor"])
+    old = toy_tokenizer(
+        ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]", "the", "play", "##s", "##ing", "playing", "actor"]
+    )
     ids = old.convert_tokens_to_ids
     assert old.tokenize("the actors plays playing") == ["the", "actor", "##s", "play", "##s", "playing"]
     # Keep everything but ##s and playing: "actors"/"plays" lose a piece, "playing" has another spelling.
@@ -206,7 +230,11 @@ def test_vocab_txt_and_added_tokens_decoder_rewritten_consistently(tiny_bert_dir
 
     new_vocab = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]
     lines = (tmp_path / "vocab.txt").read_text().splitlines()
-    assert lines == [t for t, _ in sorted(new_vocab.items(), key=lambda kv: kv[1])] == [old.convert_ids_to_tokens(i) for i in kept]
+    assert (
+        lines
+        == [t for t, _ in sorted(new_vocab.items(), key=lambda kv: kv[1])]
+        == [old.convert_ids_to_tokens(i) for i in kept]
+    )
     decoder = json.loads((tmp_path / "tokenizer_config.json").read_text())["added_tokens_decoder"]
     assert {v["content"]: int(k) for k, v in decoder.items()} == {t: lines.index(t) for t in SPECIALS}
     from_json = reload_tokenizer(tmp_path)
@@ -260,8 +288,15 @@ def test_pad_id_and_padding_idx_are_remapped(tmp_path):
     words = ["alpha", "beta", "gamma", "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "film", "bad"]
     old = toy_tokenizer(words)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
-                        max_position_embeddings=32, pad_token_id=3)
+    config = BertConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=20,
+        max_position_embeddings=32,
+        pad_token_id=3,
+    )
     model = BertForSequenceClassification(config).eval()
     texts = ["good film", "bad", "good bad film film"]
     expected = logits(model, old, texts)  # padded batch: the pad id matters for the mask only, but must stay valid
@@ -292,8 +327,21 @@ def parent(tiny_finetuned, tmp_path):
 
 def test_cli_vocab_only_step(parent):
     workspace = parent.path.parent.parent
-    args = ["prune", str(parent.path), "--vocab", "--ratio", "0", "--vocab-top-k", "10", "--criterion", "magnitude",
-            "--importance-samples", "32", "--threads", "1"]
+    args = [
+        "prune",
+        str(parent.path),
+        "--vocab",
+        "--ratio",
+        "0",
+        "--vocab-top-k",
+        "10",
+        "--criterion",
+        "magnitude",
+        "--importance-samples",
+        "32",
+        "--threads",
+        "1",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     written = read_checkpoint(workspace / "sst2" / "prune-v1")
@@ -323,7 +371,21 @@ def test_cli_vocab_only_step(parent):
     assert len(dropped) == 18 and tokenizer(dropped[0])["input_ids"][1] == tokenizer.unk_token_id
 
     # A vocabulary-pruned folder is an ordinary parent: its heads can be pruned next.
-    result = runner.invoke(app, ["prune", str(written.path), "--ratio", "0.25", "--recover-epochs", "0", "--criterion", "magnitude", "--threads", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            str(written.path),
+            "--ratio",
+            "0.25",
+            "--recover-epochs",
+            "0",
+            "--criterion",
+            "magnitude",
+            "--threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     second = read_checkpoint(workspace / "sst2" / "prune-v2")
     assert second.metrics["heads"] == 6 and second.metrics["parameters"] < metrics["parameters"]
@@ -331,18 +393,35 @@ def test_cli_vocab_only_step(parent):
 
 
 def test_vocab_combined_with_head_pruning_and_recovery(parent):
-    config = load_config(None, {**FAST, "prune.ratio": 0.5, "prune.recover_epochs": 1, "prune.vocab": True, "prune.vocab_min_frequency": 2,
-                                "prune.vocab_top_k": 20}, base=parent_base(parent, "prune"))
+    config = load_config(
+        None,
+        {
+            **FAST,
+            "prune.ratio": 0.5,
+            "prune.recover_epochs": 1,
+            "prune.vocab": True,
+            "prune.vocab_min_frequency": 2,
+            "prune.vocab_top_k": 20,
+        },
+        base=parent_base(parent, "prune"),
+    )
     result = run_prune(config, parent)
     checkpoint = write_prune(config, result)
     metrics, details = checkpoint.metrics, checkpoint.details
     assert metrics["heads"] == 4 and details["recovery"]["epochs"] == 1
     assert metrics["vocab_size"] == 20 + len(SPECIALS) and details["vocab"]["min_frequency"] == 2
-    assert {"test/accuracy", "pre_vocab/test/accuracy", "pruned_no_recovery/test/accuracy", "parent/test/accuracy"} <= set(metrics)
+    assert {
+        "test/accuracy",
+        "pre_vocab/test/accuracy",
+        "pruned_no_recovery/test/accuracy",
+        "parent/test/accuracy",
+    } <= set(metrics)
     reloaded, tokenizer = load_hf_model(checkpoint)
     assert len(tokenizer) == reloaded.config.vocab_size == 25
     texts = ["the film was good", "a bad plot", "the story is very dull", "superb and lovely acting"]
-    assert (logits(result.model, result.tokenizer, texts) - logits(reloaded, tokenizer, texts)).abs().max().item() <= 1e-6
+    assert (
+        logits(result.model, result.tokenizer, texts) - logits(reloaded, tokenizer, texts)
+    ).abs().max().item() <= 1e-6
 
 
 def test_cli_vocab_flags_are_validated(parent):
@@ -378,5 +457,8 @@ def test_real_minilm_vocab_pruning_on_sst2_rows(real_glue, tmp_path):
     assert reloaded.get_input_embeddings().num_embeddings == len(kept) < 30522 // 4
     assert (logits(reloaded, tokenizer, sample) - expected).abs().max().item() <= 1e-6
     report = tokenization_report(old, tokenizer, [row[0] for row in data.test.texts[:200]], 128, kept)
-    assert 0 < report["oov_rate"] < 0.5 and report["words_to_unk"] + report["words_resegmented"] <= report["words_affected"]
+    assert (
+        0 < report["oov_rate"] < 0.5
+        and report["words_to_unk"] + report["words_resegmented"] <= report["words_affected"]
+    )
     assert time.perf_counter() - start < 60

@@ -29,8 +29,12 @@ class ModelSettings(_Section):
 
 
 class DataSettings(_Section):
-    data_dir: str | None = Field(None, description="Folder of GLUE TSVs (if unset: $TINYCOMPRESS_DATA_DIR, else the hub)")
-    dev_fraction: float = Field(0.05, gt=0, lt=0.5, description="Share of train carved off (seeded) for model selection")
+    data_dir: str | None = Field(
+        None, description="Folder of GLUE TSVs (if unset: $TINYCOMPRESS_DATA_DIR, else the hub)"
+    )
+    dev_fraction: float = Field(
+        0.05, gt=0, lt=0.5, description="Share of train carved off (seeded) for model selection"
+    )
     max_train_samples: int | None = Field(None, ge=1, description="Use only this many training rows (quick runs)")
     max_test_samples: int | None = Field(None, ge=1, description="Evaluate on only this many test rows")
 
@@ -47,7 +51,9 @@ class FinetuneSettings(_Section):
 
 
 class PruneSettings(_Section):
-    criterion: Literal["taylor", "fisher", "magnitude", "random"] = Field("taylor", description="taylor | fisher | magnitude | random")
+    criterion: Literal["taylor", "fisher", "magnitude", "random"] = Field(
+        "taylor", description="taylor | fisher | magnitude | random"
+    )
     ratio: float = Field(0.5, ge=0, lt=1, description="Fraction of all attention heads removed, in [0, 1)")
     ffn_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of all FFN neurons removed, in [0, 1)")
     steps: int = Field(1, ge=1, description="Prune in this many steps, re-scoring between them")
@@ -56,17 +62,27 @@ class PruneSettings(_Section):
     min_neurons_per_layer: int = Field(1, ge=1, description="FFN neurons every layer keeps")
     recover_epochs: int = Field(1, ge=0, description="Epochs of distillation from the parent after pruning; 0 = none")
     distill_temperature: float = Field(2.0, gt=0, description="Softmax temperature of the distillation loss")
-    distill_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft (teacher) loss; the rest is the hard label loss")
-    vocab: bool = Field(False, description="Also drop the word-embedding rows of tokens the train and dev texts never use")
+    distill_alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the soft (teacher) loss; the rest is the hard label loss"
+    )
+    vocab: bool = Field(
+        False, description="Also drop the word-embedding rows of tokens the train and dev texts never use"
+    )
     vocab_min_frequency: int = Field(1, ge=1, description="With vocab: keep tokens seen at least this often")
-    vocab_top_k: int | None = Field(None, ge=1, description="With vocab: keep at most this many of the most frequent tokens, special tokens aside (if unset: no limit)")
+    vocab_top_k: int | None = Field(
+        None,
+        ge=1,
+        description="With vocab: keep at most this many of the most frequent tokens, special tokens aside (if unset: no limit)",
+    )
 
 
 class QuantizeSettings(_Section):
     backend: Literal["onnx", "torch"] = Field(
         "onnx", description="Quantization backend: onnx (ONNX Runtime) | torch (torch int8 Linear + int8 embedding)"
     )
-    mode: Literal["dynamic", "static"] = Field("dynamic", description="dynamic | static (ONNX QDQ, calibrated on training rows)")
+    mode: Literal["dynamic", "static"] = Field(
+        "dynamic", description="dynamic | static (ONNX QDQ, calibrated on training rows)"
+    )
     per_channel: bool = Field(False, description="Weight scales per output channel (on) or per tensor (off)")
     quantize_embeddings: bool = Field(True, description="Quantize the word embedding (Gather) too")
     calibration_samples: int = Field(128, ge=1, description="Training rows calibrating static quantization")
@@ -80,7 +96,9 @@ class ExportSettings(_Section):
 
 
 class ReportSettings(_Section):
-    bench: bool = Field(False, description="Measure every row's latency on this machine now, rather than read it from the manifests")
+    bench: bool = Field(
+        False, description="Measure every row's latency on this machine now, rather than read it from the manifests"
+    )
     bench_runs: int = Field(50, ge=5, description="Timed runs per batch size when latency is measured")
     baselines: bool = Field(
         True,
@@ -91,7 +109,9 @@ class ReportSettings(_Section):
 class Config(_Section):
     task: str = Field("sst2", description="GLUE task: sst2, cola, mrpc, rte, stsb, qnli, qqp, mnli")
     seed: int = Field(42, description="Random seed")
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto | cpu | cuda | mps (auto = cuda > mps > cpu)")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto | cpu | cuda | mps (auto = cuda > mps > cpu)"
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch / ONNX Runtime (if unset: all cores)")
     workdir: str = Field("runs", description="Workspace holding runs/<task>/<stage>-v<N> folders")
     model: ModelSettings = ModelSettings()
@@ -140,7 +160,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file, or one-line errors for a missing file / bad YAML."""
     path = Path(path)
     if not path.is_file():
-        raise TinycompressError(f"config file not found: {path}", "pass an existing YAML file to --config (see configs/)")
+        raise TinycompressError(
+            f"config file not found: {path}", "pass an existing YAML file to --config (see configs/)"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -29,7 +29,9 @@ class StageSpec:
     name: str
     label: str  # the report row of its checkpoint ("pruned", ...)
     parents: tuple[str, ...]  # stages whose checkpoints it accepts as input; () = starts from a pretrained model
-    default_parents: tuple[str, ...]  # tried in this order (newest checkpoint, baselines excluded) when no input is given
+    default_parents: tuple[
+        str, ...
+    ]  # tried in this order (newest checkpoint, baselines excluded) when no input is given
     fingerprint: tuple[str, ...]  # config sections (or dotted keys) that, with the parent, decide what it produces
     function: str  # "module:function" of the stage function, imported only when run
     command_args: str = ""  # what `command()` adds after the stage name and --task
@@ -50,23 +52,38 @@ STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
         StageSpec(
-            "finetune", "fine-tuned", parents=(), default_parents=(),
-            fingerprint=_UPSTREAM_SECTIONS, function="tinycompress.stages.finetune:finetune",
+            "finetune",
+            "fine-tuned",
+            parents=(),
+            default_parents=(),
+            fingerprint=_UPSTREAM_SECTIONS,
+            function="tinycompress.stages.finetune:finetune",
         ),
         StageSpec(
-            "prune", "pruned", parents=("finetune", "prune"), default_parents=("finetune",),
-            fingerprint=_UPSTREAM_SECTIONS + ("prune",), function="tinycompress.stages.prune:prune",
+            "prune",
+            "pruned",
+            parents=("finetune", "prune"),
+            default_parents=("finetune",),
+            fingerprint=_UPSTREAM_SECTIONS + ("prune",),
+            function="tinycompress.stages.prune:prune",
             command_args="--ratio 0.5",
         ),
         # Quantize exports the ONNX graph it quantizes with export.opset.
         StageSpec(
-            "quantize", "pruned + quantized", parents=("finetune", "prune"), default_parents=("prune",),
+            "quantize",
+            "pruned + quantized",
+            parents=("finetune", "prune"),
+            default_parents=("prune",),
             fingerprint=_UPSTREAM_SECTIONS + ("prune", "quantize", "export.opset"),
             function="tinycompress.stages.quantize:quantize",
         ),
         StageSpec(
-            "export", "exported", parents=("finetune", "prune", "quantize"), default_parents=("quantize", "prune", "finetune"),
-            fingerprint=_UPSTREAM_SECTIONS + ("prune", "quantize", "export"), function="tinycompress.stages.export:export",
+            "export",
+            "exported",
+            parents=("finetune", "prune", "quantize"),
+            default_parents=("quantize", "prune", "finetune"),
+            fingerprint=_UPSTREAM_SECTIONS + ("prune", "quantize", "export"),
+            function="tinycompress.stages.export:export",
         ),
     )
 }

@@ -74,7 +74,10 @@ def load_hf_model(checkpoint: Checkpoint):
         missing, unexpected = model.load_state_dict(state, strict=False)
         persistent_missing = [k for k in missing if not k.endswith("position_ids")]
         if persistent_missing or unexpected:
-            raise TinycompressError(f"{path}: weights do not match the recorded structure ({(persistent_missing + unexpected)[:3]})", "re-run the prune stage")
+            raise TinycompressError(
+                f"{path}: weights do not match the recorded structure ({(persistent_missing + unexpected)[:3]})",
+                "re-run the prune stage",
+            )
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path)
     model.eval()

@@ -117,7 +117,9 @@ class Checkpoint:
         if not isinstance(link, dict) or not link.get("path"):
             return False
         linked = (self.path.parent / str(link["path"])).resolve()
-        return linked == parent.path.resolve() and link.get("manifest_sha256") == sha256_file(parent.path / MANIFEST_NAME)
+        return linked == parent.path.resolve() and link.get("manifest_sha256") == sha256_file(
+            parent.path / MANIFEST_NAME
+        )
 
 
 def sha256_file(path: Path) -> str:
@@ -155,7 +157,9 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     """A checkpoint with its manifest checked (format version, files and their sha256)."""
     path = Path(path)
     if not path.is_dir():
-        raise TinycompressError(f"checkpoint folder not found: {path}", "pass an existing checkpoint folder (see `ls runs/<task>/`)")
+        raise TinycompressError(
+            f"checkpoint folder not found: {path}", "pass an existing checkpoint folder (see `ls runs/<task>/`)"
+        )
     manifest_path = path / MANIFEST_NAME
     if not manifest_path.is_file():
         raise TinycompressError(
@@ -168,7 +172,9 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         manifest = None
     required = ("format_version", "stage", "task", "version", "files", "config")
     if not isinstance(manifest, dict) or any(k not in manifest for k in required):
-        raise TinycompressError(f"{manifest_path} is corrupt (not a valid manifest)", "delete the folder and re-run the stage that wrote it")
+        raise TinycompressError(
+            f"{manifest_path} is corrupt (not a valid manifest)", "delete the folder and re-run the stage that wrote it"
+        )
     task, stage = manifest["task"], manifest["stage"]
     if manifest["format_version"] != FORMAT_VERSION:
         raise TinycompressError(
@@ -178,7 +184,9 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     if verify:
         # A file the manifest does not list was not written by the stage: refuse it rather than
         # let a loader pick it up (a stray TorchScript pickle, say).
-        unlisted = sorted(name for name in (str(p.relative_to(path)) for p in _files_under(path)) if name not in manifest["files"])
+        unlisted = sorted(
+            name for name in (str(p.relative_to(path)) for p in _files_under(path)) if name not in manifest["files"]
+        )
         if unlisted:
             raise TinycompressError(
                 f"{path}: file {unlisted[0]} is not listed in the manifest",
@@ -209,10 +217,19 @@ def _model_card(task: str, stage: str, version: int, base_model: str, metrics: d
         "library_name": "transformers",
         "tags": ["tinycompress", stage, task],
     }
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {task} · {stage}-v{version}", "",
-             f"Written by `tinycompress {stage}`. Test metrics are on the GLUE validation set "
-             "(GLUE test labels are hidden).", "", "| metric | value |", "|---|---|"]
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {task} · {stage}-v{version}",
+        "",
+        f"Written by `tinycompress {stage}`. Test metrics are on the GLUE validation set "
+        "(GLUE test labels are hidden).",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
     lines += ["", f"Provenance, config and file checksums: `{MANIFEST_NAME}`.", ""]
     return "\n".join(lines)
@@ -258,7 +275,17 @@ def write_checkpoint(
         measured = write_files(tmp)
         if isinstance(measured, Measured):
             metrics, details = {**(metrics or {}), **measured.metrics}, {**(details or {}), **measured.details}
-        manifest = _new_manifest(task, stage, root, config=config, metrics=metrics, seed=seed, parent=parent, base_model=base_model, details=details)
+        manifest = _new_manifest(
+            task,
+            stage,
+            root,
+            config=config,
+            metrics=metrics,
+            seed=seed,
+            parent=parent,
+            base_model=base_model,
+            details=details,
+        )
         if destination is not None:
             _seal(tmp, manifest, version=1)
             _refuse_existing(destination)  # rename would silently replace an empty folder made meanwhile
@@ -303,7 +330,9 @@ def _remove_orphaned_temporaries(root: Path) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def _new_manifest(task: str, stage: str, root: Path, *, config, metrics, seed, parent, base_model, details) -> dict[str, Any]:
+def _new_manifest(
+    task: str, stage: str, root: Path, *, config, metrics, seed, parent, base_model, details
+) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "stage": stage,
@@ -321,7 +350,11 @@ def _new_manifest(task: str, stage: str, root: Path, *, config, metrics, seed, p
     if parent is not None:
         # Relative to the task folder, so a workspace can be moved or copied whole.
         parent_rel = os.path.relpath(parent.path.resolve(), root.resolve())
-        manifest["parent"] = {"path": parent_rel, "stage": parent.stage, "manifest_sha256": sha256_file(parent.path / MANIFEST_NAME)}
+        manifest["parent"] = {
+            "path": parent_rel,
+            "stage": parent.stage,
+            "manifest_sha256": sha256_file(parent.path / MANIFEST_NAME),
+        }
     return manifest
 
 
@@ -329,7 +362,8 @@ def _seal(folder: Path, manifest: dict[str, Any], version: int) -> None:
     """Add the model card, then the manifest (checksums of everything else) as the last file."""
     manifest["version"] = version
     (folder / MODEL_CARD_FILE).write_text(
-        _model_card(manifest["task"], manifest["stage"], version, manifest["base_model"], manifest["metrics"]), encoding="utf-8"
+        _model_card(manifest["task"], manifest["stage"], version, manifest["base_model"], manifest["metrics"]),
+        encoding="utf-8",
     )
     files = _files_under(folder)
     manifest["files"] = {str(p.relative_to(folder)): sha256_file(p) for p in files}
@@ -341,10 +375,16 @@ def _seal(folder: Path, manifest: dict[str, Any], version: int) -> None:
 def _next_version(root: Path, stage: str) -> int:
     """One past the highest ``<stage>-v<N>`` name in ``root``, complete or not, so a folder left
     without a manifest is never a rename target."""
-    numbers = [int(m["version"]) for m in (STAGE_DIR_PATTERN.match(c.name) for c in root.iterdir()) if m and m["stage"] == stage]
+    numbers = [
+        int(m["version"])
+        for m in (STAGE_DIR_PATTERN.match(c.name) for c in root.iterdir())
+        if m and m["stage"] == stage
+    ]
     return max(numbers, default=0) + 1
 
 
 def _refuse_existing(destination: Path) -> None:
     if destination.exists():
-        raise TinycompressError(f"output folder {destination} already exists", "pass a new folder to --output, or remove it first")
+        raise TinycompressError(
+            f"output folder {destination} already exists", "pass a new folder to --output, or remove it first"
+        )

@@ -83,7 +83,12 @@ def resolve_input(explicit: str | Path | None, *, workdir: str | Path, task: str
     )
 
 
-def find_parent(stage: str, explicit: str | Path | None, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Checkpoint:
+def find_parent(
+    stage: str,
+    explicit: str | Path | None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Checkpoint:
     """The checkpoint ``stage`` starts from: ``explicit``, else the task's newest parent-stage folder.
 
     The flags are validated first (without a base), so ``--ratio 1.5`` reports the ratio rather
@@ -152,15 +157,22 @@ def _normalised(config: dict[str, Any], sections: tuple[str, ...]) -> dict[str, 
     return picked
 
 
-def stage_fingerprint(stage: str, config: Config | dict[str, Any], sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+def stage_fingerprint(
+    stage: str, config: Config | dict[str, Any], sections: tuple[str, ...] | None = None
+) -> dict[str, Any]:
     """The part of ``config`` that must match for an existing ``stage`` checkpoint to be reused
     (``sections``, default the stage's ``fingerprint`` in :data:`~tinycompress.stage_graph.STAGES`)."""
     data = config.to_dict() if isinstance(config, Config) else config
     return _normalised(data, sections or STAGES[stage].fingerprint)
 
 
-def find_reusable(stage: str, config: Config, parent: Checkpoint | None, log: Callable[[str], None] = log_to_stderr,
-                  sections: tuple[str, ...] | None = None) -> Checkpoint | None:
+def find_reusable(
+    stage: str,
+    config: Config,
+    parent: Checkpoint | None,
+    log: Callable[[str], None] = log_to_stderr,
+    sections: tuple[str, ...] | None = None,
+) -> Checkpoint | None:
     """The newest ``stage`` checkpoint of ``config.task`` in ``config.workdir`` made from ``parent``
     with the same :func:`stage_fingerprint` (over ``sections``); None when there is none.
 
@@ -173,7 +185,10 @@ def find_reusable(stage: str, config: Config, parent: Checkpoint | None, log: Ca
             candidate = read_checkpoint(folder, verify=False)
         except TinycompressError:
             continue
-        if not candidate.made_from(parent) or stage_fingerprint(stage, candidate.manifest.get("config") or {}, sections) != wanted:
+        if (
+            not candidate.made_from(parent)
+            or stage_fingerprint(stage, candidate.manifest.get("config") or {}, sections) != wanted
+        ):
             continue
         try:
             return read_checkpoint(folder)
@@ -186,7 +201,9 @@ def _stage_dirs(folder: Path) -> bool:
     return any(stage_versions(folder.parent, folder.name, stage) for stage in STAGE_ORDER)
 
 
-def locate(target: str | Path | None = None, *, workdir: str | Path = "runs", task: str | None = None) -> tuple[Path, str, Checkpoint | None]:
+def locate(
+    target: str | Path | None = None, *, workdir: str | Path = "runs", task: str | None = None
+) -> tuple[Path, str, Checkpoint | None]:
     """(workspace, task, explicit chain end or None) for a report target.
 
     ``target`` may be a checkpoint folder (the chain ends there), a task folder (``runs/sst2``)
@@ -202,16 +219,23 @@ def locate(target: str | Path | None = None, *, workdir: str | Path = "runs", ta
     if target is not None:
         target = Path(target)
         if not target.is_dir():
-            raise TinycompressError(f"report target not found: {target}", "pass a checkpoint folder, a task folder (runs/sst2) or a workspace (runs)")
+            raise TinycompressError(
+                f"report target not found: {target}",
+                "pass a checkpoint folder, a task folder (runs/sst2) or a workspace (runs)",
+            )
         if (target / MANIFEST_NAME).is_file():
             end = read_checkpoint(target)
             if task is not None and end.task != task:
-                raise TinycompressError(f"{target} is a {end.task} checkpoint, not {task}", "drop --task or pass a checkpoint of that task")
+                raise TinycompressError(
+                    f"{target} is a {end.task} checkpoint, not {task}", "drop --task or pass a checkpoint of that task"
+                )
             return target.resolve().parent.parent, end.task, end
         if _stage_dirs(target):
             workdir, found_task = target.resolve().parent, target.resolve().name
             if task is not None and found_task != task:
-                raise TinycompressError(f"{target} holds task {found_task}, not {task}", "drop --task or pass that task's folder")
+                raise TinycompressError(
+                    f"{target} holds task {found_task}, not {task}", "drop --task or pass that task's folder"
+                )
             task = found_task
         else:
             workdir = target
@@ -238,7 +262,9 @@ def chain_end(workdir: str | Path, task: str) -> Checkpoint:
         newest = newest_in_chain(workdir, task, stage)
         if newest is not None:
             return read_checkpoint(newest)
-    raise TinycompressError(f"no checkpoints for task {task} in workspace '{workdir}'", f"run `{producing_command('finetune', task)}` first")
+    raise TinycompressError(
+        f"no checkpoints for task {task} in workspace '{workdir}'", f"run `{producing_command('finetune', task)}` first"
+    )
 
 
 def walk_chain(end: Checkpoint) -> tuple[list[Checkpoint], list[str]]:
@@ -267,8 +293,12 @@ def walk_chain(end: Checkpoint) -> tuple[list[Checkpoint], list[str]]:
 def quantize_kind(checkpoint: Checkpoint) -> tuple[str, str, bool, bool]:
     """(backend, mode, per-channel, int8 embeddings) of a quantize checkpoint, as it recorded them."""
     settings, details = checkpoint.config.quantize, checkpoint.details
-    return (str(details.get("backend", settings.backend)), str(details.get("mode", settings.mode)),
-            bool(details.get("per_channel", settings.per_channel)), bool(details.get("quantize_embeddings", settings.quantize_embeddings)))
+    return (
+        str(details.get("backend", settings.backend)),
+        str(details.get("mode", settings.mode)),
+        bool(details.get("per_channel", settings.per_channel)),
+        bool(details.get("quantize_embeddings", settings.quantize_embeddings)),
+    )
 
 
 def find_baselines(chain: list[Checkpoint], workdir: str | Path, task: str) -> list[Checkpoint]:

@@ -47,13 +47,31 @@ def command(*example_lines: str):
     "tinycompress run --task sst2 --ratio 0.3      # re-runs prune, quantize, export only",
 )
 def run(
-    task: opt.Task = None, data_dir: opt.DataDir = None, workdir: opt.Workdir = None, config: opt.ConfigFile = None,
-    device: opt.Device = None, seed: opt.Seed = None, threads: opt.Threads = None,
-    model: opt.Model = None, epochs: opt.Epochs = None, learning_rate: opt.LearningRate = None, batch_size: opt.BatchSize = None,
-    max_length: opt.MaxLength = None, max_train_samples: opt.MaxTrain = None, max_test_samples: opt.MaxTest = None,
-    ratio: opt.Ratio = None, ffn_ratio: opt.FfnRatio = None, criterion: opt.Criterion = None, recover_epochs: opt.RecoverEpochs = None,
-    backend: opt.Backend = None, export_format: opt.Format = None, bench: opt.RunBench = None, baselines: opt.Baselines = None,
-    sweep: opt.Sweep = None, out: opt.Out = None, as_json: opt.Json = False,
+    task: opt.Task = None,
+    data_dir: opt.DataDir = None,
+    workdir: opt.Workdir = None,
+    config: opt.ConfigFile = None,
+    device: opt.Device = None,
+    seed: opt.Seed = None,
+    threads: opt.Threads = None,
+    model: opt.Model = None,
+    epochs: opt.Epochs = None,
+    learning_rate: opt.LearningRate = None,
+    batch_size: opt.BatchSize = None,
+    max_length: opt.MaxLength = None,
+    max_train_samples: opt.MaxTrain = None,
+    max_test_samples: opt.MaxTest = None,
+    ratio: opt.Ratio = None,
+    ffn_ratio: opt.FfnRatio = None,
+    criterion: opt.Criterion = None,
+    recover_epochs: opt.RecoverEpochs = None,
+    backend: opt.Backend = None,
+    export_format: opt.Format = None,
+    bench: opt.RunBench = None,
+    baselines: opt.Baselines = None,
+    sweep: opt.Sweep = None,
+    out: opt.Out = None,
+    as_json: opt.Json = False,
 ) -> None:
     """Run finetune → prune → quantize → export → report and print the results table.
 
@@ -78,10 +96,20 @@ def run(
     "tinycompress finetune --config configs/distilbert-sst2.yaml",
 )
 def finetune(
-    task: opt.Task = None, data_dir: opt.DataDir = None, workdir: opt.Workdir = None, config: opt.ConfigFile = None,
-    device: opt.Device = None, seed: opt.Seed = None, threads: opt.Threads = None,
-    model: opt.Model = None, epochs: opt.Epochs = None, learning_rate: opt.LearningRate = None, batch_size: opt.BatchSize = None,
-    max_length: opt.MaxLength = None, max_train_samples: opt.MaxTrain = None, max_test_samples: opt.MaxTest = None,
+    task: opt.Task = None,
+    data_dir: opt.DataDir = None,
+    workdir: opt.Workdir = None,
+    config: opt.ConfigFile = None,
+    device: opt.Device = None,
+    seed: opt.Seed = None,
+    threads: opt.Threads = None,
+    model: opt.Model = None,
+    epochs: opt.Epochs = None,
+    learning_rate: opt.LearningRate = None,
+    batch_size: opt.BatchSize = None,
+    max_length: opt.MaxLength = None,
+    max_train_samples: opt.MaxTrain = None,
+    max_test_samples: opt.MaxTest = None,
 ) -> None:
     """Fine-tune a pretrained encoder on a GLUE task; writes runs/<task>/finetune-v<N>/."""
     flags = config_flags(finetune, locals())
@@ -108,14 +136,28 @@ def _run_on_parent(stage: str, checkpoint: Path | None, config: Path | None, fla
     "tinycompress prune --task sst2 --vocab --vocab-min-frequency 2 --ratio 0.5",
 )
 def prune(
-    checkpoint: Annotated[Path | None, typer.Argument(
-        help="A finetune (or prune) checkpoint folder (default: the task's newest finetune-v<N>).")] = None,
-    task: opt.Task = None, data_dir: opt.DataDir = None, workdir: opt.Workdir = None, config: opt.ConfigFile = None,
-    device: opt.Device = None, seed: opt.Seed = None, threads: opt.Threads = None,
-    ratio: opt.Ratio = None, ffn_ratio: opt.FfnRatio = None, criterion: opt.Criterion = None, steps: opt.Steps = None,
-    recover_epochs: opt.RecoverEpochs = None, importance_samples: opt.ImportanceSamples = None, vocab: opt.Vocab = None,
-    vocab_min_frequency: opt.VocabMinFrequency = None, vocab_top_k: opt.VocabTopK = None,
-    max_train_samples: opt.MaxTrain = None, max_test_samples: opt.MaxTest = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(help="A finetune (or prune) checkpoint folder (default: the task's newest finetune-v<N>)."),
+    ] = None,
+    task: opt.Task = None,
+    data_dir: opt.DataDir = None,
+    workdir: opt.Workdir = None,
+    config: opt.ConfigFile = None,
+    device: opt.Device = None,
+    seed: opt.Seed = None,
+    threads: opt.Threads = None,
+    ratio: opt.Ratio = None,
+    ffn_ratio: opt.FfnRatio = None,
+    criterion: opt.Criterion = None,
+    steps: opt.Steps = None,
+    recover_epochs: opt.RecoverEpochs = None,
+    importance_samples: opt.ImportanceSamples = None,
+    vocab: opt.Vocab = None,
+    vocab_min_frequency: opt.VocabMinFrequency = None,
+    vocab_top_k: opt.VocabTopK = None,
+    max_train_samples: opt.MaxTrain = None,
+    max_test_samples: opt.MaxTest = None,
 ) -> None:
     """Remove the least important attention heads and FFN neurons; writes runs/<task>/prune-v<N>/.
 
@@ -139,12 +181,25 @@ def prune(
     "tinycompress quantize --mode static --per-channel --calibration-samples 256",
 )
 def quantize(
-    checkpoint: Annotated[Path | None, typer.Argument(
-        help="A prune (or finetune, for the unpruned comparison) checkpoint folder (default: the task's newest prune-v<N>).")] = None,
-    task: opt.Task = None, data_dir: opt.DataDir = None, workdir: opt.Workdir = None, config: opt.ConfigFile = None,
-    seed: opt.Seed = None, threads: opt.Threads = None,
-    backend: opt.Backend = None, mode: opt.Mode = None, per_channel: opt.PerChannel = None, embeddings: opt.Embeddings = None,
-    calibration_samples: opt.CalibrationSamples = None, bench_runs: opt.BenchRuns = None, max_test_samples: opt.MaxTest = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A prune (or finetune, for the unpruned comparison) checkpoint folder (default: the task's newest prune-v<N>)."
+        ),
+    ] = None,
+    task: opt.Task = None,
+    data_dir: opt.DataDir = None,
+    workdir: opt.Workdir = None,
+    config: opt.ConfigFile = None,
+    seed: opt.Seed = None,
+    threads: opt.Threads = None,
+    backend: opt.Backend = None,
+    mode: opt.Mode = None,
+    per_channel: opt.PerChannel = None,
+    embeddings: opt.Embeddings = None,
+    calibration_samples: opt.CalibrationSamples = None,
+    bench_runs: opt.BenchRuns = None,
+    max_test_samples: opt.MaxTest = None,
 ) -> None:
     """Post-training int8 quantization; writes runs/<task>/quantize-v<N>/ with test metrics measured on the int8 model.
 
@@ -167,13 +222,25 @@ def quantize(
     "tinycompress export runs/sst2/quantize-v1 --output deploy/sst2-int8",
 )
 def export(
-    checkpoint: Annotated[Path | None, typer.Argument(
-        help="A quantize, prune or finetune checkpoint folder (default: the task's newest, in that order).")] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A quantize, prune or finetune checkpoint folder (default: the task's newest, in that order)."
+        ),
+    ] = None,
     format_: opt.Format = None,
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Write to this new folder instead of runs/<task>/export-v<N>/ (must not exist).")] = None,
-    task: opt.Task = None, data_dir: opt.DataDir = None, workdir: opt.Workdir = None, config: opt.ConfigFile = None,
-    threads: opt.Threads = None, opset: opt.Opset = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Write to this new folder instead of runs/<task>/export-v<N>/ (must not exist)."
+        ),
+    ] = None,
+    task: opt.Task = None,
+    data_dir: opt.DataDir = None,
+    workdir: opt.Workdir = None,
+    config: opt.ConfigFile = None,
+    threads: opt.Threads = None,
+    opset: opt.Opset = None,
 ) -> None:
     """Export to ONNX and/or TorchScript and check parity against PyTorch on real test sentences.
 
@@ -200,12 +267,24 @@ def export(
     "tinycompress report --task sst2 --json",
 )
 def report(
-    run_dir: Annotated[Path | None, typer.Argument(
-        help="A checkpoint folder (the chain ending there), a task folder (runs/sst2) or a workspace "
-             "(default: the newest chain of --task in --workdir).")] = None,
-    task: opt.Task = None, workdir: opt.Workdir = None, config: opt.ConfigFile = None, data_dir: opt.DataDir = None,
-    threads: opt.Threads = None, bench: opt.ReportBench = None, bench_runs: opt.ReportRuns = None,
-    baselines: opt.ReportBaselines = None, sweep: opt.Sweep = None, out: opt.Out = None, as_json: opt.Json = False,
+    run_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A checkpoint folder (the chain ending there), a task folder (runs/sst2) or a workspace "
+            "(default: the newest chain of --task in --workdir)."
+        ),
+    ] = None,
+    task: opt.Task = None,
+    workdir: opt.Workdir = None,
+    config: opt.ConfigFile = None,
+    data_dir: opt.DataDir = None,
+    threads: opt.Threads = None,
+    bench: opt.ReportBench = None,
+    bench_runs: opt.ReportRuns = None,
+    baselines: opt.ReportBaselines = None,
+    sweep: opt.Sweep = None,
+    out: opt.Out = None,
+    as_json: opt.Json = False,
 ) -> None:
     """Print the results table of one chain and write report.md / .json / .csv and plots.
 
@@ -219,8 +298,15 @@ def report(
     from tinycompress.report.render import print_report, report_json
     from tinycompress.stages.report import run_report
 
-    built, written = run_report(run_dir, config_file=config, overrides=flags, task=task,
-                                data_dir=str(data_dir) if data_dir else None, sweep=sweep, out_dir=out)
+    built, written = run_report(
+        run_dir,
+        config_file=config,
+        overrides=flags,
+        task=task,
+        data_dir=str(data_dir) if data_dir else None,
+        sweep=sweep,
+        out_dir=out,
+    )
     if as_json:
         typer.echo(report_json(built, written))
     else:
@@ -234,7 +320,9 @@ def report(
 )
 def predict(
     path: Annotated[Path, typer.Argument(help="An export folder or a finetune / prune / quantize checkpoint.")],
-    texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify (pair tasks: the two sentences separated by a tab).")] = None,
+    texts: Annotated[
+        list[str] | None, typer.Argument(help="Texts to classify (pair tasks: the two sentences separated by a tab).")
+    ] = None,
     file: Annotated[Path | None, typer.Option("--file", help="A UTF-8 file with one text per line.")] = None,
     as_json: opt.Json = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per forward pass.")] = 32,
@@ -258,9 +346,17 @@ def predict(
     "tinycompress evaluate runs/sst2/quantize-v1 --json",
 )
 def evaluate(
-    target: Annotated[str, typer.Argument(help="A checkpoint or export folder, 'default', an HF id or a model folder.")],
-    task: opt.Task = None, data_dir: opt.DataDir = None, config: opt.ConfigFile = None, device: opt.Device = None,
-    seed: opt.Seed = None, threads: opt.Threads = None, max_test_samples: opt.MaxTest = None, as_json: opt.Json = False,
+    target: Annotated[
+        str, typer.Argument(help="A checkpoint or export folder, 'default', an HF id or a model folder.")
+    ],
+    task: opt.Task = None,
+    data_dir: opt.DataDir = None,
+    config: opt.ConfigFile = None,
+    device: opt.Device = None,
+    seed: opt.Seed = None,
+    threads: opt.Threads = None,
+    max_test_samples: opt.MaxTest = None,
+    as_json: opt.Json = False,
 ) -> None:
     """Measure any model on the task's test set (GLUE validation); prints its metrics.
 

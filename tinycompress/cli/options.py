@@ -124,16 +124,29 @@ CalibrationSamples = config_option("quantize.calibration_samples", "--calibratio
 BenchRuns = config_option("report.bench_runs", "--bench-runs")
 Opset = config_option("export.opset", "--opset")
 # `run` measures latency unless the config says otherwise (see stages.pipeline.run_pipeline).
-RunBench = config_option("report.bench", "--bench/--no-bench", help="Measure every row's latency for the final table", default_text="on")
+RunBench = config_option(
+    "report.bench", "--bench/--no-bench", help="Measure every row's latency for the final table", default_text="on"
+)
 ReportBench = config_option("report.bench", "--bench/--no-bench")
 ReportRuns = config_option("report.bench_runs", "--runs")
 ReportBaselines = config_option(
-    "report.baselines", "--baselines/--no-baselines",
-    help="Show the int8 checkpoints made straight from the chain's fine-tuned model (int8 without pruning)")
+    "report.baselines",
+    "--baselines/--no-baselines",
+    help="Show the int8 checkpoints made straight from the chain's fine-tuned model (int8 without pruning)",
+)
 
 # Options that are not config keys.
-ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (see configs/); flags override it.")]
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config (see configs/); flags override it.")
+]
 Json = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")]
-Sweep = Annotated[Path | None, typer.Option(
-    "--sweep", help="A prune_sweep.csv from benchmarks/prune_sweep.py (default: the newest under runs/<task>/sweeps/).")]
-Out = Annotated[Path | None, typer.Option("--out", "-o", help="Report folder, replaced on each run (default: runs/<task>/report).")]
+Sweep = Annotated[
+    Path | None,
+    typer.Option(
+        "--sweep",
+        help="A prune_sweep.csv from benchmarks/prune_sweep.py (default: the newest under runs/<task>/sweeps/).",
+    ),
+]
+Out = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Report folder, replaced on each run (default: runs/<task>/report).")
+]

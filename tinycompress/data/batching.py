@@ -50,7 +50,9 @@ class Encoded:
         return len(self.input_ids)
 
 
-def encode_rows(tokenizer, rows: Sequence[str | Sequence[str]], max_length: int, *, return_tensors: str | None = "pt") -> dict:
+def encode_rows(
+    tokenizer, rows: Sequence[str | Sequence[str]], max_length: int, *, return_tensors: str | None = "pt"
+) -> dict:
     """Model inputs (only :data:`MODEL_INPUT_NAMES`) for text rows, truncated to ``max_length`` tokens.
 
     The one place texts become token ids. A row is a string or a tuple of one or two strings
@@ -84,7 +86,9 @@ def subset_rows(encoded: Encoded, rows: int, seed: int) -> Encoded:
     return Encoded(pick(encoded.input_ids), pick(encoded.token_type_ids), pick(encoded.labels))
 
 
-def batch_order(lengths: Sequence[int], batch_size: int, *, shuffle: bool, group_by_length: bool, seed: int) -> list[list[int]]:
+def batch_order(
+    lengths: Sequence[int], batch_size: int, *, shuffle: bool, group_by_length: bool, seed: int
+) -> list[list[int]]:
     """Row indices per batch.
 
     With grouping, rows are shuffled, cut into mega-batches of 50 batches, sorted by length
@@ -110,7 +114,9 @@ def padding_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def collate(encoded: Encoded, indices: Sequence[int], pad_id: int, *, regression: bool, with_labels: bool = True) -> dict:
+def collate(
+    encoded: Encoded, indices: Sequence[int], pad_id: int, *, regression: bool, with_labels: bool = True
+) -> dict:
     """A padded batch of tensors for ``model(**batch)``."""
     import torch
 

@@ -139,7 +139,9 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
 
 def _from_dir(root: Path, spec: TaskSpec) -> dict[str, Examples]:
     if not root.is_dir():
-        raise TinycompressError(f"data folder not found: {root}", f"pass a folder of GLUE TSVs to --data-dir or ${DATA_DIR_ENV}")
+        raise TinycompressError(
+            f"data folder not found: {root}", f"pass a folder of GLUE TSVs to --data-dir or ${DATA_DIR_ENV}"
+        )
     found: dict[str, Examples] = {}
     for split in spec.split_files:
         located = _find_split_file(root, spec, split)
@@ -163,8 +165,7 @@ def _from_hub(spec: TaskSpec) -> dict[str, Examples]:
         dataset = datasets.load_dataset("nyu-mll/glue", spec.name)
     except Exception as exc:  # any failure here means "no hub": say how to fix it in one line
         raise TinycompressError(
-            f"no data for {spec.name}: no --data-dir / ${DATA_DIR_ENV} given and the hub failed "
-            f"({type(exc).__name__})",
+            f"no data for {spec.name}: no --data-dir / ${DATA_DIR_ENV} given and the hub failed ({type(exc).__name__})",
             f"pass --data-dir pointing at a folder with {spec.name}/train.tsv and {spec.name}/validation.tsv",
         ) from None
     found = {}

@@ -129,7 +129,9 @@ def _canonical_model_type(model_type: str) -> str:
 
     canonical = ort_model_type(model_type.lower())
     if canonical not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {model_type!r}; ORT knows {sorted(MODEL_TYPES)} (+ {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise ValueError(
+            f"unknown model_type {model_type!r}; ORT knows {sorted(MODEL_TYPES)} (+ {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     return canonical
 
 
@@ -237,4 +239,8 @@ def export_optimized_onnx(model, path: Path, *, opset: int, scratch: Path) -> di
         return {"fused_ops": {}, "attention_fusion": False, "fused_attention_heads": []}
     stats = optimize_onnx(raw, path, model_type=ort_type)
     fused = {op: n for op, n in stats.items() if n and op != "pinned_attention_layers"}
-    return {"fused_ops": fused, "attention_fusion": fused.get("Attention", 0) > 0, "fused_attention_heads": attention_head_counts(path)}
+    return {
+        "fused_ops": fused,
+        "attention_fusion": fused.get("Attention", 0) > 0,
+        "fused_attention_heads": attention_head_counts(path),
+    }

@@ -101,8 +101,7 @@ def format_parity(results: Iterable[ParityResult]) -> list[str]:
     results = list(results)
     width = max((len(r.name) for r in results), default=0)
     return [
-        f"{'✓' if r.passed else '✗'} {r.name:<{width}}  max|Δ|={r.max_abs_diff:.1e} "
-        f"labels {r.label_agreement_pct:.1f}%"
+        f"{'✓' if r.passed else '✗'} {r.name:<{width}}  max|Δ|={r.max_abs_diff:.1e} labels {r.label_agreement_pct:.1f}%"
         for r in results
     ]
 
@@ -117,14 +116,18 @@ def parity_batches(tokenizer, rows: Sequence, max_length: int) -> dict[str, dict
     """
     rows = [as_text_row(r) for r in rows]
     if not rows:
-        raise TinycompressError("the test split is empty; parity needs test sentences", "check data.max_test_samples and the data folder")
+        raise TinycompressError(
+            "the test split is empty; parity needs test sentences", "check data.max_test_samples and the data folder"
+        )
     lengths = [len(ids) for ids in encode_rows(tokenizer, rows, max_length, return_tensors=None)["input_ids"]]
     by_length = sorted(range(len(rows)), key=lambda i: (lengths[i], i))
     mixed_count = min(PARITY_ROWS["mixed"], len(rows))
     mixed = [by_length[round(k * (len(rows) - 1) / max(mixed_count - 1, 1))] for k in range(mixed_count)]
     return {
         "short": encode_rows(tokenizer, [rows[i] for i in by_length[: PARITY_ROWS["short"]]], max_length),
-        "max_length": encode_rows(tokenizer, _long_rows(tokenizer, rows, max_length, PARITY_ROWS["max_length"]), max_length),
+        "max_length": encode_rows(
+            tokenizer, _long_rows(tokenizer, rows, max_length, PARITY_ROWS["max_length"]), max_length
+        ),
         "mixed": encode_rows(tokenizer, [rows[i] for i in mixed], max_length),
     }
 

@@ -18,7 +18,9 @@ LATENCY_BATCH_SIZES = (1, 32)
 DEFAULT_WARMUP = 5
 
 
-def measure_latency(forward: Callable[[], Any], *, runs: int = 50, warmup: int = DEFAULT_WARMUP) -> dict[str, float | int]:
+def measure_latency(
+    forward: Callable[[], Any], *, runs: int = 50, warmup: int = DEFAULT_WARMUP
+) -> dict[str, float | int]:
     """Wall-clock latency of ``forward()``: ``{"median_ms", "p90_ms", "runs"}``.
 
     ``forward`` takes no arguments and runs one complete inference (bind the inputs in a
@@ -37,7 +39,11 @@ def measure_latency(forward: Callable[[], Any], *, runs: int = 50, warmup: int =
         start = time.perf_counter()
         forward()
         timings_ms.append((time.perf_counter() - start) * 1000.0)
-    return {"median_ms": round(statistics.median(timings_ms), 3), "p90_ms": round(_percentile(timings_ms, 90), 3), "runs": runs}
+    return {
+        "median_ms": round(statistics.median(timings_ms), 3),
+        "p90_ms": round(_percentile(timings_ms, 90), 3),
+        "runs": runs,
+    }
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -69,7 +75,9 @@ def latency_batches(tokenizer, texts: Sequence[str | tuple[str, ...]], max_lengt
     return {1: encode_rows(tokenizer, [median_row], max_length), 32: encode_rows(tokenizer, batch32, max_length)}
 
 
-def measure_predictor(predictor, texts: Sequence, *, max_length: int, runs: int, warmup: int = DEFAULT_WARMUP) -> dict[str, dict]:
+def measure_predictor(
+    predictor, texts: Sequence, *, max_length: int, runs: int, warmup: int = DEFAULT_WARMUP
+) -> dict[str, dict]:
     """``{"batch_1": {median_ms, p90_ms, runs}, "batch_32": {...}}``: the latency of a
     :class:`~tinycompress.inference.predictor.Predictor` on :func:`latency_batches` of ``texts``, tokenized
     by its own tokenizer and truncated to ``max_length`` tokens."""

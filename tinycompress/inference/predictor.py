@@ -67,7 +67,9 @@ def torch_predictor(model, tokenizer, kind: str = "torch", max_length: int | Non
     def forward(inputs: dict):
         return model(**inputs).logits
 
-    return Predictor(forward, tokenizer, model.config, kind, model, max_length or _tokenizer_limit(tokenizer, model.config))
+    return Predictor(
+        forward, tokenizer, model.config, kind, model, max_length or _tokenizer_limit(tokenizer, model.config)
+    )
 
 
 def onnx_predictor(folder: str | Path, *, threads: int | None = None, max_length: int | None = None) -> Predictor:
@@ -200,7 +202,9 @@ def load_predictor(path, *, threads: int | None = None) -> Predictor:
     if (path / MODEL_CONFIG_FILE).is_file() and checkpoint is None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        return torch_predictor(AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+        return torch_predictor(
+            AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        )
     raise TinycompressError(
         f"{path} holds no model (no {MANIFEST_NAME}, {ONNX_FILE}, TorchScript file or {MODEL_CONFIG_FILE})",
         "pass a checkpoint or export folder, e.g. runs/sst2/export-v1",

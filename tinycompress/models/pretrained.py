@@ -10,7 +10,6 @@ from tinycompress.errors import TinycompressError
 from tinycompress.models.device import set_seed
 
 if TYPE_CHECKING:
-
     pass
 
 

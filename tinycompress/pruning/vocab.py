@@ -32,7 +32,15 @@ from tinycompress.checkpoint.format import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from tinycompress.data.batching import as_text_row
 
 # Config fields holding token ids; each must survive pruning and be remapped with the rows.
-CONFIG_TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "unk_token_id", "mask_token_id")
+CONFIG_TOKEN_FIELDS = (
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "sep_token_id",
+    "cls_token_id",
+    "unk_token_id",
+    "mask_token_id",
+)
 
 
 FP32_BYTES = 4
@@ -146,7 +154,9 @@ def check_prunable(model, tokenizer) -> None:
     if model.get_input_embeddings() is None:
         raise ValueError(f"{type(model).__name__} has no input embedding to prune")
     if model.get_output_embeddings() is not None:
-        raise ValueError(f"{type(model).__name__} has an output embedding (LM head); only classifiers can be vocabulary-pruned")
+        raise ValueError(
+            f"{type(model).__name__} has an output embedding (LM head); only classifiers can be vocabulary-pruned"
+        )
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the embedding only {rows} rows")
@@ -173,10 +183,15 @@ def prune_embeddings_(model, kept_ids: Sequence[int]) -> None:
         raise ValueError(f"kept_ids drop ids the model needs: {dropped}")
     weight = old.weight
     new = nn.Embedding(
-        len(kept), old.embedding_dim,
+        len(kept),
+        old.embedding_dim,
         padding_idx=None if old.padding_idx is None else mapping[old.padding_idx],
-        max_norm=old.max_norm, norm_type=old.norm_type, scale_grad_by_freq=old.scale_grad_by_freq,
-        sparse=old.sparse, device=weight.device, dtype=weight.dtype,
+        max_norm=old.max_norm,
+        norm_type=old.norm_type,
+        scale_grad_by_freq=old.scale_grad_by_freq,
+        sparse=old.sparse,
+        device=weight.device,
+        dtype=weight.dtype,
     )
     with torch.no_grad():
         new.weight.copy_(weight[torch.tensor(kept, dtype=torch.long, device=weight.device)])
@@ -271,7 +286,9 @@ def rewrite_tokenizer_files(folder: str | Path, kept_ids: Sequence[int]) -> None
         # Ids past the end of vocab.txt are added tokens, which live in tokenizer.json only.
         txt_path.write_text("".join(lines[old] + "\n" for old in mapping if old < len(lines)), encoding="utf-8")
     if data is not None:
-        json_path.write_text(json.dumps(rewrite_tokenizer_json(data, kept_ids), ensure_ascii=False, indent=2), encoding="utf-8")
+        json_path.write_text(
+            json.dumps(rewrite_tokenizer_json(data, kept_ids), ensure_ascii=False, indent=2), encoding="utf-8"
+        )
     if config_path.is_file():
         config = json.loads(config_path.read_text(encoding="utf-8"))
         decoder = config.get("added_tokens_decoder")
@@ -302,7 +319,9 @@ def rewrite_tokenizer(tokenizer, kept_ids: Sequence[int]):
     # The saved files were the only source; fail here rather than on a silently wrong id later.
     for token, old in zip(tokenizer.all_special_tokens, tokenizer.convert_tokens_to_ids(tokenizer.all_special_tokens)):
         if new.convert_tokens_to_ids(token) != mapping[old]:
-            raise ValueError(f"rewritten tokenizer maps {token} to {new.convert_tokens_to_ids(token)}, expected {mapping[old]}")
+            raise ValueError(
+                f"rewritten tokenizer maps {token} to {new.convert_tokens_to_ids(token)}, expected {mapping[old]}"
+            )
     if len(new) != len(mapping):
         raise ValueError(f"rewritten tokenizer has {len(new)} tokens, expected {len(mapping)}")
     return new
@@ -325,7 +344,9 @@ def oov_rate(id_lists: Iterable[Sequence[int]], kept_ids: Iterable[int], ignore_
     return missing / total if total else 0.0
 
 
-def tokenization_report(old_tokenizer, new_tokenizer, texts: Sequence[str | Sequence[str]], max_length: int, kept_ids: Sequence[int]) -> dict[str, Any]:
+def tokenization_report(
+    old_tokenizer, new_tokenizer, texts: Sequence[str | Sequence[str]], max_length: int, kept_ids: Sequence[int]
+) -> dict[str, Any]:
     """What vocabulary pruning does to ``texts``, compared word by word (same pre-tokenization).
 
     Keys (rates over non-special tokens): ``tokens`` (under the old tokenizer), ``oov_rate``
@@ -338,8 +359,17 @@ def tokenization_report(old_tokenizer, new_tokenizer, texts: Sequence[str | Sequ
     kept = set(_check_kept(kept_ids))
     report: dict[str, Any] = {"rows": len(rows)}
     if not rows:
-        return report | {"tokens": 0, "oov_rate": 0.0, "unk_rate_before": 0.0, "unk_rate_after": 0.0, "rows_with_oov": 0.0,
-                         "words_affected": 0, "words_to_unk": 0, "words_resegmented": 0, "kept_pieces_lost": 0}
+        return report | {
+            "tokens": 0,
+            "oov_rate": 0.0,
+            "unk_rate_before": 0.0,
+            "unk_rate_after": 0.0,
+            "rows_with_oov": 0.0,
+            "words_affected": 0,
+            "words_to_unk": 0,
+            "words_resegmented": 0,
+            "kept_pieces_lost": 0,
+        }
     columns = [list(c) for c in zip(*rows)]
 
     def encode(tokenizer):

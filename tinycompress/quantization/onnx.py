@@ -246,7 +246,9 @@ def _dynamic_op_types(quantize_embeddings: bool) -> tuple[str, ...]:
     return tuple(op for op in FUSED_GRAPH_OP_TYPES if quantize_embeddings or op not in embedding_ops)
 
 
-def quantize_onnx_model(model, path: Path, settings: QuantizeSettings, *, opset: int, calibration: Sequence[dict] | None = None) -> dict[str, Any]:
+def quantize_onnx_model(
+    model, path: Path, settings: QuantizeSettings, *, opset: int, calibration: Sequence[dict] | None = None
+) -> dict[str, Any]:
     """Write the int8 ONNX model of ``model`` (fp32 HF classifier) to ``path``; fp32 graphs stay
     in a temporary folder.
 
@@ -263,11 +265,15 @@ def quantize_onnx_model(model, path: Path, settings: QuantizeSettings, *, opset:
                 # Without quantize_embeddings the fused embedding is left fp32 on purpose.
                 warnings.filterwarnings("ignore", message=r"graph contains fused .* leaves in fp32")
                 ops = _dynamic_op_types(settings.quantize_embeddings)
-                counts = quantize_onnx_dynamic(scratch / "fp32-optimized.onnx", path, op_types=ops, per_channel=settings.per_channel)
+                counts = quantize_onnx_dynamic(
+                    scratch / "fp32-optimized.onnx", path, op_types=ops, per_channel=settings.per_channel
+                )
         else:
             raw = export_onnx(model, scratch / "fp32-raw.onnx", opset=opset)
             ops = ("MatMul", "Gather") if settings.quantize_embeddings else ("MatMul",)
-            counts = quantize_onnx_static(raw, path, list(calibration or []), per_channel=settings.per_channel, op_types=ops)
+            counts = quantize_onnx_static(
+                raw, path, list(calibration or []), per_channel=settings.per_channel, op_types=ops
+            )
             graph = {"fused_ops": {}, "attention_fusion": False, "fused_attention_heads": []}
     return {"quantized_ops": counts, **graph}
 

@@ -341,7 +341,9 @@ def load_torch_int8(directory: str | Path, fp32_model_builder: Callable[[], nn.M
 def quantize_torch_model(model, folder: Path, settings: QuantizeSettings) -> dict[str, Any]:
     """Write ``int8_weights.safetensors`` + ``int8_recipe.json`` of ``model`` into ``folder``."""
 
-    qmodel = quantize_torch_dynamic(model, per_channel=settings.per_channel, quantize_embeddings=settings.quantize_embeddings)
+    qmodel = quantize_torch_dynamic(
+        model, per_channel=settings.per_channel, quantize_embeddings=settings.quantize_embeddings
+    )
     save_torch_int8(qmodel, folder)
     recipe = json.loads((folder / INT8_RECIPE_FILE).read_text())
     counts = {"Linear": len(recipe["linear"]), "Embedding": len(recipe["embedding"])}

@@ -26,8 +26,6 @@ SWEEP_FILE_NAME = "prune_sweep.csv"
 SECONDS_KEYS = ("train_seconds", "prune_seconds", "quantize_seconds", "export_seconds")
 
 
-
-
 def manifest_seconds(checkpoint: Checkpoint) -> tuple[float | None, str | None]:
     """Seconds a stage's manifest says it spent, and which keys they came from.
 
@@ -48,8 +46,9 @@ def manifest_seconds(checkpoint: Checkpoint) -> tuple[float | None, str | None]:
     return (round(total, 1), "manifest: " + " + ".join(used)) if used else (None, None)
 
 
-def stage_timing(chain: list[Checkpoint], measured: dict[str, float] | None = None,
-                 baselines: list[Checkpoint] = ()) -> tuple[dict[str, float | None], dict[str, dict[str, Any]]]:
+def stage_timing(
+    chain: list[Checkpoint], measured: dict[str, float] | None = None, baselines: list[Checkpoint] = ()
+) -> tuple[dict[str, float | None], dict[str, dict[str, Any]]]:
     """(seconds per stage, per-checkpoint timing with its source).
 
     ``measured`` maps checkpoint names to wall seconds timed by ``tinycompress run``; they win
@@ -64,7 +63,11 @@ def stage_timing(chain: list[Checkpoint], measured: dict[str, float] | None = No
             seconds, source = round(float(measured[checkpoint.name]), 1), "run: wall time"
         else:
             seconds, source = manifest_seconds(checkpoint)
-        timing[checkpoint.name] = {"stage": checkpoint.stage if in_chain else "baseline", "seconds": seconds, "source": source}
+        timing[checkpoint.name] = {
+            "stage": checkpoint.stage if in_chain else "baseline",
+            "seconds": seconds,
+            "source": source,
+        }
         if seconds is not None and in_chain:
             per_stage[checkpoint.stage] = round((per_stage[checkpoint.stage] or 0.0) + seconds, 1)
     return per_stage, timing
@@ -75,7 +78,9 @@ def find_sweep(workdir: Path, task: str, explicit: str | Path | None = None) -> 
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():
-            raise TinycompressError(f"sweep CSV not found: {path}", "pass the prune_sweep.csv written by benchmarks/prune_sweep.py")
+            raise TinycompressError(
+                f"sweep CSV not found: {path}", "pass the prune_sweep.csv written by benchmarks/prune_sweep.py"
+            )
         return path
     root = task_dir(workdir, task) / SWEEP_DIR_NAME
     found = sorted(root.rglob(SWEEP_FILE_NAME), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
@@ -99,8 +104,14 @@ def read_sweep(path: Path, metric: str) -> list[dict[str, Any]]:
     typed = []
     for raw in rows:
         try:
-            typed.append({"criterion": raw["criterion"], "head_ratio": float(raw["head_ratio"]),
-                          "recovered": raw["recovered"].strip().lower() == "true", "score": float(raw[column])})
+            typed.append(
+                {
+                    "criterion": raw["criterion"],
+                    "head_ratio": float(raw["head_ratio"]),
+                    "recovered": raw["recovered"].strip().lower() == "true",
+                    "score": float(raw[column]),
+                }
+            )
         except ValueError:
             raise TinycompressError(f"{path}: malformed row {raw}", "re-run benchmarks/prune_sweep.py") from None
     return typed
@@ -114,8 +125,12 @@ def _footnotes(report_rows: list[Row], latency: dict[str, Any], finetune: Checkp
             "classification head, before fine-tuning; its architecture is the fine-tuned model's, so its size, parameters "
             "(and, with --bench, latency) are the fine-tuned model's fp32 figures."
         )
-    notes.append("size = the model's weight / graph files on disk (manifest model_bytes; tokenizer and config files excluded), MB = 10^6 bytes.")
-    notes.append("compression = fine-tuned size / size; speed-up = fine-tuned latency / latency (only between latencies measured on the same machine and threads).")
+    notes.append(
+        "size = the model's weight / graph files on disk (manifest model_bytes; tokenizer and config files excluded), MB = 10^6 bytes."
+    )
+    notes.append(
+        "compression = fine-tuned size / size; speed-up = fine-tuned latency / latency (only between latencies measured on the same machine and threads)."
+    )
     if latency.get("source") == "bench":
         machine = latency["machine"]
         notes.append(
@@ -124,9 +139,14 @@ def _footnotes(report_rows: list[Row], latency: dict[str, Any], finetune: Checkp
         )
     else:
         machines = latency.get("machines") or []
-        where = "; ".join(f"{m.get('cpu', '?')} (threads: {m.get('threads', '?')})" for m in machines) or "no manifest records latency"
-        notes.append(f"latency: read from the manifests (measured when each stage ran: {where}); — = not recorded. "
-                     "`tinycompress report --bench` measures every row on this machine now.")
+        where = (
+            "; ".join(f"{m.get('cpu', '?')} (threads: {m.get('threads', '?')})" for m in machines)
+            or "no manifest records latency"
+        )
+        notes.append(
+            f"latency: read from the manifests (measured when each stage ran: {where}); — = not recorded. "
+            "`tinycompress report --bench` measures every row on this machine now."
+        )
     baselines = [r for r in report_rows if r.key == "baseline"]
     if baselines:
         notes.append(
@@ -140,7 +160,9 @@ def _footnotes(report_rows: list[Row], latency: dict[str, Any], finetune: Checkp
     if len(counts) == 1:
         notes.append(f"test rows: {counts.pop()}.")
     elif len(counts) > 1:
-        notes.append(f"rows were measured on different numbers of test rows ({', '.join(str(c) for c in sorted(counts))}); compare with care.")
+        notes.append(
+            f"rows were measured on different numbers of test rows ({', '.join(str(c) for c in sorted(counts))}); compare with care."
+        )
     return notes
 
 
@@ -195,13 +217,25 @@ def build_report(
     if sweep_path is not None:
         try:
             sweep_rows = read_sweep(sweep_path, names[0])
-            sweep_info = {"csv": str(sweep_path), "rows": len(sweep_rows), "criteria": sorted({r["criterion"] for r in sweep_rows})}
+            sweep_info = {
+                "csv": str(sweep_path),
+                "rows": len(sweep_rows),
+                "criteria": sorted({r["criterion"] for r in sweep_rows}),
+            }
         except TinycompressError as exc:
             if sweep is not None:
                 raise
             chain_notes.append(f"sweep {sweep_path} skipped: {exc.problem}")
     return Report(
-        task=task, workspace=str(workdir), metrics=names, rows=rows, chain=[c.name for c in chain], latency=latency,
-        stage_seconds=per_stage, stage_timing=timing, sweep=sweep_info,
-        footnotes=_footnotes(rows, latency, finetune) + chain_notes, sweep_rows=sweep_rows,
+        task=task,
+        workspace=str(workdir),
+        metrics=names,
+        rows=rows,
+        chain=[c.name for c in chain],
+        latency=latency,
+        stage_seconds=per_stage,
+        stage_timing=timing,
+        sweep=sweep_info,
+        footnotes=_footnotes(rows, latency, finetune) + chain_notes,
+        sweep_rows=sweep_rows,
     )

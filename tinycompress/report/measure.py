@@ -35,8 +35,15 @@ def _row_predictor(row: Row, threads: int):
     return runtime.torchscript_predictor(row.path, row.artifact)
 
 
-def bench_rows(rows: list[Row], chain: list[Checkpoint], *, runs: int = 50, threads: int | None = None,
-               data_dir: str | None = None, log: Callable[[str], None] = log_to_stderr) -> dict[str, Any]:
+def bench_rows(
+    rows: list[Row],
+    chain: list[Checkpoint],
+    *,
+    runs: int = 50,
+    threads: int | None = None,
+    data_dir: str | None = None,
+    log: Callable[[str], None] = log_to_stderr,
+) -> dict[str, Any]:
     """Measure every row's latency now, in place; returns the ``latency`` section of the report.
 
     Each row's folder is loaded with :func:`tinycompress.inference.predictor.load_predictor` and fed the same
@@ -76,9 +83,12 @@ def bench_rows(rows: list[Row], chain: list[Checkpoint], *, runs: int = 50, thre
         if row.latency_source == "bench":
             row.latency_machine = machine
     return {
-        "source": "bench", "machine": machine, "runs": runs, "warmup": DEFAULT_WARMUP, "statistic": "median",
-        "batch_sizes": list(LATENCY_BATCH_SIZES), "max_length": max_length,
+        "source": "bench",
+        "machine": machine,
+        "runs": runs,
+        "warmup": DEFAULT_WARMUP,
+        "statistic": "median",
+        "batch_sizes": list(LATENCY_BATCH_SIZES),
+        "max_length": max_length,
         "inputs": f"{len(texts)} real test rows: batch 1 = the median-length row, batch 32 = the first 32 rows padded to the longest",
     }
-
-

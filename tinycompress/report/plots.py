@@ -39,12 +39,21 @@ def plot_size(report: Report, path: Path) -> None:
     for i, ((size, score), rows) in enumerate(spots.items()):
         baseline = all(r.key == "baseline" for r in rows)
         names = " = ".join(r.label for r in rows)
-        ax.scatter([size], [score], s=60, marker="s" if baseline else "o", color=colors[i % len(colors)], zorder=3,
-                   label=f"{names}: {size:.1f} MB, {score:.4f}")
+        ax.scatter(
+            [size],
+            [score],
+            s=60,
+            marker="s" if baseline else "o",
+            color=colors[i % len(colors)],
+            zorder=3,
+            label=f"{names}: {size:.1f} MB, {score:.4f}",
+        )
     if spots:
         ax.legend(fontsize=8, loc="best")
     else:
-        ax.text(0.5, 0.5, "no version has both a size and a test metric", ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "no version has both a size and a test metric", ha="center", va="center", transform=ax.transAxes
+        )
     ax.margins(x=0.1, y=0.15)
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel(f"test {metric} (GLUE validation)")
@@ -64,10 +73,21 @@ def plot_sweep(report: Report, path: Path) -> None:
     criteria = list(dict.fromkeys(r["criterion"] for r in report.sweep_rows if r["criterion"] != "unpruned"))
     for color, criterion in zip(colors, criteria):
         for recovered, style in ((False, "-o"), (True, "--s")):
-            points = sorted((r["head_ratio"], r["score"]) for r in report.sweep_rows if r["criterion"] == criterion and r["recovered"] == recovered)
+            points = sorted(
+                (r["head_ratio"], r["score"])
+                for r in report.sweep_rows
+                if r["criterion"] == criterion and r["recovered"] == recovered
+            )
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, style, color=color, markersize=4, label=f"{criterion} + recovery" if recovered else criterion)
+                ax.plot(
+                    xs,
+                    ys,
+                    style,
+                    color=color,
+                    markersize=4,
+                    label=f"{criterion} + recovery" if recovered else criterion,
+                )
     unpruned = [r["score"] for r in report.sweep_rows if r["criterion"] == "unpruned"]
     if unpruned:
         ax.axhline(unpruned[0], color="grey", linestyle=":", label="unpruned")
@@ -75,8 +95,20 @@ def plot_sweep(report: Report, path: Path) -> None:
     ratio = _prune_ratio(report)
     if prune is not None and prune.status == "ok" and ratio is not None and prune.metrics.get(metric) is not None:
         # The sweep removes heads only; say so when this chain's prune removed FFN neurons too.
-        extra = ", FFN pruned too" if prune.ffn_kept is not None and prune.ffn_total and prune.ffn_kept < prune.ffn_total else ""
-        ax.scatter([ratio], [prune.metrics[metric]], marker="*", s=160, color="black", zorder=4, label=f"{prune.checkpoint} (this chain{extra})")
+        extra = (
+            ", FFN pruned too"
+            if prune.ffn_kept is not None and prune.ffn_total and prune.ffn_kept < prune.ffn_total
+            else ""
+        )
+        ax.scatter(
+            [ratio],
+            [prune.metrics[metric]],
+            marker="*",
+            s=160,
+            color="black",
+            zorder=4,
+            label=f"{prune.checkpoint} (this chain{extra})",
+        )
     ax.set_xlabel("fraction of attention heads removed")
     ax.set_ylabel(f"test {metric} (GLUE validation)")
     ax.set_title(f"{report.task}: pruning sweep")

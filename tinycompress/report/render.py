@@ -41,7 +41,9 @@ MISSING = "—"
 def _fmt_size(row: Row) -> str:
     if row.size_mb is None:
         return MISSING
-    return f"{row.size_mb:.1f}" if row.size_mb >= 10 else f"{row.size_mb:.3f}" if row.size_mb < 1 else f"{row.size_mb:.2f}"
+    return (
+        f"{row.size_mb:.1f}" if row.size_mb >= 10 else f"{row.size_mb:.3f}" if row.size_mb < 1 else f"{row.size_mb:.2f}"
+    )
 
 
 def _fmt_metric(value) -> str:
@@ -66,8 +68,21 @@ def _fmt_ratio(value) -> str:
     return MISSING if value is None else f"{value:.2f}×"
 
 
-TABLE_COLUMNS = ("version", "checkpoint", "runtime", "size (MB)", "{metrics}", "params", "heads", "FFN neurons",
-                 "b1 (ms)", "b32 (ms)", "compression", "speed-up b1", "speed-up b32")
+TABLE_COLUMNS = (
+    "version",
+    "checkpoint",
+    "runtime",
+    "size (MB)",
+    "{metrics}",
+    "params",
+    "heads",
+    "FFN neurons",
+    "b1 (ms)",
+    "b32 (ms)",
+    "compression",
+    "speed-up b1",
+    "speed-up b32",
+)
 
 
 def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
@@ -78,14 +93,23 @@ def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
     body = []
     for row in report.rows:
         if row.status != "ok":
-            cells = [row.label, f"not run: `{row.command}`" if row.command else "not run"] + [MISSING] * (len(headers) - 2)
+            cells = [row.label, f"not run: `{row.command}`" if row.command else "not run"] + [MISSING] * (
+                len(headers) - 2
+            )
         else:
             where = row.checkpoint or (row.metrics_from or "").split(":")[0] + " (original/*)"
             cells = [row.label, where, row.runtime or MISSING, _fmt_size(row)]
             cells += [_fmt_metric(row.metrics.get(m)) for m in report.metrics]
-            cells += [_fmt_params(row.parameters), _fmt_count(row.heads_kept, row.heads_total), _fmt_count(row.ffn_kept, row.ffn_total),
-                      _fmt_ms(row.latency_ms.get("batch_1")), _fmt_ms(row.latency_ms.get("batch_32")), _fmt_ratio(row.compression),
-                      _fmt_ratio(row.speedup.get("batch_1")), _fmt_ratio(row.speedup.get("batch_32"))]
+            cells += [
+                _fmt_params(row.parameters),
+                _fmt_count(row.heads_kept, row.heads_total),
+                _fmt_count(row.ffn_kept, row.ffn_total),
+                _fmt_ms(row.latency_ms.get("batch_1")),
+                _fmt_ms(row.latency_ms.get("batch_32")),
+                _fmt_ratio(row.compression),
+                _fmt_ratio(row.speedup.get("batch_1")),
+                _fmt_ratio(row.speedup.get("batch_32")),
+            ]
         body.append(cells)
     return headers, body
 
@@ -119,10 +143,16 @@ def print_report(report: Report, console=None) -> None:
 
 def to_markdown(report: Report) -> str:
     headers, body = table_cells(report)
-    lines = [f"# tinycompress report: {report.task}", "",
-             f"Chain: {' → '.join(report.chain)} (workspace `{report.workspace}`). Created {report.created}.", "",
-             f"**{TEST_SPLIT_NOTE}**", "",
-             "| " + " | ".join(headers) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(headers))) + "|"]
+    lines = [
+        f"# tinycompress report: {report.task}",
+        "",
+        f"Chain: {' → '.join(report.chain)} (workspace `{report.workspace}`). Created {report.created}.",
+        "",
+        f"**{TEST_SPLIT_NOTE}**",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(headers))) + "|",
+    ]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
     lines += ["", "## Notes", ""] + [f"- {note}" for note in report.footnotes]
     lines += ["", "## Time per stage", "", "| checkpoint | stage | seconds | source |", "|---|---|---:|---|"]
@@ -135,9 +165,27 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_COLUMNS = ("label", "status", "checkpoint", "runtime", "size_bytes", "size_mb", "{metrics}", "parameters", "heads_kept",
-               "heads_total", "ffn_kept", "ffn_total", "latency_b1_ms", "latency_b32_ms", "latency_source", "compression",
-               "speedup_b1", "speedup_b32", "command")
+CSV_COLUMNS = (
+    "label",
+    "status",
+    "checkpoint",
+    "runtime",
+    "size_bytes",
+    "size_mb",
+    "{metrics}",
+    "parameters",
+    "heads_kept",
+    "heads_total",
+    "ffn_kept",
+    "ffn_total",
+    "latency_b1_ms",
+    "latency_b32_ms",
+    "latency_source",
+    "compression",
+    "speedup_b1",
+    "speedup_b32",
+    "command",
+)
 
 
 def to_csv(report: Report) -> str:
@@ -149,12 +197,23 @@ def to_csv(report: Report) -> str:
     writer.writeheader()
     for row in report.rows:
         item = {
-            "label": row.label, "status": row.status, "checkpoint": row.checkpoint, "runtime": row.runtime,
-            "size_bytes": row.size_bytes, "size_mb": None if row.size_mb is None else round(row.size_mb, 3),
-            "parameters": row.parameters, "heads_kept": row.heads_kept, "heads_total": row.heads_total,
-            "ffn_kept": row.ffn_kept, "ffn_total": row.ffn_total, "latency_b1_ms": row.latency_ms.get("batch_1"),
-            "latency_b32_ms": row.latency_ms.get("batch_32"), "latency_source": row.latency_source,
-            "compression": row.compression, "speedup_b1": row.speedup.get("batch_1"), "speedup_b32": row.speedup.get("batch_32"),
+            "label": row.label,
+            "status": row.status,
+            "checkpoint": row.checkpoint,
+            "runtime": row.runtime,
+            "size_bytes": row.size_bytes,
+            "size_mb": None if row.size_mb is None else round(row.size_mb, 3),
+            "parameters": row.parameters,
+            "heads_kept": row.heads_kept,
+            "heads_total": row.heads_total,
+            "ffn_kept": row.ffn_kept,
+            "ffn_total": row.ffn_total,
+            "latency_b1_ms": row.latency_ms.get("batch_1"),
+            "latency_b32_ms": row.latency_ms.get("batch_32"),
+            "latency_source": row.latency_source,
+            "compression": row.compression,
+            "speedup_b1": row.speedup.get("batch_1"),
+            "speedup_b32": row.speedup.get("batch_32"),
             "command": row.command,
         } | {f"test_{m}": row.metrics.get(m) for m in report.metrics}
         writer.writerow({k: "" if v is None else v for k, v in item.items()})
@@ -180,7 +239,9 @@ def write_report(report: Report, out_dir: str | Path | None = None) -> Path:
     """
     out = Path(out_dir) if out_dir is not None else default_out_dir(report)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
-        raise TinycompressError(f"{out} exists and is not a tinycompress report folder", "pass an empty or new folder to --out")
+        raise TinycompressError(
+            f"{out} exists and is not a tinycompress report folder", "pass an empty or new folder to --out"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -214,8 +275,11 @@ def previous_measured_seconds(out_dir: Path) -> dict[str, float]:
     """Wall seconds that an earlier ``tinycompress run`` timed, from the report it left in ``out_dir``."""
     try:
         data = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
-        return {name: float(item["seconds"]) for name, item in data.get("stage_timing", {}).items()
-                if item.get("source") == "run: wall time" and item.get("seconds") is not None}
+        return {
+            name: float(item["seconds"])
+            for name, item in data.get("stage_timing", {}).items()
+            if item.get("source") == "run: wall time" and item.get("seconds") is not None
+        }
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return {}
 

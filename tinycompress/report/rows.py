@@ -202,9 +202,16 @@ def _stage_row(checkpoint: Checkpoint, names: list[str]) -> Row:
         label = "pruned + quantized" if parent_stage == "prune" else "quantized"
         runtime = _quantize_runtime(checkpoint)
     row = Row(
-        key=checkpoint.stage, label=label, status="ok", checkpoint=checkpoint.name, path=str(checkpoint.path),
-        runtime=runtime, size_bytes=checkpoint.model_bytes, metrics=_task_metrics(checkpoint, names),
-        parameters=metrics.get("parameters"), test_rows=metrics.get("test_rows"),
+        key=checkpoint.stage,
+        label=label,
+        status="ok",
+        checkpoint=checkpoint.name,
+        path=str(checkpoint.path),
+        runtime=runtime,
+        size_bytes=checkpoint.model_bytes,
+        metrics=_task_metrics(checkpoint, names),
+        parameters=metrics.get("parameters"),
+        test_rows=metrics.get("test_rows"),
     )
     structure = _structure(checkpoint.path)
     if structure is not None:
@@ -224,11 +231,17 @@ def _stage_row(checkpoint: Checkpoint, names: list[str]) -> Row:
 def _artifact_files(folder: Path, file: str) -> list[Path]:
     """The files one exported model is made of: the file and any external-data sibling."""
     main = folder / file
-    extra = [p for p in folder.iterdir() if p.name.startswith(file + ".") and p.name.endswith(".data")] if folder.is_dir() else []
+    extra = (
+        [p for p in folder.iterdir() if p.name.startswith(file + ".") and p.name.endswith(".data")]
+        if folder.is_dir()
+        else []
+    )
     return [p for p in [main, *extra] if p.is_file()]
 
 
-def _export_rows(checkpoint: Checkpoint, chain: list[Checkpoint], names: list[str], rows_so_far: list[Row]) -> list[Row]:
+def _export_rows(
+    checkpoint: Checkpoint, chain: list[Checkpoint], names: list[str], rows_so_far: list[Row]
+) -> list[Row]:
     """One row per file in an export folder (``details.files``: ONNX, TorchScript fp32 / int8).
 
     Test metrics are the export's own measurement of that file (``onnx/test/<m>``,
@@ -245,15 +258,24 @@ def _export_rows(checkpoint: Checkpoint, chain: list[Checkpoint], names: list[st
     manifest_latency = _latency_from_manifest(checkpoint)
     rows = []
     for file, info in files.items():
-        fmt, title, prefix = next(((f, t, p) for name, f, t, p in EXPORT_ARTIFACT_FILES if name == file), ("?", str(file), None))
+        fmt, title, prefix = next(
+            ((f, t, p) for name, f, t, p in EXPORT_ARTIFACT_FILES if name == file), ("?", str(file), None)
+        )
         precision = info.get("precision") or precision_default
         own_files = _artifact_files(checkpoint.path, file)
         # A single artifact is the whole model_bytes of the manifest; several are sized each.
         size = checkpoint.model_bytes if len(files) == 1 else (sum(p.stat().st_size for p in own_files) or None)
         row = Row(
-            key="export", label=f"exported ({title} {precision})", status="ok", checkpoint=checkpoint.name,
-            path=str(checkpoint.path), artifact=file if file != "?" else None, runtime=f"{fmt} {precision}", size_bytes=size,
-            metrics={name: None for name in names}, parameters=checkpoint.metrics.get("parameters"),
+            key="export",
+            label=f"exported ({title} {precision})",
+            status="ok",
+            checkpoint=checkpoint.name,
+            path=str(checkpoint.path),
+            artifact=file if file != "?" else None,
+            runtime=f"{fmt} {precision}",
+            size_bytes=size,
+            metrics={name: None for name in names},
+            parameters=checkpoint.metrics.get("parameters"),
             test_rows=checkpoint.metrics.get("test_rows"),
         )
         if prefix is not None and any(f"{prefix}/test/{name}" in checkpoint.metrics for name in names):
@@ -277,12 +299,24 @@ def _export_rows(checkpoint: Checkpoint, chain: list[Checkpoint], names: list[st
 def _original_row(finetune: Row, checkpoint: Checkpoint, names: list[str]) -> Row:
     """The pretrained encoder with a fresh seeded head: same architecture as the fine-tuned model."""
     return Row(
-        key="original", label="original", status="ok", checkpoint=None, path=None,
-        runtime="torch fp32", size_bytes=finetune.size_bytes, metrics=_task_metrics(checkpoint, names, "original/test/"),
-        parameters=finetune.parameters, heads_kept=finetune.heads_kept, heads_total=finetune.heads_total,
-        ffn_kept=finetune.ffn_kept, ffn_total=finetune.ffn_total, test_rows=finetune.test_rows,
+        key="original",
+        label="original",
+        status="ok",
+        checkpoint=None,
+        path=None,
+        runtime="torch fp32",
+        size_bytes=finetune.size_bytes,
+        metrics=_task_metrics(checkpoint, names, "original/test/"),
+        parameters=finetune.parameters,
+        heads_kept=finetune.heads_kept,
+        heads_total=finetune.heads_total,
+        ffn_kept=finetune.ffn_kept,
+        ffn_total=finetune.ffn_total,
+        test_rows=finetune.test_rows,
         metrics_from=f"{checkpoint.name}: original/test/*",
-        notes=[f"pretrained {checkpoint.manifest.get('base_model', 'model')} with a fresh seeded head; size and parameters are the fine-tuned model's (same architecture)"],
+        notes=[
+            f"pretrained {checkpoint.manifest.get('base_model', 'model')} with a fresh seeded head; size and parameters are the fine-tuned model's (same architecture)"
+        ],
     )
 
 
@@ -351,7 +385,15 @@ def baseline_rows(baselines: list[Checkpoint], rows: list[Row], names: list[str]
         row = _stage_row(checkpoint, names)
         backend, mode, per_channel, int8_embeddings = quantize_kind(checkpoint)
         # The label names every setting that differs from the plain recipe `run` uses.
-        extras = [text for text, shown in ((mode, mode != "dynamic"), ("per-channel", per_channel), ("fp32 embeddings", not int8_embeddings)) if shown]
+        extras = [
+            text
+            for text, shown in (
+                (mode, mode != "dynamic"),
+                ("per-channel", per_channel),
+                ("fp32 embeddings", not int8_embeddings),
+            )
+            if shown
+        ]
         row.key = "baseline"
         row.label = f"int8 only, unpruned ({', '.join([BASELINE_BACKEND_TITLES.get(backend, backend), *extras])})"
         made.append(row)
@@ -373,7 +415,11 @@ def compute_ratios(rows: list[Row]) -> None:
             continue
         if base.size_bytes and row.size_bytes:
             row.compression = base.size_bytes / row.size_bytes
-        comparable = row.latency_source is not None and row.latency_source == base.latency_source and same_machine(row.latency_machine, base.latency_machine)
+        comparable = (
+            row.latency_source is not None
+            and row.latency_source == base.latency_source
+            and same_machine(row.latency_machine, base.latency_machine)
+        )
         for key in BATCH_KEYS:
             mine, theirs = row.latency_ms.get(key), base.latency_ms.get(key)
             row.speedup[key] = theirs / mine if comparable and mine and theirs else None

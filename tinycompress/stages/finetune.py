@@ -38,7 +38,17 @@ def finetune(config: Config) -> Checkpoint:
     # measured on the same test rows before any training.
     original = evaluate(model, test_enc, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad, device=device)
     with make_progress() as progress:
-        result = train(model, train_enc, dev_enc, spec, config.finetune, pad_id=pad, device=device, seed=config.seed, progress=progress)
+        result = train(
+            model,
+            train_enc,
+            dev_enc,
+            spec,
+            config.finetune,
+            pad_id=pad,
+            device=device,
+            seed=config.seed,
+            progress=progress,
+        )
     test = evaluate(model, test_enc, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad, device=device)
     metrics = {
         **{f"test/{k}": v for k, v in test.items()},

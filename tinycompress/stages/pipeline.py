@@ -110,8 +110,12 @@ def run_pipeline(
         messages.append(message)
         log(message)
 
-    def timed(what: str, function: Callable[[Config, Checkpoint | None], Checkpoint], stage_config: Config,
-              parent: Checkpoint | None) -> Checkpoint:
+    def timed(
+        what: str,
+        function: Callable[[Config, Checkpoint | None], Checkpoint],
+        stage_config: Config,
+        parent: Checkpoint | None,
+    ) -> Checkpoint:
         start = time.perf_counter()
         checkpoint = function(stage_config, parent)
         seconds[checkpoint.name] = round(time.perf_counter() - start, 1)
@@ -135,15 +139,21 @@ def run_pipeline(
         for backend in BASELINE_BACKENDS:
             # Default quantize settings but the backend: the baseline is the plain recipe.
             baseline = config.model_copy(update={"quantize": QuantizeSettings(backend=backend)})
-            reused = find_reusable("quantize", baseline, checkpoints["finetune"], log=say, sections=BASELINE_FINGERPRINT)
+            reused = find_reusable(
+                "quantize", baseline, checkpoints["finetune"], log=say, sections=BASELINE_FINGERPRINT
+            )
             if reused is not None:
-                say(f"skip baseline {backend} int8: {_shown(reused.path)} has the same config and parent ({checkpoints['finetune'].name})")
+                say(
+                    f"skip baseline {backend} int8: {_shown(reused.path)} has the same config and parent ({checkpoints['finetune'].name})"
+                )
                 skipped.append(f"baseline-{backend}")
                 baselines[backend] = reused
                 continue
             say(f"run baseline: quantize {_shown(checkpoints['finetune'].path)} (unpruned, {backend} int8)")
             try:
-                baselines[backend] = timed(f"baseline {backend} int8", functions["baseline"], baseline, checkpoints["finetune"])
+                baselines[backend] = timed(
+                    f"baseline {backend} int8", functions["baseline"], baseline, checkpoints["finetune"]
+                )
             except TinycompressError as exc:
                 # A comparison row must not cost the user the chain's report: say why it is missing.
                 say(f"baseline {backend} int8 failed, left out of the table: {exc.problem}")
@@ -154,8 +164,14 @@ def run_pipeline(
     earlier_dir = target_dir or Path(config.workdir) / config.task / "report"
     measured = previous_measured_seconds(earlier_dir) | seconds
     report = build_report(
-        end.path, bench=_bench_default(config) if bench is None else bench, bench_runs=config.report.bench_runs,
-        threads=config.threads, data_dir=config.data.data_dir, sweep=sweep, measured_seconds=measured, log=say,
+        end.path,
+        bench=_bench_default(config) if bench is None else bench,
+        bench_runs=config.report.bench_runs,
+        threads=config.threads,
+        data_dir=config.data.data_dir,
+        sweep=sweep,
+        measured_seconds=measured,
+        log=say,
         baselines=list(baselines.values()),
     )
     written = write_report(report, target_dir or default_out_dir(report))

@@ -35,7 +35,9 @@ def read_texts(texts: Sequence[str] | None, file: str | Path | None) -> list[str
             raise TinycompressError(f"text file not found: {path}", "pass an existing file with one text per line")
         collected += path.read_text(encoding="utf-8").splitlines()
     if not collected:
-        raise TinycompressError("no texts to predict", 'pass texts as arguments (tinycompress predict FOLDER "text" ...) or --file F')
+        raise TinycompressError(
+            "no texts to predict", 'pass texts as arguments (tinycompress predict FOLDER "text" ...) or --file F'
+        )
     return collected
 
 
@@ -56,7 +58,11 @@ def text_logits(predictor, texts: Sequence[str], batch_size: int) -> np.ndarray:
         indices = [i for i, r in enumerate(rows) if len(r) == arity]
         encoded = encode(predictor.tokenizer, Examples([rows[i] for i in indices], None), predictor.max_length)
         logits = predict_logits(
-            None, encoded, batch_size=batch_size, pad_id=padding_id(predictor.tokenizer), forward=predictor.forward,
+            None,
+            encoded,
+            batch_size=batch_size,
+            pad_id=padding_id(predictor.tokenizer),
+            forward=predictor.forward,
             group_by_length=False,
         )
         if out is None:
@@ -79,14 +85,20 @@ def to_predictions(predictor, texts: Sequence[str], logits: np.ndarray) -> list[
     predictions = []
     for text, probs in zip(texts, _softmax(logits)):
         best = int(probs.argmax())
-        predictions.append({
-            "text": text, "label": names[best] if best < len(names) else str(best), "probability": float(probs[best]),
-            "probabilities": {names[i] if i < len(names) else str(i): float(p) for i, p in enumerate(probs)},
-        })
+        predictions.append(
+            {
+                "text": text,
+                "label": names[best] if best < len(names) else str(best),
+                "probability": float(probs[best]),
+                "probabilities": {names[i] if i < len(names) else str(i): float(p) for i, p in enumerate(probs)},
+            }
+        )
     return predictions
 
 
-def predict(path: str | Path, texts: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None) -> list[dict[str, Any]]:
+def predict(
+    path: str | Path, texts: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None
+) -> list[dict[str, Any]]:
     """Predictions of the model folder ``path`` for ``texts`` (see :func:`to_predictions`).
 
     Raises TinycompressError for no texts, a batch size below 1, or a missing / model-less folder.
@@ -95,7 +107,7 @@ def predict(path: str | Path, texts: Sequence[str], *, batch_size: int = DEFAULT
     from tinycompress.models.device import configure_threads, quiet_hf
 
     if not texts:
-        raise TinycompressError("no texts to predict", 'pass texts as arguments or --file F')
+        raise TinycompressError("no texts to predict", "pass texts as arguments or --file F")
     if batch_size < 1:
         raise TinycompressError(f"--batch-size must be at least 1, got {batch_size}")
     quiet_hf()

@@ -52,7 +52,9 @@ class PruneResult:
     details: dict[str, Any]
 
 
-def importance_batches(encoded: Encoded, rows: int, *, batch_size: int, pad_id: int, regression: bool, seed: int) -> Callable[[], Iterator[dict]]:
+def importance_batches(
+    encoded: Encoded, rows: int, *, batch_size: int, pad_id: int, regression: bool, seed: int
+) -> Callable[[], Iterator[dict]]:
     """A function returning fresh labelled batches over ``rows`` seeded-random training rows.
 
     Each call yields the same batches, so re-scoring between pruning steps is comparable.
@@ -73,7 +75,9 @@ def measure_test(model, encoded: Encoded, spec, config: Config, *, pad_id: int, 
     return evaluate(model, encoded, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad_id, device=device)
 
 
-def recover(model, teacher, train_enc: Encoded, dev_enc: Encoded, spec, config: Config, *, pad_id: int, device, progress=None):
+def recover(
+    model, teacher, train_enc: Encoded, dev_enc: Encoded, spec, config: Config, *, pad_id: int, device, progress=None
+):
     """Fine-tune ``model`` for ``config.prune.recover_epochs`` with distillation from ``teacher``.
 
     The dev split selects the best epoch; returns the :class:`~tinycompress.training.loop.TrainResult`.
@@ -83,10 +87,20 @@ def recover(model, teacher, train_enc: Encoded, dev_enc: Encoded, spec, config: 
 
     set_seed(config.seed)
     return train(
-        model, train_enc, dev_enc, spec, config.finetune,
-        pad_id=pad_id, device=device, seed=config.seed, epochs=config.prune.recover_epochs,
-        teacher=teacher, temperature=config.prune.distill_temperature, alpha=config.prune.distill_alpha,
-        progress=progress, description="recover",
+        model,
+        train_enc,
+        dev_enc,
+        spec,
+        config.finetune,
+        pad_id=pad_id,
+        device=device,
+        seed=config.seed,
+        epochs=config.prune.recover_epochs,
+        teacher=teacher,
+        temperature=config.prune.distill_temperature,
+        alpha=config.prune.distill_alpha,
+        progress=progress,
+        description="recover",
     )
 
 
@@ -115,8 +129,14 @@ def _prune_in_place(model, batches: Callable[[], Iterator[dict]], config: Config
 
     settings = config.prune
     return prune_iteratively(
-        model, batches, settings.criterion, settings.ratio, settings.ffn_ratio, settings.steps,
-        min_heads_per_layer=settings.min_heads_per_layer, min_neurons_per_layer=settings.min_neurons_per_layer,
+        model,
+        batches,
+        settings.criterion,
+        settings.ratio,
+        settings.ffn_ratio,
+        settings.steps,
+        min_heads_per_layer=settings.min_heads_per_layer,
+        min_neurons_per_layer=settings.min_neurons_per_layer,
         seed=config.seed,
     )
 
@@ -141,7 +161,8 @@ def check_feasible(model, config: Config) -> None:
         select_neurons([torch.zeros(n) for n in neurons], settings.ffn_ratio, settings.min_neurons_per_layer)
     except ValueError as exc:
         raise TinycompressError(
-            f"cannot prune: {exc}", "lower --ratio / --ffn-ratio, or prune.min_heads_per_layer / prune.min_neurons_per_layer"
+            f"cannot prune: {exc}",
+            "lower --ratio / --ffn-ratio, or prune.min_heads_per_layer / prune.min_neurons_per_layer",
         ) from None
 
 
@@ -150,14 +171,21 @@ def _importance_details(importance, head_ids: list[list[int]], rows: int) -> dic
     return {
         "criterion": importance.criterion,
         "rows": rows,
-        "heads": [{int(h): _sig(s) for h, s in zip(ids, scores.tolist())} for ids, scores in zip(head_ids, importance.head_scores)],
+        "heads": [
+            {int(h): _sig(s) for h, s in zip(ids, scores.tolist())}
+            for ids, scores in zip(head_ids, importance.head_scores)
+        ],
         "neurons_mean": [_sig(scores.mean()) if len(scores) else 0.0 for scores in importance.neuron_scores],
     }
 
 
 def _removal_details(record, before: dict, after: dict) -> dict[str, Any]:
-    heads_removed = [sorted({h for step in record.steps for h in step.heads_removed[layer]}) for layer in range(len(before["heads"]))]
-    neurons_removed = [sorted({n for step in record.steps for n in step.neurons_removed[layer]}) for layer in range(len(before["ffn"]))]
+    heads_removed = [
+        sorted({h for step in record.steps for h in step.heads_removed[layer]}) for layer in range(len(before["heads"]))
+    ]
+    neurons_removed = [
+        sorted({n for step in record.steps for n in step.neurons_removed[layer]}) for layer in range(len(before["ffn"]))
+    ]
     return {
         "heads_before": before["heads"],
         "heads_kept": after["heads"],
@@ -167,8 +195,13 @@ def _removal_details(record, before: dict, after: dict) -> dict[str, Any]:
         # Positions in the parent's FFN (for a finetune parent these are the original ids).
         "neurons_removed": neurons_removed,
         "step_log": [
-            {"step": s.step, "heads_removed": s.heads_removed, "neurons_removed": sum(len(n) for n in s.neurons_removed),
-             "heads_remaining": s.heads_remaining, "neurons_remaining": s.neurons_remaining}
+            {
+                "step": s.step,
+                "heads_removed": s.heads_removed,
+                "neurons_removed": sum(len(n) for n in s.neurons_removed),
+                "heads_remaining": s.heads_remaining,
+                "neurons_remaining": s.neurons_remaining,
+            }
             for s in record.steps
         ],
     }
@@ -222,16 +255,26 @@ def _load_job(config: Config, parent: Checkpoint) -> _Job:
         except ValueError as exc:
             raise TinycompressError(f"cannot prune the vocabulary of {parent.path}: {exc}", "drop --vocab") from None
     data = load_config_data(config, spec)
-    train, dev, test = (encode(tokenizer, split, config.model.max_length) for split in (data.train, data.dev, data.test))
+    train, dev, test = (
+        encode(tokenizer, split, config.model.max_length) for split in (data.train, data.dev, data.test)
+    )
     pad_id = padding_id(tokenizer)
     batches = importance_batches(
-        train, config.prune.importance_samples, batch_size=config.finetune.batch_size,
-        pad_id=pad_id, regression=spec.is_regression, seed=config.seed,
+        train,
+        config.prune.importance_samples,
+        batch_size=config.finetune.batch_size,
+        pad_id=pad_id,
+        regression=spec.is_regression,
+        seed=config.seed,
     )
-    return _Job(spec, device, threads, teacher.to(device), tokenizer, train, dev, test, pad_id, data.source, batches, data.test)
+    return _Job(
+        spec, device, threads, teacher.to(device), tokenizer, train, dev, test, pad_id, data.source, batches, data.test
+    )
 
 
-def _measure_and_recover(model, job: _Job, config: Config, parent: Checkpoint, *, recover_model: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def _measure_and_recover(
+    model, job: _Job, config: Config, parent: Checkpoint, *, recover_model: bool = True
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Test metrics of the parent, of the pruned model and (after recovery) the final ones.
 
     ``recover_model=False`` skips recovery (nothing was removed, so the model is the parent's).
@@ -245,12 +288,27 @@ def _measure_and_recover(model, job: _Job, config: Config, parent: Checkpoint, *
     final_test, dev, recovery = pruned_test, {}, None
     if recover_model and config.prune.recover_epochs > 0:
         with make_progress() as progress:
-            result = recover(model, job.teacher, job.train, job.dev, job.spec, config, pad_id=job.pad_id, device=job.device, progress=progress)
+            result = recover(
+                model,
+                job.teacher,
+                job.train,
+                job.dev,
+                job.spec,
+                config,
+                pad_id=job.pad_id,
+                device=job.device,
+                progress=progress,
+            )
         final_test, dev = measure(model), result.best_dev
         recovery = {
-            "epochs": config.prune.recover_epochs, "teacher": parent.name, "temperature": config.prune.distill_temperature,
-            "alpha": config.prune.distill_alpha, "best_epoch": result.best_epoch, "history": result.history,
-            "train_seconds": round(result.train_seconds, 1), "samples_per_second": round(result.samples_per_second, 1),
+            "epochs": config.prune.recover_epochs,
+            "teacher": parent.name,
+            "temperature": config.prune.distill_temperature,
+            "alpha": config.prune.distill_alpha,
+            "best_epoch": result.best_epoch,
+            "history": result.history,
+            "train_seconds": round(result.train_seconds, 1),
+            "samples_per_second": round(result.samples_per_second, 1),
         }
     metrics = {f"test/{k}": v for k, v in final_test.items()}
     metrics |= {f"pruned_no_recovery/test/{k}": v for k, v in pruned_test.items()}
@@ -283,7 +341,13 @@ def _prune_vocab(model, job: _Job, config: Config) -> tuple[Any, dict[str, Any],
     counts = count_ids(job.train.input_ids + job.dev.input_ids)
     rows_before, bytes_before = model.get_input_embeddings().num_embeddings, embedding_bytes(model)
     try:
-        kept = select_vocab(counts, old_tokenizer, settings.vocab_min_frequency, settings.vocab_top_k, always_keep=config_token_ids(model).values())
+        kept = select_vocab(
+            counts,
+            old_tokenizer,
+            settings.vocab_min_frequency,
+            settings.vocab_top_k,
+            always_keep=config_token_ids(model).values(),
+        )
         new_tokenizer = rewrite_tokenizer(old_tokenizer, kept)
         prune_embeddings_(model, kept)
     except ValueError as exc:
@@ -296,15 +360,23 @@ def _prune_vocab(model, job: _Job, config: Config) -> tuple[Any, dict[str, Any],
     report = tokenization_report(old_tokenizer, new_tokenizer, job.test_examples.texts, config.model.max_length, kept)
     bytes_after = embedding_bytes(model)
     metrics = {f"test/{k}": v for k, v in pruned_test.items()} | {
-        "vocab_size": len(kept), "parent/vocab_size": rows_before,
-        "embedding_mb": round(bytes_after / 1e6, 3), "parent/embedding_mb": round(bytes_before / 1e6, 3),
+        "vocab_size": len(kept),
+        "parent/vocab_size": rows_before,
+        "embedding_mb": round(bytes_after / 1e6, 3),
+        "parent/embedding_mb": round(bytes_before / 1e6, 3),
         "test_oov_rate": round(rate, 6),
     }
     details = {
-        "min_frequency": settings.vocab_min_frequency, "top_k": settings.vocab_top_k,
-        "kept": len(kept), "before": rows_before, "special_kept": len(special_ids(old_tokenizer)),
-        "counted_rows": len(job.train) + len(job.dev), "counted_tokens": sum(counts.values()), "distinct_seen": len(counts),
-        "embedding_bytes_before": bytes_before, "embedding_bytes_after": bytes_after,  # fp32
+        "min_frequency": settings.vocab_min_frequency,
+        "top_k": settings.vocab_top_k,
+        "kept": len(kept),
+        "before": rows_before,
+        "special_kept": len(special_ids(old_tokenizer)),
+        "counted_rows": len(job.train) + len(job.dev),
+        "counted_tokens": sum(counts.values()),
+        "distinct_seen": len(counts),
+        "embedding_bytes_before": bytes_before,
+        "embedding_bytes_after": bytes_after,  # fp32
         "test": {k: round(v, 6) if isinstance(v, float) else v for k, v in report.items()},
     }
     return new_tokenizer, metrics, details
@@ -336,16 +408,25 @@ def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
     # magnitude and random read no data; saying they used rows would mislead.
     rows = min(config.prune.importance_samples, len(job.train)) if config.prune.criterion in ("taylor", "fisher") else 0
     metrics |= _size_metrics(before, after) | {
-        "importance_rows": rows, "train_rows": len(job.train), "dev_rows": len(job.dev), "test_rows": len(job.test),
+        "importance_rows": rows,
+        "train_rows": len(job.train),
+        "dev_rows": len(job.dev),
+        "test_rows": len(job.test),
         "prune_seconds": round(prune_seconds, 1),  # scoring and removal, all steps
-        "threads": job.threads, "device": str(job.device),
+        "threads": job.threads,
+        "device": str(job.device),
     }
     details = {
-        "criterion": config.prune.criterion, "ratio": config.prune.ratio, "ffn_ratio": config.prune.ffn_ratio,
-        "steps": config.prune.steps, "flops_seq_len": FLOPS_SEQ_LEN,
+        "criterion": config.prune.criterion,
+        "ratio": config.prune.ratio,
+        "ffn_ratio": config.prune.ffn_ratio,
+        "steps": config.prune.steps,
+        "flops_seq_len": FLOPS_SEQ_LEN,
         "importance": _importance_details(importance, before["heads"], rows),
         **_removal_details(record, before, after),
-        "recovery": recovery, "vocab": vocab, "data_source": job.data_source,
+        "recovery": recovery,
+        "vocab": vocab,
+        "data_source": job.data_source,
     }
     model.cpu().eval()
     return PruneResult(model, tokenizer, parent, metrics, details)

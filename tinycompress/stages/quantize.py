@@ -42,7 +42,10 @@ from tinycompress.quantization.torch import quantize_torch_model
 def check_settings(config: Config) -> None:
     """Refuse setting combinations that have no implementation, before any work."""
     if config.quantize.mode == "static" and config.quantize.backend != "onnx":
-        raise TinycompressError("quantize.mode static is only implemented for quantize.backend onnx", "use --backend onnx, or --mode dynamic")
+        raise TinycompressError(
+            "quantize.mode static is only implemented for quantize.backend onnx",
+            "use --backend onnx, or --mode dynamic",
+        )
 
 
 def _versions() -> dict[str, str]:
@@ -72,9 +75,13 @@ def build_artifact(config: Config, model, tokenizer, folder: Path, data) -> dict
     settings = config.quantize
     calibration = None
     if settings.backend == "onnx" and settings.mode == "static":
-        calibration = calibration_batches(tokenizer, data.train, settings.calibration_samples, max_length=config.model.max_length, seed=config.seed)
+        calibration = calibration_batches(
+            tokenizer, data.train, settings.calibration_samples, max_length=config.model.max_length, seed=config.seed
+        )
     if settings.backend == "onnx":
-        details = quantize_onnx_model(model, folder / ONNX_FILE, settings, opset=config.export.opset, calibration=calibration)
+        details = quantize_onnx_model(
+            model, folder / ONNX_FILE, settings, opset=config.export.opset, calibration=calibration
+        )
     else:
         details = quantize_torch_model(model, folder, settings)
     save_config_and_tokenizer(folder, model.config, tokenizer, config.model.max_length)
@@ -117,10 +124,15 @@ def run_quantize(config: Config, parent: Checkpoint, folder: Path) -> Measured:
         "quantize_seconds": round(seconds, 1),
     }
     details = {
-        "backend": config.quantize.backend, "mode": config.quantize.mode, "per_channel": config.quantize.per_channel,
-        "quantize_embeddings": config.quantize.quantize_embeddings, **built,
-        "attention_heads": head_counts(model), "opset": config.export.opset if config.quantize.backend == "onnx" else None,
-        "versions": _versions(), "data_source": data.source,
+        "backend": config.quantize.backend,
+        "mode": config.quantize.mode,
+        "per_channel": config.quantize.per_channel,
+        "quantize_embeddings": config.quantize.quantize_embeddings,
+        **built,
+        "attention_heads": head_counts(model),
+        "opset": config.export.opset if config.quantize.backend == "onnx" else None,
+        "versions": _versions(),
+        "data_source": data.source,
         "latency": artifact_latency(predictor, data.test.texts, runs=config.report.bench_runs, threads=threads),
     }
     details["machine"] = details["latency"]["machine"]
@@ -141,6 +153,12 @@ def quantize(config: Config, parent: str | Path | Checkpoint | None = None, *, b
     check_parent("quantize", parent, config)
     check_settings(config)
     return write_checkpoint(
-        config.workdir, parent.task, "quantize", lambda folder: run_quantize(config, parent, folder),
-        config=config, seed=config.seed, parent=parent, details={BASELINE_FLAG: True} if baseline else None,
+        config.workdir,
+        parent.task,
+        "quantize",
+        lambda folder: run_quantize(config, parent, folder),
+        config=config,
+        seed=config.seed,
+        parent=parent,
+        details={BASELINE_FLAG: True} if baseline else None,
     )

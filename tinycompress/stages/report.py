@@ -36,7 +36,16 @@ def run_report(
 
     settings = load_config(config_file, overrides)
     asked_task = task or (read_yaml(config_file).get("task") if config_file is not None else None)
-    report = build_report(target, workdir=settings.workdir, task=asked_task, bench=settings.report.bench,
-                          bench_runs=settings.report.bench_runs, threads=settings.threads, data_dir=data_dir, sweep=sweep, log=log,
-                          baselines=None if settings.report.baselines else [])
+    report = build_report(
+        target,
+        workdir=settings.workdir,
+        task=asked_task,
+        bench=settings.report.bench,
+        bench_runs=settings.report.bench_runs,
+        threads=settings.threads,
+        data_dir=data_dir,
+        sweep=sweep,
+        log=log,
+        baselines=None if settings.report.baselines else [],
+    )
     return report, write_report(report, out_dir)

@@ -19,7 +19,13 @@ def model_inputs(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def predict_logits(
-    model, encoded: Encoded, *, batch_size: int, pad_id: int, device=None, forward: Callable | None = None,
+    model,
+    encoded: Encoded,
+    *,
+    batch_size: int,
+    pad_id: int,
+    device=None,
+    forward: Callable | None = None,
     group_by_length: bool = True,
 ) -> np.ndarray:
     """Logits for every row, in the rows' original order.
@@ -30,17 +36,30 @@ def predict_logits(
     """
     device = device or torch.device("cpu")
     out: np.ndarray | None = None
-    for indices, batch in iterate_batches(encoded, batch_size, pad_id, regression=False, group_by_length=group_by_length):
+    for indices, batch in iterate_batches(
+        encoded, batch_size, pad_id, regression=False, group_by_length=group_by_length
+    ):
         inputs = model_inputs(batch, device)
         logits = forward(inputs) if forward is not None else model(**inputs).logits
-        logits = logits.float().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits, dtype=np.float32)
+        logits = (
+            logits.float().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits, dtype=np.float32)
+        )
         if out is None:
             out = np.zeros((len(encoded), logits.shape[-1]), dtype=np.float32)
         out[indices] = logits
     return out if out is not None else np.zeros((0, 1), dtype=np.float32)
 
 
-def evaluate(model, encoded: Encoded, spec: TaskSpec, *, batch_size: int, pad_id: int, device=None, forward: Callable | None = None) -> dict[str, float]:
+def evaluate(
+    model,
+    encoded: Encoded,
+    spec: TaskSpec,
+    *,
+    batch_size: int,
+    pad_id: int,
+    device=None,
+    forward: Callable | None = None,
+) -> dict[str, float]:
     if model is not None:
         model.eval()
     logits = predict_logits(model, encoded, batch_size=batch_size, pad_id=pad_id, device=device, forward=forward)
@@ -52,5 +71,12 @@ def evaluate_predictor(predictor, config, spec) -> dict[str, float]:
 
     data = load_config_data(config, spec)
     encoded = encode(predictor.tokenizer, data.test, config.model.max_length)
-    metrics = evaluate(None, encoded, spec, batch_size=config.finetune.eval_batch_size, pad_id=padding_id(predictor.tokenizer), forward=predictor.forward)
+    metrics = evaluate(
+        None,
+        encoded,
+        spec,
+        batch_size=config.finetune.eval_batch_size,
+        pad_id=padding_id(predictor.tokenizer),
+        forward=predictor.forward,
+    )
     return {f"test/{k}": v for k, v in metrics.items()}

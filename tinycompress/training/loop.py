@@ -106,9 +106,19 @@ def train(
         model.train()
         running = None
         epoch_start = time.perf_counter()
-        for indices in batch_order(lengths, settings.batch_size, shuffle=True, group_by_length=settings.group_by_length, seed=seed + epoch):
+        for indices in batch_order(
+            lengths, settings.batch_size, shuffle=True, group_by_length=settings.group_by_length, seed=seed + epoch
+        ):
             batch = collate(train_data, indices, pad_id, regression=spec.is_regression)
-            loss = batch_loss(model, batch, device, regression=spec.is_regression, teacher=teacher, temperature=temperature, alpha=alpha)
+            loss = batch_loss(
+                model,
+                batch,
+                device,
+                regression=spec.is_regression,
+                teacher=teacher,
+                temperature=temperature,
+                alpha=alpha,
+            )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             optimizer.step()
@@ -117,14 +127,18 @@ def train(
             seen += len(indices)
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
             if progress:
-                progress.update(task_id, advance=1, loss=running, rate=seen / (train_seconds + time.perf_counter() - epoch_start))
+                progress.update(
+                    task_id, advance=1, loss=running, rate=seen / (train_seconds + time.perf_counter() - epoch_start)
+                )
         # Only the training loop counts towards samples/s; dev evaluation does not.
         train_seconds += time.perf_counter() - epoch_start
         dev = evaluate(model, dev_data, spec, batch_size=settings.eval_batch_size, pad_id=pad_id, device=device)
         result.history.append({"epoch": epoch, "train_loss": running, **{f"dev/{k}": v for k, v in dev.items()}})
         if progress:  # one line per epoch, also when stderr is a log file rather than a terminal
             scores = " ".join(f"dev/{k}={v:.4f}" for k, v in dev.items())
-            progress.console.log(f"{description} epoch {epoch}/{epochs}: loss {running:.4f} {scores} {seen / train_seconds:.0f} samples/s")
+            progress.console.log(
+                f"{description} epoch {epoch}/{epochs}: loss {running:.4f} {scores} {seen / train_seconds:.0f} samples/s"
+            )
         best.offer(model, epoch, dev)
     result.best_dev, result.best_epoch = best.dev, best.epoch
     result.train_seconds = train_seconds

@@ -19,12 +19,18 @@ def distillation_loss(student_logits, teacher_logits, labels, *, temperature: fl
         hard = F.mse_loss(student_logits.squeeze(-1), labels)
     else:
         t = temperature
-        soft = F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1), reduction="batchmean") * t * t
+        soft = (
+            F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1), reduction="batchmean")
+            * t
+            * t
+        )
         hard = F.cross_entropy(student_logits, labels)
     return alpha * soft + (1 - alpha) * hard
 
 
-def batch_loss(model, batch: dict, device, *, regression: bool, teacher=None, temperature: float = 2.0, alpha: float = 0.5):
+def batch_loss(
+    model, batch: dict, device, *, regression: bool, teacher=None, temperature: float = 2.0, alpha: float = 0.5
+):
     """The training loss of one collated batch (labels included): cross-entropy or MSE, or with a
     ``teacher`` the :func:`distillation_loss`. ``batch`` is consumed (its labels are popped)."""
     labels = batch.pop("labels").to(device)
@@ -33,7 +39,9 @@ def batch_loss(model, batch: dict, device, *, regression: bool, teacher=None, te
     if teacher is not None:
         with torch.no_grad():
             teacher_logits = teacher(**inputs).logits
-        return distillation_loss(logits, teacher_logits, labels, temperature=temperature, alpha=alpha, regression=regression)
+        return distillation_loss(
+            logits, teacher_logits, labels, temperature=temperature, alpha=alpha, regression=regression
+        )
     if regression:
         return F.mse_loss(logits.squeeze(-1), labels)
     return F.cross_entropy(logits, labels)
