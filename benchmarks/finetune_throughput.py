@@ -77,8 +77,8 @@ def main() -> None:
 
     from tinycompress.data.glue import load_task_data
     from tinycompress.data.tasks import get_task
-    from tinycompress.models.device import configure_threads, quiet_hf
     from tinycompress.models.pretrained import load_pretrained_classifier
+    from tinycompress.models.run_setup import configure_threads, quiet_hf
 
     quiet_hf()
     threads = configure_threads(args.threads)

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from tinycompress.data.tasks import get_task
     from tinycompress.errors import TinycompressError
     from tinycompress.inference.machine import machine_info
-    from tinycompress.models.device import configure_threads, quiet_hf
+    from tinycompress.models.run_setup import configure_threads, quiet_hf
 
     quiet_hf()
     threads = configure_threads(args.threads)

@@ -92,7 +92,7 @@ class Sweep:
         from tinycompress.config import load_config
         from tinycompress.data.batching import encode, padding_id
         from tinycompress.data.glue import load_config_data
-        from tinycompress.models.device import prepare
+        from tinycompress.models.run_setup import prepare
         from tinycompress.stages.prune import importance_batches
 
         parent = read_checkpoint(args.checkpoint)

@@ -1,4 +1,4 @@
-"""The prune stage (tinycompress.prune) and the `tinycompress prune` command, on tiny models."""
+"""The prune stage (tinycompress.stages.prune) and the `tinycompress prune` command, on tiny models."""
 
 from __future__ import annotations
 
@@ -256,7 +256,7 @@ def test_cli_help_has_examples():
     assert result.exit_code == 0 and "Examples:" in result.stdout and "--ffn-ratio" in result.stdout
 
 
-# ------------------------------------------------------------------------------ latency helpers (bench.py)
+# ------------------------------------------------------------------------------ latency helpers (inference/latency.py)
 
 
 def test_latency_batches_and_measure_latency(tiny_finetuned):

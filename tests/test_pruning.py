@@ -1,4 +1,4 @@
-"""Tests for tinycompress.arch and tinycompress.pruning on tiny random models."""
+"""Tests for tinycompress.models (arch, structure) and tinycompress.pruning on tiny random models."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""`tinycompress report` and `tinycompress run` (tinycompress.report, tinycompress.pipeline) on tiny models."""
+"""`tinycompress report` and `tinycompress run` (tinycompress.report, tinycompress.stages.pipeline) on tiny models."""
 
 from __future__ import annotations
 

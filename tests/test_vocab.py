@@ -1,4 +1,4 @@
-"""Vocabulary pruning (tinycompress.vocab) and `tinycompress prune --vocab`, on tiny models."""
+"""Vocabulary pruning (tinycompress.pruning.vocab) and `tinycompress prune --vocab`, on tiny models."""
 
 from __future__ import annotations
 

@@ -68,11 +68,11 @@ class PruneSettings(_Section):
     vocab: bool = Field(
         False, description="Also drop the word-embedding rows of tokens the train and dev texts never use"
     )
-    vocab_min_frequency: int = Field(1, ge=1, description="With vocab: keep tokens seen at least this often")
+    vocab_min_frequency: int = Field(1, ge=1, description="With --vocab: keep tokens seen at least this often")
     vocab_top_k: int | None = Field(
         None,
         ge=1,
-        description="With vocab: keep at most this many of the most frequent tokens, special tokens aside (if unset: no limit)",
+        description="With --vocab: keep at most this many of the most frequent tokens, special tokens aside (if unset: no limit)",
     )
 
 

@@ -1,8 +1,10 @@
 """The one table of checkpoint stages: what each starts from, what decides whether an existing
 checkpoint can be reused, how the report labels it, and the command that makes it.
 
-Adding a stage means adding a row to :data:`STAGES` (and its module under ``tinycompress/stages/``);
-the workspace, the pipeline, the report and the error hints all read this table.
+The workspace (default parents, accepted parents, reuse), ``tinycompress run`` (order, stage
+functions), the report (labels, "not run" rows) and the error hints (commands) all read this table,
+so a new stage is a row here plus its module under ``tinycompress/stages/`` -- and, where it needs
+rows of its own in the report or a new kind of model folder, code in ``report/`` or ``inference/``.
 
 It is plain data at the bottom of the import order (beside ``config`` and ``errors``), not in
 ``tinycompress/stages/``: the checkpoint layer needs the default parents and the commands for its
@@ -27,14 +29,19 @@ class StageSpec:
     """One row of :data:`STAGES`."""
 
     name: str
-    label: str  # the report row of its checkpoint ("pruned", ...)
-    parents: tuple[str, ...]  # stages whose checkpoints it accepts as input; () = starts from a pretrained model
-    default_parents: tuple[
-        str, ...
-    ]  # tried in this order (newest checkpoint, baselines excluded) when no input is given
-    fingerprint: tuple[str, ...]  # config sections (or dotted keys) that, with the parent, decide what it produces
-    function: str  # "module:function" of the stage function, imported only when run
-    command_args: str = ""  # what `command()` adds after the stage name and --task
+    # The report row of its checkpoints ("pruned", ...).
+    label: str
+    # Stages whose checkpoints it accepts as input; () = it starts from a pretrained model.
+    parents: tuple[str, ...]
+    # Tried in this order (newest checkpoint, baselines excluded) when no input is given.
+    default_parents: tuple[str, ...]
+    # Config sections (or dotted keys) that, with the parent, decide what it produces.
+    fingerprint: tuple[str, ...]
+    # "module:function" of the stage function, imported only when run. A string, not the function:
+    # this table sits below the stages in the import order (tests/test_layout.py checks each).
+    function: str
+    # What `command()` adds after the stage name and --task.
+    command_args: str = ""
 
     def command(self, task: str | None = None) -> str:
         """The command that makes a checkpoint of this stage (used in hints)."""

@@ -71,7 +71,8 @@ def resolve_input(explicit: str | Path | None, *, workdir: str | Path, task: str
     if task is None:
         raise TinycompressError(
             f"no checkpoints in workspace '{workdir}'",
-            f"run `{producing_command(wanted[-1] if stage == 'export' else wanted[0], None)} --task sst2` first, or pass a checkpoint path",
+            # The earliest stage it can start from (for export, the fine-tune).
+            f"run `{producing_command(min(wanted, key=STAGE_ORDER.index), None)} --task sst2` first, or pass a checkpoint path",
         )
     for parent_stage in wanted:
         newest = newest_in_chain(workdir, task, parent_stage)

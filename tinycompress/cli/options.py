@@ -36,7 +36,7 @@ def schema_field(key: str) -> FieldInfo:
     return model.model_fields[leaf]
 
 
-def _shown(value: Any) -> str:
+def _default_text(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
@@ -51,7 +51,7 @@ def schema_help(key: str, help: str | None = None, default_text: str | None = No
     """
     field = schema_field(key)
     text = help or field.description or ""
-    shown = default_text or (None if field.default is None or not show_default else _shown(field.default))
+    shown = default_text or (None if field.default is None or not show_default else _default_text(field.default))
     return f"{text} (default: from the config, {shown} if unset)." if shown else f"{text}."
 
 

@@ -5,13 +5,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from tinycompress.data.glue import Examples
-
-if TYPE_CHECKING:
-    pass
-
 
 # The inputs an HF text classifier may take, in the order ONNX graphs and traced modules declare them.
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")

@@ -14,6 +14,9 @@ from tinycompress.data.batching import as_text_row, encode_rows
 from tinycompress.errors import TinycompressError
 from tinycompress.exporters.onnx import feed_for, model_input_names
 
+# Rows of each parity batch: the shortest texts, texts joined past max_length, a mix of lengths.
+PARITY_ROWS = {"short": 4, "max_length": 4, "mixed": 8}
+
 
 def torch_logits_fn(model: torch.nn.Module) -> Callable[..., np.ndarray]:
     """Wrap a torch classifier as ``fn(input_ids, attention_mask, token_type_ids=None)``
@@ -145,6 +148,3 @@ def _long_rows(tokenizer, rows: list[tuple], max_length: int, count: int) -> lis
             joined = tuple(f"{a} {b}" for a, b in zip(joined, extra))
         long_rows.append(joined)
     return long_rows
-
-
-PARITY_ROWS = {"short": 4, "max_length": 4, "mixed": 8}

@@ -87,7 +87,6 @@ def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
 
 def torchscript_logits_fn(module) -> Callable:
     """A TorchScript classifier as ``fn(input_ids, attention_mask, token_type_ids=None)`` -> numpy."""
-    import torch
 
     names = torchscript_input_names(module)
 

@@ -14,7 +14,6 @@ from typing import Any
 
 LATENCY_BATCH_SIZES = (1, 32)
 
-
 DEFAULT_WARMUP = 5
 
 

@@ -27,7 +27,7 @@ from tinycompress.checkpoint.format import (
     TORCHSCRIPT_FILE,
     TORCHSCRIPT_INT8_FILE,
 )
-from tinycompress.checkpoint.hf import build_model_skeleton
+from tinycompress.checkpoint.hf import build_model_skeleton, load_hf_model
 from tinycompress.errors import TinycompressError
 
 # Used when neither the manifest nor the tokenizer says how long inputs may be.
@@ -179,7 +179,6 @@ def load_predictor(path, *, threads: int | None = None) -> Predictor:
     trained and measured with), else the tokenizer's limit. Raises TinycompressError for a
     missing, corrupt or model-less folder.
     """
-    from tinycompress.checkpoint.hf import load_hf_model
     from tinycompress.checkpoint.store import Checkpoint, read_checkpoint
 
     if isinstance(path, Checkpoint):

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tinycompress.data.tasks import TaskSpec
 from tinycompress.errors import TinycompressError
-from tinycompress.models.device import set_seed
-
-if TYPE_CHECKING:
-    pass
-
+from tinycompress.models.run_setup import set_seed
 
 DEFAULT_MODEL = "default"
-
 
 DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 

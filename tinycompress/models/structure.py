@@ -55,7 +55,7 @@ def current_head_ids(model: nn.Module) -> list[list[int]]:
         return [list(range(full)) for _ in counts]
     raise ValueError(
         f"Model head counts {counts} do not match config.{STRUCTURE_ATTR}; "
-        "the model was resized outside tinycompress.pruning"
+        "the model was resized outside tinycompress.models.structure"
     )
 
 

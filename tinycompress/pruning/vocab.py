@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tinycompress.checkpoint.format import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, VOCAB_FILE
-from tinycompress.data.batching import as_text_row
+from tinycompress.data.batching import as_text_row, encode
 
 # Config fields holding token ids; each must survive pruning and be remapped with the rows.
 CONFIG_TOKEN_FIELDS = (
@@ -61,7 +61,6 @@ def collect_token_counts(tokenizer, texts: Sequence[str | Sequence[str]], max_le
     training and test time: both texts of a pair, special tokens added, truncated to
     ``max_length`` (tokens past it never reach the model, so they need no row).
     """
-    from tinycompress.data.batching import encode
     from tinycompress.data.glue import Examples
 
     if max_length < 1:

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from tinycompress.config import QuantizeSettings
-from tinycompress.exporters.onnx import feed_for
+from tinycompress.exporters.onnx import export_onnx, feed_for
 from tinycompress.exporters.ort_fusion import export_optimized_onnx
 
 #: Default op types for dynamic quantisation of an *unfused* export: every Linear (MatMul)
@@ -54,6 +54,12 @@ _QUANTIZED_FORM = {
     "Conv": ("ConvInteger",),
     "LSTM": ("DynamicQuantizeLSTM",),
 }
+
+#: Initializer types of an int8 (quantized) weight.
+_INT8_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+
+#: Rows per calibration batch of static quantization.
+CALIBRATION_BATCH_SIZE = 32
 
 
 def _validate_op_types(op_types: Iterable[str], registry: Mapping[str, Any], kind: str) -> list[str]:
@@ -237,9 +243,6 @@ def quantize_onnx_static(
     return _count_qdq_quantized(onnx.load(str(out_path)).graph, ops)
 
 
-CALIBRATION_BATCH_SIZE = 32
-
-
 def _dynamic_op_types(quantize_embeddings: bool) -> tuple[str, ...]:
 
     embedding_ops = ("Gather", "EmbedLayerNormalization")
@@ -255,7 +258,6 @@ def quantize_onnx_model(
     ``calibration`` (a list of input dicts) is required for ``settings.mode == "static"``.
     Returns details: quantized op counts, fused op counts, fusion flag and head counts.
     """
-    from tinycompress.exporters.onnx import export_onnx
 
     with tempfile.TemporaryDirectory(prefix="tinycompress-onnx-") as scratch:
         scratch = Path(scratch)
@@ -289,6 +291,3 @@ def calibration_batches(tokenizer, examples, rows: int, *, max_length: int, seed
         batch.pop("labels", None)
         batches.append(batch)
     return batches
-
-
-_INT8_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)

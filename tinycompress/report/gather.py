@@ -18,9 +18,7 @@ from tinycompress.stage_graph import STAGE_ORDER
 
 SWEEP_DIR_NAME = "sweeps"
 
-
 SWEEP_FILE_NAME = "prune_sweep.csv"
-
 
 # Where the seconds a stage spent are recorded in its manifest (metrics, then details).
 SECONDS_KEYS = ("train_seconds", "prune_seconds", "quantize_seconds", "export_seconds")

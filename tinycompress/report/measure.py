@@ -26,13 +26,13 @@ def _test_texts(finetune: Checkpoint, data_dir: str | None, limit: int = 512) ->
 def _row_predictor(row: Row, threads: int):
     """The predictor of one row: its export file when it has one, else its checkpoint folder."""
     from tinycompress.checkpoint.format import ONNX_FILE
-    from tinycompress.inference import predictor as runtime
+    from tinycompress.inference.predictor import load_predictor, onnx_predictor, torchscript_predictor
 
     if row.artifact is None:
-        return runtime.load_predictor(row.path, threads=threads)
+        return load_predictor(row.path, threads=threads)
     if row.artifact == ONNX_FILE:
-        return runtime.onnx_predictor(row.path, threads=threads)
-    return runtime.torchscript_predictor(row.path, row.artifact)
+        return onnx_predictor(row.path, threads=threads)
+    return torchscript_predictor(row.path, row.artifact)
 
 
 def bench_rows(
@@ -53,7 +53,7 @@ def bench_rows(
     """
     from tinycompress.inference.latency import DEFAULT_WARMUP, LATENCY_BATCH_SIZES, measure_predictor
     from tinycompress.inference.machine import machine_info
-    from tinycompress.models.device import configure_threads, quiet_hf
+    from tinycompress.models.run_setup import configure_threads, quiet_hf
 
     quiet_hf()
     used_threads = configure_threads(threads)

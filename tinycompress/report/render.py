@@ -25,15 +25,11 @@ from tinycompress.report.rows import TEST_SPLIT_NOTE, Report, Row
 
 REPORT_DIR_NAME = "report"
 
-
 PLOT_SIZE = "accuracy_vs_size.png"
-
 
 PLOT_SWEEP = "prune_sweep.png"
 
-
 REPORT_FILES = ("report.md", "report.json", "report.csv", PLOT_SIZE)
-
 
 MISSING = "—"
 

@@ -47,12 +47,9 @@ from tinycompress.stage_graph import STAGE_ORDER, STAGES
 
 REPORT_SCHEMA = 1
 
-
 TEST_SPLIT_NOTE = "Test metrics are on the GLUE validation set (GLUE test labels are hidden)."
 
-
 BATCH_KEYS = ("batch_1", "batch_32")
-
 
 # Files an export folder may hold: (file, runtime format, title, prefix of its test metrics).
 EXPORT_ARTIFACT_FILES = (
@@ -366,7 +363,7 @@ def build_rows(chain: list[Checkpoint], task: str, workdir: Path, names: list[st
     else:
         missing = _missing_row("finetune", task, workdir)
         rows += [Row(key="original", label="original", status="not run", command=missing.command), missing]
-    for stage in ("prune", "quantize"):
+    for stage in STAGE_ORDER[1:-1]:  # between the fine-tune and the exports: one row per checkpoint
         rows += [_stage_row(c, names) for c in by_stage[stage]] or [_missing_row(stage, task, workdir)]
     exports = [row for c in by_stage["export"] for row in _export_rows(c, chain, names, rows)]
     rows += exports or [_missing_row("export", task, workdir)]
@@ -378,7 +375,7 @@ BASELINE_BACKEND_TITLES = {"onnx": "ONNX Runtime", "torch": "torch"}
 
 
 def baseline_rows(baselines: list[Checkpoint], rows: list[Row], names: list[str]) -> list[Row]:
-    """One row per baseline checkpoint (see :func:`find_baselines`), with its parent's (the
+    """One row per baseline checkpoint (see :func:`~tinycompress.checkpoint.workspace.find_baselines`), with its parent's (the
     fine-tuned row's) architecture where the checkpoint's own files do not say it."""
     made = []
     for checkpoint in baselines:

@@ -25,8 +25,8 @@ def _looks_like_path(target: str) -> bool:
 def evaluate_target(target: str, *, config_file=None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Metrics of a checkpoint / export folder, or of a pretrained model with a fresh head."""
     from tinycompress.inference.predictor import load_predictor, torch_predictor
-    from tinycompress.models.device import prepare
     from tinycompress.models.pretrained import count_parameters, load_pretrained_classifier
+    from tinycompress.models.run_setup import prepare
 
     path = Path(target).expanduser()
     if not path.exists() and _looks_like_path(target):

@@ -54,8 +54,13 @@ from tinycompress.checkpoint.store import Checkpoint, Measured, write_checkpoint
 from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
 from tinycompress.errors import TinycompressError
-from tinycompress.exporters.parity import parity_batches
-from tinycompress.exporters.torchscript import torchscript_logits_fn
+from tinycompress.exporters.parity import ParityResult, format_parity, parity_batches, parity_check, torch_logits_fn
+from tinycompress.exporters.torchscript import (
+    load_torchscript,
+    save_torchscript,
+    script_or_trace,
+    torchscript_logits_fn,
+)
 
 FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "all": ("onnx", "torchscript")}
 
@@ -111,7 +116,6 @@ def _result_dict(result) -> dict[str, Any]:
 def check_parity(artifact: Artifact, reference_fn: Callable, candidate_fn: Callable, batches: dict) -> Artifact:
     """Fill ``artifact.results``; a shape mismatch (a broken export, not a tolerance question)
     raises TinycompressError."""
-    from tinycompress.exporters.parity import parity_check
 
     try:
         artifact.results = parity_check(reference_fn, candidate_fn, batches, atol=artifact.atol)
@@ -125,7 +129,6 @@ def check_parity(artifact: Artifact, reference_fn: Callable, candidate_fn: Calla
 def write_onnx(sources: Sources, model, folder: Path, config: Config, batches: dict, threads: int) -> Artifact:
     """``model.onnx``: the quantize checkpoint's int8 graph copied, else an fp32 export of ``model``."""
     from tinycompress.exporters.onnx import export_onnx
-    from tinycompress.exporters.parity import torch_logits_fn
     from tinycompress.inference.onnx_session import OnnxClassifier
 
     path = folder / ONNX_FILE
@@ -143,8 +146,6 @@ def write_onnx(sources: Sources, model, folder: Path, config: Config, batches: d
 
 
 def _trace_and_check(module, path: Path, artifact: Artifact, batches: dict) -> Artifact:
-    from tinycompress.exporters.parity import torch_logits_fn
-    from tinycompress.exporters.torchscript import load_torchscript, save_torchscript, script_or_trace
 
     save_torchscript(script_or_trace(module), path)
     # Loading the file just written (torch.jit.load) checks what users will load: allowed for
@@ -178,8 +179,8 @@ def run_export(config: Config, parent: Checkpoint, folder: Path) -> Measured:
     on the test split; returns the metrics and details for the manifest. Used as
     :func:`~tinycompress.checkpoint.store.write_checkpoint`'s ``write_files`` (see :func:`export`)."""
     from tinycompress.data.glue import load_config_data
-    from tinycompress.models.device import prepare
     from tinycompress.models.pretrained import count_parameters
+    from tinycompress.models.run_setup import prepare
 
     check_parent("export", parent, config)
     sources = resolve_sources(parent)
@@ -280,7 +281,6 @@ def export(
 def parity_lines(checkpoint: Checkpoint) -> list[str]:
     """Human-readable parity results of an export folder: a header per file, then one
     ``✓``/``✗`` line per batch with max |Δ| and label agreement."""
-    from tinycompress.exporters.parity import ParityResult, format_parity
 
     lines = []
     for file, info in (checkpoint.details.get("files") or {}).items():

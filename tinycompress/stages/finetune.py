@@ -10,13 +10,13 @@ from tinycompress.checkpoint.store import Checkpoint, write_checkpoint
 from tinycompress.config import Config
 from tinycompress.data.batching import encode, padding_id
 from tinycompress.data.glue import load_config_data
-from tinycompress.models.device import prepare
 from tinycompress.models.pretrained import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_HUB_ID,
     count_parameters,
     load_pretrained_classifier,
 )
+from tinycompress.models.run_setup import prepare
 
 
 def finetune(config: Config) -> Checkpoint:

@@ -104,7 +104,7 @@ def predict(
     Raises TinycompressError for no texts, a batch size below 1, or a missing / model-less folder.
     """
     from tinycompress.inference.predictor import load_predictor
-    from tinycompress.models.device import configure_threads, quiet_hf
+    from tinycompress.models.run_setup import configure_threads, quiet_hf
 
     if not texts:
         raise TinycompressError("no texts to predict", "pass texts as arguments or --file F")

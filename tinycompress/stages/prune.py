@@ -32,8 +32,8 @@ from tinycompress.checkpoint.hf import load_hf_model, save_hf_model
 from tinycompress.checkpoint.store import Checkpoint, write_checkpoint
 from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
-from tinycompress.data.batching import Encoded, iterate_batches, padding_id, subset_rows
-from tinycompress.data.glue import Examples
+from tinycompress.data.batching import Encoded, encode, iterate_batches, padding_id, subset_rows
+from tinycompress.data.glue import Examples, load_config_data
 from tinycompress.errors import TinycompressError
 
 # FLOPs depend on the sequence length; 128 is the default max_length, so numbers from
@@ -82,7 +82,7 @@ def recover(
 
     The dev split selects the best epoch; returns the :class:`~tinycompress.training.loop.TrainResult`.
     """
-    from tinycompress.models.device import set_seed
+    from tinycompress.models.run_setup import set_seed
     from tinycompress.training.loop import train
 
     set_seed(config.seed)
@@ -240,9 +240,7 @@ class _Job:
 
 
 def _load_job(config: Config, parent: Checkpoint) -> _Job:
-    from tinycompress.data.batching import encode
-    from tinycompress.data.glue import load_config_data
-    from tinycompress.models.device import prepare
+    from tinycompress.models.run_setup import prepare
 
     spec, device, threads = prepare(config)
     teacher, tokenizer = load_hf_model(parent)
@@ -323,7 +321,6 @@ def _prune_vocab(model, job: _Job, config: Config) -> tuple[Any, dict[str, Any],
     Returns (new tokenizer, metrics, details); the metrics' ``test/*`` are measured with the
     new tokenizer and replace the caller's (which it keeps as ``pre_vocab/test/*``).
     """
-    from tinycompress.data.batching import encode
     from tinycompress.pruning.vocab import (
         config_token_ids,
         count_ids,
@@ -452,7 +449,7 @@ def prune(config: Config, parent: str | Path | Checkpoint | None = None) -> Chec
 
     Raises :class:`TinycompressError` (and writes nothing) for a missing or corrupt parent, a
     parent of another stage or task, or ratios that would leave a layer below its minimum.
-    Build ``config`` on :func:`parent_base` so the parent's data and model settings carry over.
+    Build ``config`` on :func:`~tinycompress.checkpoint.workspace.parent_base` so the parent's data and model settings carry over.
     """
     if not isinstance(parent, Checkpoint):
         parent = resolve_input(parent, workdir=config.workdir, task=config.task, stage="prune")

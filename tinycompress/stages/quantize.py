@@ -31,7 +31,7 @@ from typing import Any
 
 from tinycompress.checkpoint.format import BASELINE_FLAG, ONNX_FILE
 from tinycompress.checkpoint.hf import load_hf_model, save_config_and_tokenizer
-from tinycompress.checkpoint.store import Checkpoint, Measured, write_checkpoint
+from tinycompress.checkpoint.store import Checkpoint, Measured, library_versions, write_checkpoint
 from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
 from tinycompress.errors import TinycompressError
@@ -50,7 +50,6 @@ def check_settings(config: Config) -> None:
 
 def _versions() -> dict[str, str]:
     """The runtimes int8 speed and accuracy depend on (a subset of the manifest's versions)."""
-    from tinycompress.checkpoint.store import library_versions
 
     return {name: version for name, version in library_versions().items() if name in ("onnxruntime", "torch")}
 
@@ -97,8 +96,8 @@ def run_quantize(config: Config, parent: Checkpoint, folder: Path) -> Measured:
     from tinycompress.inference.latency import artifact_latency
     from tinycompress.inference.predictor import load_predictor
     from tinycompress.models.arch import get_arch
-    from tinycompress.models.device import prepare
     from tinycompress.models.pretrained import count_parameters
+    from tinycompress.models.run_setup import prepare
     from tinycompress.models.structure import head_counts
     from tinycompress.training.evaluation import evaluate_predictor
 
@@ -146,7 +145,7 @@ def quantize(config: Config, parent: str | Path | Checkpoint | None = None, *, b
 
     Raises :class:`TinycompressError` (and writes nothing) for a missing or corrupt parent, a
     parent of another stage or task, or ``mode: static`` with ``backend: torch``. Build
-    ``config`` on :func:`parent_base` so the parent's data and model settings carry over.
+    ``config`` on :func:`~tinycompress.checkpoint.workspace.parent_base` so the parent's data and model settings carry over.
     """
     if not isinstance(parent, Checkpoint):
         parent = resolve_input(parent, workdir=config.workdir, task=config.task, stage="quantize")

@@ -83,7 +83,7 @@ def train(
     """AdamW + linear warm-up/decay + clipping; evaluates on dev each epoch and keeps the best.
 
     ``settings`` is a :class:`~tinycompress.config.FinetuneSettings`. With a ``teacher``, the
-    loss is :func:`distillation_loss`. On return the model holds the best epoch's weights.
+    loss is :func:`~tinycompress.training.losses.distillation_loss`. On return the model holds the best epoch's weights.
     """
     from transformers import get_linear_schedule_with_warmup
 
