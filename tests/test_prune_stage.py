@@ -268,7 +268,9 @@ def test_latency_batches_and_measure_latency(tiny_finetuned):
     timings = measure_predictor(torch_predictor(model, tokenizer), texts, max_length=32, runs=3, warmup=1)
     assert set(timings) == {"batch_1", "batch_32"}
     for timing in timings.values():
-        assert set(timing) == {"median_ms", "p90_ms", "runs"} and timing["runs"] == 3
+        assert (
+            set(timing) == {"median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "p90_ms", "runs"} and timing["runs"] == 3
+        )
         assert 0 < timing["median_ms"] <= timing["p90_ms"]
     with pytest.raises(ValueError, match="runs"):
         measure_latency(lambda: None, runs=0)
