@@ -19,7 +19,12 @@ The ONNX variants are built in a temporary folder with the quantize stage's own 
 --pruned-int8 / --unpruned-int8 name ONNX quantize checkpoints to time instead. Inputs: batch 1
 is the test row of median token length, batch 32 the first 32 test rows padded to the longest
 (:func:`tinycompress.inference.latency.latency_batches`); each model tokenizes them with its own tokenizer.
-Torch and ONNX Runtime both get --threads intra-op threads. Not a test: nothing is asserted.
+Torch and ONNX Runtime both get --threads intra-op threads. All variants are loaded first,
+then timed interleaved in one measurement (each round runs every variant once, after warm-up
+rounds; :func:`tinycompress.inference.latency.measure_predictors`), so a slow spell of the machine
+hits them alike. Each cell is the median with its interquartile range; a speed-up reads
+"≈1.02x" where the variant's and the baseline's IQRs overlap (the difference is within the
+spread). Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--data-dir", help="folder of GLUE TSVs [default: the pruned checkpoint's]")
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads [default: 2]")
-    parser.add_argument("--runs", type=int, default=50, help="timed runs per model and batch size [default: 50]")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first [default: 5]")
+    parser.add_argument(
+        "--runs", type=int, default=50, help="timed rounds per batch size (each runs every model once) [default: 50]"
+    )
+    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first [default: 5]")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     for name in ("threads", "runs"):
@@ -133,28 +140,49 @@ def build_variants(args, finetuned, pruned, scratch: Path) -> list[tuple[str, An
 
 
 def time_variants(variants, texts, max_length: int, runs: int, warmup: int) -> list[dict[str, Any]]:
-    from tinycompress.inference.latency import measure_predictor
+    """Every variant timed against the others in one interleaved measurement
+    (:func:`tinycompress.inference.latency.measure_predictors`: warm-up rounds, then rounds that
+    run each variant once, in table order); speed-ups against the first, and whether each
+    differs from it by more than the spread (IQRs apart; ``differs`` False is shown "≈")."""
+    from tinycompress.inference.latency import differs, measure_predictors
 
-    results = [
-        {"variant": name, **measure_predictor(predictor, texts, max_length=max_length, runs=runs, warmup=warmup)}
-        for name, predictor in variants
-    ]
+    timings = measure_predictors(dict(variants), texts, max_length=max_length, runs=runs, warmup=warmup)
+    results = [{"variant": name, **timings[name]} for name, _ in variants]
     base = results[0]
     for row in results:
         for key in ("batch_1", "batch_32"):
             row[key]["speedup"] = round(base[key]["median_ms"] / row[key]["median_ms"], 2)
+            row[key]["differs"] = None if row is base else differs(row[key], base[key])
     return results
+
+
+def fmt_timing(timing: dict[str, Any]) -> str:
+    """``1.90 (1.85–2.01)``: the median and its interquartile range, in ms."""
+    return f"{timing['median_ms']:.2f} ({timing['q1_ms']:.2f}–{timing['q3_ms']:.2f})"
+
+
+def fmt_speedup(timing: dict[str, Any]) -> str:
+    """``1.42x``; ``≈1.02x`` where the IQRs overlap with the baseline's."""
+    return ("≈" if timing.get("differs") is False else "") + f"{timing['speedup']:.2f}x"
 
 
 def print_table(results: list[dict[str, Any]], header: str) -> None:
     print(header)
-    width = max(len(r["variant"]) for r in results)
-    print(f"{'model':<{width}}  {'batch 1 ms':>10}  {'speed-up':>8}  {'batch 32 ms':>11}  {'speed-up':>8}")
-    for r in results:
-        b1, b32 = r["batch_1"], r["batch_32"]
-        print(
-            f"{r['variant']:<{width}}  {b1['median_ms']:>10.2f}  {b1['speedup']:>7.2f}x  {b32['median_ms']:>11.2f}  {b32['speedup']:>7.2f}x"
+    cells = [
+        (
+            r["variant"],
+            fmt_timing(r["batch_1"]),
+            fmt_speedup(r["batch_1"]),
+            fmt_timing(r["batch_32"]),
+            fmt_speedup(r["batch_32"]),
         )
+        for r in results
+    ]
+    titles = ("model", "batch 1 ms (IQR)", "speed-up", "batch 32 ms (IQR)", "speed-up")
+    widths = [max(len(t), *(len(c[i]) for c in cells)) for i, t in enumerate(titles)]
+    print("  ".join(t.ljust(w) if i == 0 else t.rjust(w) for i, (t, w) in enumerate(zip(titles, widths))))
+    for row in cells:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,11 +213,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     machine = machine_info(threads)
     if args.json:
-        print(json.dumps({"machine": machine, "runs": args.runs, "task": config.task, "results": results}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "machine": machine,
+                    "runs": args.runs,
+                    "warmup": args.warmup,
+                    "protocol": "interleaved rounds, median and IQR",
+                    "task": config.task,
+                    "results": results,
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
     else:
         header = (
-            f"{config.task}: median of {args.runs} runs, {threads} threads, {machine['cpu']} "
-            f"({', '.join(machine['vector_extensions']) or 'no vector extensions found'}); speed-up vs {BASELINE.split()[0]} PyTorch fp32"
+            f"{config.task}: median (Q1–Q3) of {args.runs} interleaved rounds after {args.warmup} warm-up rounds, "
+            f"{threads} threads, {machine['cpu']} "
+            f"({', '.join(machine['vector_extensions']) or 'no vector extensions found'}); speed-up vs {BASELINE.split()[0]} PyTorch fp32, "
+            "≈ = within the spread (IQRs overlap)"
         )
         print_table(results, header)
     return 0

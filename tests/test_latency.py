@@ -11,7 +11,8 @@ def test_models_are_timed_interleaved_in_rounds_after_warmup():
     calls: list[str] = []
     forwards = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
     timings = measure_interleaved(forwards, runs=3, warmup=2)
-    assert calls == ["a", "b", "c"] * (2 + 3)  # two warm-up rounds, then three timed rounds
+    # Two warm-up rounds, then three timed rounds, each starting one model later.
+    assert calls == ["a", "b", "c"] * 2 + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert {name: t.runs for name, t in timings.items()} == {"a": 3, "b": 3, "c": 3}
 
 
@@ -21,14 +22,13 @@ def test_a_slow_spell_hits_every_model_in_its_round():
 
     now = [0.0]
     cost = {"a": 1.0, "b": 2.0}
-    rounds = {"count": 0}
+    calls = {"count": 0}
 
     def forward(name):
         def run():
-            slow = 10.0 if rounds["count"] == 1 else 1.0
+            slow = 10.0 if calls["count"] // 2 == 1 else 1.0  # both calls of the second round
             now[0] += cost[name] * slow / 1000.0
-            if name == "b":
-                rounds["count"] += 1
+            calls["count"] += 1
 
         return run
 

@@ -134,9 +134,9 @@ def test_old_chain_reports_and_takes_a_new_stage(old_workspace):
         ("original", "ok", None, 0.5),
         ("fine-tuned", "ok", "finetune-v1", 1.0),
         ("pruned", "ok", "prune-v1", 1.0),
-        ("pruned + quantized", "ok", "quantize-v1", 1.0),
-        ("exported (ONNX int8)", "ok", "export-v1", 1.0),
+        ("pruned + quantized", "ok", "quantize-v1", 1.0),  # export-v1/model.onnx is the same file: one row
     ]
+    assert report.row("quantize").same_file_as == ["export-v1/model.onnx"]
     assert sorted(p.name for p in written.iterdir()) == [
         "accuracy_vs_size.png",
         "report.csv",
@@ -195,3 +195,14 @@ def test_no_module_imports_another_modules_private_names():
             if any(part.startswith("_") for part in node.module.split(".")):
                 offenders.append(f"{file.name}: {node.module}")
     assert offenders == []
+
+
+def test_a_checkpoint_written_before_a_config_field_existed_is_still_reused(old_workspace):
+    from tinycompress.checkpoint.workspace import find_reusable
+
+    workdir, _ = old_workspace
+    quantized = read_checkpoint(workdir / "sst2" / "quantize-v1")
+    assert "tolerance" not in quantized.manifest["config"]["quantize"]  # the field came later
+    config = quantized.config.model_copy(update={"workdir": str(workdir)})
+    assert config.quantize.tolerance is None
+    assert find_reusable("quantize", config, quantized.parent()).path == quantized.path

@@ -152,6 +152,7 @@ def test_onnx_dynamic_quantize_round_trip(chain):
         False,
         0,
     )
+    assert "tuning" not in details and q.manifest["config"]["quantize"]["tolerance"] is None  # no --tolerance
     # Fused per layer with each layer's own head count, and the fused weights are int8 too.
     assert details["attention_fusion"] and details["fused_attention_heads"] == details["attention_heads"]
     assert details["quantized_ops"]["Attention"] == 2 and details["quantized_ops"]["EmbedLayerNormalization"] == 1

@@ -30,8 +30,7 @@ CHAIN_LABELS = [
     "original",
     "fine-tuned",
     "pruned",
-    "pruned + quantized",
-    "exported (ONNX int8)",
+    "pruned + quantized",  # its export's model.onnx is the same file: shown once, as this row
     "exported (TorchScript fp32)",
 ]
 ROW_KEYS = {
@@ -53,11 +52,14 @@ ROW_KEYS = {
     "ffn_kept",
     "ffn_total",
     "latency_ms",
+    "latency_spread",
     "latency_source",
     "latency_machine",
     "compression",
     "speedup",
+    "speedup_differs",
     "test_rows",
+    "same_file_as",
     "notes",
 }
 REPORT_KEYS = {
@@ -115,40 +117,43 @@ def test_rows_are_the_chain_in_order_with_manifest_values(chain):
         "prune-v1",
         "quantize-v1",
         "export-v1",
-        "export-v1",
     ]
     assert report.chain == ["finetune-v1", "prune-v1", "quantize-v1", "export-v1"]
     assert all(r.status == "ok" for r in report.rows)
-    original, fine, pr, qz, onnx, ts = report.rows
+    original, fine, pr, qz, ts = report.rows
 
     assert original.metrics == {"accuracy": finetuned.metrics["original/test/accuracy"]}
     assert fine.metrics == {"accuracy": finetuned.metrics["test/accuracy"]}
     assert pr.metrics == {"accuracy": pruned.metrics["test/accuracy"]}
     assert qz.metrics == {"accuracy": quantized.metrics["test/accuracy"]}
-    assert onnx.metrics == {"accuracy": exported.metrics["onnx/test/accuracy"]}
+    # The export's model.onnx is the quantized file copied (same sha256): one row, which says so.
+    assert exported.manifest["files"]["model.onnx"] == quantized.manifest["files"]["model.onnx"]
+    assert qz.same_file_as == ["export-v1/model.onnx"] and any("export-v1/model.onnx" in n for n in qz.notes)
     assert ts.metrics == {"accuracy": exported.metrics["torchscript/test/accuracy"]}
 
     # Size: model_bytes; the original has the fine-tuned architecture (same size, footnoted).
     assert original.size_bytes == fine.size_bytes == finetuned.manifest["model_bytes"]
     assert pr.size_bytes == pruned.manifest["model_bytes"] and qz.size_bytes == quantized.manifest["model_bytes"]
-    assert onnx.size_bytes == (exported.path / "model.onnx").stat().st_size
     assert ts.size_bytes == (exported.path / "model.torchscript.pt").stat().st_size
     assert any("original" in note and "fine-tuned model's fp32" in note for note in report.footnotes)
 
     assert [r.parameters for r in report.rows] == [finetuned.metrics["parameters"]] * 2 + [
         pruned.metrics["parameters"]
-    ] * 4
+    ] * 3
     # Tiny BERT: 2 layers x 4 heads, FFN 37 per layer; prune 50 % of heads and 25 % of neurons.
-    assert [(r.heads_kept, r.heads_total) for r in report.rows] == [(8, 8)] * 2 + [(pruned.metrics["heads"], 8)] * 4
+    assert [(r.heads_kept, r.heads_total) for r in report.rows] == [(8, 8)] * 2 + [(pruned.metrics["heads"], 8)] * 3
     assert [(r.ffn_kept, r.ffn_total) for r in report.rows] == [(74, 74)] * 2 + [
         (pruned.metrics["ffn_neurons"], 74)
-    ] * 4
+    ] * 3
     assert pruned.metrics["heads"] == 4 and pruned.metrics["ffn_neurons"] < 74
 
     # Latency from the manifests: only the quantize and ONNX export stages record one.
     assert report.latency["source"] == "manifests"
     assert qz.latency_ms == {k: quantized.details["latency"][k]["median_ms"] for k in ("batch_1", "batch_32")}
-    assert onnx.latency_ms == {k: exported.details["latency"][k]["median_ms"] for k in ("batch_1", "batch_32")}
+    assert qz.latency_spread == {
+        k: {s: quantized.details["latency"][k][s] for s in ("q1_ms", "q3_ms", "min_ms", "max_ms", "runs")}
+        for k in ("batch_1", "batch_32")
+    }
     assert qz.latency_machine == quantized.details["latency"]["machine"]
     assert fine.latency_ms == {"batch_1": None, "batch_32": None} and ts.latency_source is None
     # No fine-tuned latency: no speed-up; compression is sizes only.

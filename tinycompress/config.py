@@ -86,6 +86,15 @@ class QuantizeSettings(_Section):
     per_channel: bool = Field(False, description="Weight scales per output channel (on) or per tensor (off)")
     quantize_embeddings: bool = Field(True, description="Quantize the word embedding (Gather) too")
     calibration_samples: int = Field(128, ge=1, description="Training rows calibrating static quantization")
+    tolerance: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Accuracy-driven tuning (ONNX backend): try int8 recipes and keep the most sensitive layers fp32 "
+            "until the dev metric is within this many points (0.3 = 0.003 accuracy) of the fp32 model's, "
+            "then keep the fastest such candidate (if unset: no tuning, the configured recipe)"
+        ),
+    )
 
 
 class ExportSettings(_Section):

@@ -163,8 +163,14 @@ def stage_fingerprint(
 ) -> dict[str, Any]:
     """The part of ``config`` that must match for an existing ``stage`` checkpoint to be reused
     (``sections``, default the stage's ``fingerprint`` in :data:`~tinycompress.stage_graph.STAGES`)."""
-    data = config.to_dict() if isinstance(config, Config) else config
-    return _normalised(data, sections or STAGES[stage].fingerprint)
+    if not isinstance(config, Config):
+        # A manifest's config, resolved when it was written: validated again so that a key the
+        # schema gained since (with its default) does not make an old checkpoint look different.
+        try:
+            config = Config.model_validate(config)
+        except ValueError:
+            return _normalised(config, sections or STAGES[stage].fingerprint)
+    return _normalised(config.to_dict(), sections or STAGES[stage].fingerprint)
 
 
 def find_reusable(

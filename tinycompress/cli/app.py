@@ -66,6 +66,7 @@ def run(
     criterion: opt.Criterion = None,
     recover_epochs: opt.RecoverEpochs = None,
     backend: opt.Backend = None,
+    tolerance: opt.Tolerance = None,
     export_format: opt.Format = None,
     bench: opt.RunBench = None,
     baselines: opt.Baselines = None,
@@ -179,6 +180,7 @@ def prune(
     "tinycompress quantize runs/sst2/finetune-v1",
     "tinycompress quantize --backend torch",
     "tinycompress quantize --mode static --per-channel --calibration-samples 256",
+    "tinycompress quantize --tolerance 0.3          # fastest int8 within 0.3 dev points of fp32",
 )
 def quantize(
     checkpoint: Annotated[
@@ -198,6 +200,7 @@ def quantize(
     per_channel: opt.PerChannel = None,
     embeddings: opt.Embeddings = None,
     calibration_samples: opt.CalibrationSamples = None,
+    tolerance: opt.Tolerance = None,
     bench_runs: opt.BenchRuns = None,
     max_test_samples: opt.MaxTest = None,
 ) -> None:

@@ -121,6 +121,7 @@ Mode = config_option("quantize.mode", "--mode")
 PerChannel = config_option("quantize.per_channel", "--per-channel/--per-tensor")
 Embeddings = config_option("quantize.quantize_embeddings", "--embeddings/--no-embeddings")
 CalibrationSamples = config_option("quantize.calibration_samples", "--calibration-samples")
+Tolerance = config_option("quantize.tolerance", "--tolerance")
 BenchRuns = config_option("report.bench_runs", "--bench-runs")
 Opset = config_option("export.opset", "--opset")
 # `run` measures latency unless the config says otherwise (see stages.pipeline.run_pipeline).

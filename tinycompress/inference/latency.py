@@ -4,7 +4,7 @@ The protocol, the one way latency is measured anywhere in tinycompress:
 
 * every model in a comparison sees the same inputs (:func:`latency_batches`: real task texts,
   batch 1 = the median-length row, batch 32 = the first 32 rows), tokenized by its own tokenizer;
-* models compared with one another are timed *interleaved*, in rounds (A B C, A B C, ...), after
+* models compared with one another are timed *interleaved*, in rounds (A B C, B C A, C A B, ...), after
   warm-up rounds, with the caller's thread count pinned (:func:`measure_interleaved`): a slow
   spell of the machine then hits every model alike instead of whichever ran during it;
 * the result of each model is its median with its spread -- the interquartile range (Q1-Q3)
@@ -82,8 +82,8 @@ def differs(a: Mapping[str, Any] | Timing, b: Mapping[str, Any] | Timing) -> boo
 def measure_interleaved(
     forwards: Mapping[str, Callable[[], Any]], *, runs: int = 50, warmup: int = DEFAULT_WARMUP
 ) -> dict[str, Timing]:
-    """Time several models against one another: ``warmup`` untimed rounds, then ``runs`` timed
-    rounds, each calling every forward once in the given order (A B C, A B C, ...).
+    """Time several models against one another: ``warmup`` untimed rounds (A B C), then ``runs``
+    timed rounds, each calling every forward once, the starting model rotating (A B C, B C A, ...).
 
     ``forwards`` maps a name to a no-argument function that runs one complete inference (bind
     the inputs in a closure). Returns each name's :class:`Timing`. Raises ValueError for
@@ -99,10 +99,14 @@ def measure_interleaved(
         for forward in forwards.values():
             forward()
     samples: dict[str, list[float]] = {name: [] for name in forwards}
-    for _ in range(runs):
-        for name, forward in forwards.items():
+    order = list(forwards)
+    for round_ in range(runs):
+        # Each round starts one model later (A B C, B C A, C A B, ...), so no model always runs
+        # right after the same neighbour (whose caches and allocations it would inherit).
+        shift = round_ % len(order)
+        for name in order[shift:] + order[:shift]:
             start = time.perf_counter()
-            forward()
+            forwards[name]()
             samples[name].append((time.perf_counter() - start) * 1000.0)
     return {name: Timing.of(values) for name, values in samples.items()}
 

@@ -14,12 +14,19 @@ ORT's QDQ quantizer has no Attention / EmbedLayerNormalization support, so fusin
 leave the attention and embedding weights fp32. ORT fuses Q/DQ pairs into int8 kernels at
 session load.
 
+Accuracy-driven tuning (``quantize --tolerance``) uses the parts at the end of this module: the
+recipes it tries (:func:`onnx_recipes`), the fp32 graphs exported and preprocessed once
+(:class:`OnnxTuningSources`), the node groups kept fp32 on fallback (:func:`onnx_node_groups`)
+and :func:`quantize_onnx_recipe`; the search is :mod:`tinycompress.quantization.tuning`.
+
 Both quantisers count, in the graph they wrote, how many nodes of each requested op type were
 quantised, so an op type ORT silently skipped shows up in the manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import tempfile
 import warnings
 from collections import Counter
@@ -72,7 +79,7 @@ def _validate_op_types(op_types: Iterable[str], registry: Mapping[str, Any], kin
     return ops
 
 
-def _preprocess_for_quantization(in_path: Path, out_path: Path) -> Path:
+def preprocess_for_quantization(in_path: Path, out_path: Path) -> Path:
     """Run ORT's recommended ``quant_pre_process`` (shape inference + basic optimisation).
 
     Symbolic shape inference is needed to type ORT's fused contrib ops (Attention, ...),
@@ -87,6 +94,14 @@ def _preprocess_for_quantization(in_path: Path, out_path: Path) -> Path:
     has_contrib_ops = any(node.domain == "com.microsoft" for node in graph.node)
     quant_pre_process(str(in_path), str(out_path), skip_symbolic_shape=not has_contrib_ops)
     return out_path
+
+
+def _quant_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    if name not in ("QInt8", "QUInt8"):
+        raise ValueError(f"weight_type must be QInt8 or QUInt8, got {name!r}")
+    return QuantType[name]
 
 
 def _initializer_types(graph: onnx.GraphProto) -> dict[str, int]:
@@ -125,6 +140,10 @@ def quantize_onnx_dynamic(
     *,
     op_types: Sequence[str] = DEFAULT_DYNAMIC_OP_TYPES,
     per_channel: bool = False,
+    weight_type: str = "QInt8",
+    reduce_range: bool = False,
+    nodes_to_exclude: Sequence[str] = (),
+    preprocessed: bool = False,
 ) -> dict[str, int]:
     """Dynamic int8 quantisation with ORT (QInt8 weights, activations quantised at run time).
 
@@ -133,13 +152,20 @@ def quantize_onnx_dynamic(
         out_path: where to write the int8 graph.
         op_types: ORT op types whose weights get quantised.
         per_channel: per-output-channel weight scales (MatMul) instead of per-tensor.
+        weight_type: ``"QInt8"`` (signed weights; with ORT's uint8 dynamic activations: U8S8)
+            or ``"QUInt8"`` (U8U8).
+        reduce_range: 7-bit weights (ORT's advice for CPUs without VNNI, where U8S8 can saturate).
+        nodes_to_exclude: node names left in fp32 (names of the graph after
+            ``quant_pre_process``, which keeps the export's names).
+        preprocessed: ``in_path`` already went through :func:`preprocess_for_quantization`
+            (the tuning search preprocesses once and quantises many times).
 
     Returns:
         For each requested op type, how many nodes in the output graph are quantised
         forms of it (MatMul -> MatMulInteger, Gather -> Gather on an int8 table,
         Attention -> QAttention, EmbedLayerNormalization -> QEmbedLayerNormalization).
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_dynamic
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     ops = _validate_op_types(op_types, IntegerOpsRegistry, "dynamic")
@@ -147,13 +173,15 @@ def quantize_onnx_dynamic(
     _warn_unrequested_fused_ops(onnx.load(str(in_path), load_external_data=False).graph, ops)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        source = _preprocess_for_quantization(in_path, Path(tmp) / "preprocessed.onnx")
+        source = in_path if preprocessed else preprocess_for_quantization(in_path, Path(tmp) / "preprocessed.onnx")
         quantize_dynamic(
             str(source),
             str(out_path),
             op_types_to_quantize=ops,
             per_channel=per_channel,
-            weight_type=QuantType.QInt8,
+            reduce_range=reduce_range,
+            weight_type=_quant_type(weight_type),
+            nodes_to_exclude=list(nodes_to_exclude) or None,
             # Shape inference cannot type the outputs of ORT contrib ops (Attention, ...);
             # everything in these graphs is fp32, so say so instead of failing.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
@@ -201,8 +229,12 @@ def quantize_onnx_static(
     *,
     per_channel: bool = False,
     op_types: Sequence[str] = DEFAULT_DYNAMIC_OP_TYPES,
+    calibrate_method: str = "MinMax",
+    reduce_range: bool = False,
+    nodes_to_exclude: Sequence[str] = (),
+    preprocessed: bool = False,
 ) -> dict[str, int]:
-    """Static int8 quantisation in QDQ format, calibrated (MinMax) on ``calibration_batches``.
+    """Static int8 quantisation in QDQ format, calibrated on ``calibration_batches``.
 
     Args:
         in_path: fp32 graph (raw ``export_onnx`` output is the tested path).
@@ -211,13 +243,17 @@ def quantize_onnx_static(
             keys the graph does not declare are ignored, missing token_type_ids become 0.
         per_channel: per-channel weight scales.
         op_types: op types to wrap in Q/DQ pairs.
+        calibrate_method: ORT's ``CalibrationMethod`` name: ``MinMax``, ``Percentile`` or ``Entropy``.
+        reduce_range: 7-bit weights.
+        nodes_to_exclude: node names left in fp32 (no Q/DQ around them).
+        preprocessed: ``in_path`` already went through :func:`preprocess_for_quantization`.
 
     Returns:
         For each op type, how many of its nodes read a DequantizeLinear output, plus the
         total ``QuantizeLinear``/``DequantizeLinear`` node counts. Activations and weights
         are both QInt8 (ORT's recommended S8S8 for QDQ on CPU).
     """
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.registry import QDQRegistry
 
     ops = _validate_op_types(op_types, QDQRegistry, "static QDQ")
@@ -228,22 +264,27 @@ def quantize_onnx_static(
     reader = _ListDataReader(calibration_batches, graph_inputs)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        source = _preprocess_for_quantization(in_path, Path(tmp) / "preprocessed.onnx")
-        quantize_static(
-            str(source),
-            str(out_path),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=ops,
-            per_channel=per_channel,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
+        source = in_path if preprocessed else preprocess_for_quantization(in_path, Path(tmp) / "preprocessed.onnx")
+        # ORT's calibrators print progress on stdout, which holds only results here.
+        with contextlib.redirect_stdout(sys.stderr):
+            quantize_static(
+                str(source),
+                str(out_path),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=ops,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=list(nodes_to_exclude) or None,
+                calibrate_method=CalibrationMethod[calibrate_method],
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
     return _count_qdq_quantized(onnx.load(str(out_path)).graph, ops)
 
 
-def _dynamic_op_types(quantize_embeddings: bool) -> tuple[str, ...]:
+def dynamic_op_types(quantize_embeddings: bool) -> tuple[str, ...]:
 
     embedding_ops = ("Gather", "EmbedLayerNormalization")
     return tuple(op for op in FUSED_GRAPH_OP_TYPES if quantize_embeddings or op not in embedding_ops)
@@ -266,7 +307,7 @@ def quantize_onnx_model(
             with warnings.catch_warnings():
                 # Without quantize_embeddings the fused embedding is left fp32 on purpose.
                 warnings.filterwarnings("ignore", message=r"graph contains fused .* leaves in fp32")
-                ops = _dynamic_op_types(settings.quantize_embeddings)
+                ops = dynamic_op_types(settings.quantize_embeddings)
                 counts = quantize_onnx_dynamic(
                     scratch / "fp32-optimized.onnx", path, op_types=ops, per_channel=settings.per_channel
                 )
@@ -280,14 +321,25 @@ def quantize_onnx_model(
     return {"quantized_ops": counts, **graph}
 
 
-def calibration_batches(tokenizer, examples, rows: int, *, max_length: int, seed: int) -> list[dict]:
-    """Input dicts (no labels) over ``rows`` seeded-random rows of ``examples`` (training rows)."""
+def calibration_batches(
+    tokenizer, examples, rows: int, *, max_length: int, seed: int, single_batch: bool = False
+) -> list[dict]:
+    """Input dicts (no labels) over ``rows`` seeded-random rows of ``examples`` (training rows).
+
+    ``single_batch``: all rows in one batch (padded to the longest). ORT's Percentile and Entropy
+    calibrators stack the outputs of all batches, so every batch must have the same shape.
+    """
     from tinycompress.data.batching import encode, iterate_batches, padding_id, subset_rows
 
     subset = subset_rows(encode(tokenizer, examples, max_length), rows, seed)
     pad_id = padding_id(tokenizer)
     batches = []
-    for _, batch in iterate_batches(subset, CALIBRATION_BATCH_SIZE, pad_id, regression=False):
+    size = max(1, len(subset)) if single_batch else CALIBRATION_BATCH_SIZE
+    for _, batch in iterate_batches(subset, size, pad_id, regression=False):
         batch.pop("labels", None)
         batches.append(batch)
     return batches
+
+
+# ------------------------------------------------------------------ accuracy-driven tuning
+# (the search itself is in tinycompress.quantization.tuning; these are its ONNX parts)

@@ -12,8 +12,16 @@ from tinycompress.checkpoint.store import Checkpoint
 from tinycompress.checkpoint.workspace import chain_end, find_baselines, locate, walk_chain
 from tinycompress.console import log_to_stderr
 from tinycompress.errors import TinycompressError
+from tinycompress.report.identical import merge_identical
 from tinycompress.report.measure import bench_rows
-from tinycompress.report.rows import TEST_SPLIT_NOTE, Report, Row, baseline_rows, build_rows, compute_ratios
+from tinycompress.report.rows import (
+    TEST_SPLIT_NOTE,
+    Report,
+    Row,
+    baseline_rows,
+    build_rows,
+    compute_ratios,
+)
 from tinycompress.stage_graph import STAGE_ORDER
 
 SWEEP_DIR_NAME = "sweeps"
@@ -127,14 +135,28 @@ def _footnotes(report_rows: list[Row], latency: dict[str, Any], finetune: Checkp
         "size = the model's weight / graph files on disk (manifest model_bytes; tokenizer and config files excluded), MB = 10^6 bytes."
     )
     notes.append(
-        "compression = fine-tuned size / size; speed-up = fine-tuned latency / latency (only between latencies measured on the same machine and threads)."
+        "compression = fine-tuned size / size; speed-up = fine-tuned latency / latency (only between latencies measured on the same machine and threads); "
+        "≈ = the two latencies' interquartile ranges overlap, i.e. the difference is within the spread of the measurement."
     )
     if latency.get("source") == "bench":
         machine = latency["machine"]
         notes.append(
-            f"latency: measured now on {machine['cpu']} ({machine['cores']} cores, threads: {machine['threads']}), median of "
-            f"{latency['runs']} runs after {latency['warmup']} warm-up runs; {latency['inputs']}, max length {latency['max_length']}."
+            f"latency (ms): measured now on {machine['cpu']} ({machine['cores']} cores, threads: {machine['threads']}), all models "
+            f"loaded first, then timed interleaved (each model once per round, in table order): median (Q1–Q3) of "
+            f"{latency['rounds']} rounds after {latency['warmup']} warm-up rounds; {latency['inputs']}, max length {latency['max_length']}."
         )
+        for check in latency.get("same_file") or []:
+            readings = "; ".join(
+                f"batch {key.split('_')[1]}: {check[key]['first']['median_ms']:.2f} vs {check[key]['second']['median_ms']:.2f} ms "
+                f"({check[key]['relative_difference']:.0%} apart)"
+                for key in ("batch_1", "batch_32")
+            )
+            notes.append(
+                f"repeatability: {check['first']} and {check['second']} are the same file, timed under both names in the same "
+                f"measurement: {readings}."
+            )
+        if latency.get("onnx_fp32"):
+            notes.append(f"ONNX Runtime fp32 row: {latency['onnx_fp32']}")
     else:
         machines = latency.get("machines") or []
         where = (
@@ -142,7 +164,8 @@ def _footnotes(report_rows: list[Row], latency: dict[str, Any], finetune: Checkp
             or "no manifest records latency"
         )
         notes.append(
-            f"latency: read from the manifests (measured when each stage ran: {where}); — = not recorded. "
+            f"latency (ms): read from the manifests (measured when each stage ran, each model on its own: {where}), median "
+            "(Q1–Q3) where the manifest records the spread; — = not recorded. "
             "`tinycompress report --bench` measures every row on this machine now."
         )
     baselines = [r for r in report_rows if r.key == "baseline"]
@@ -154,6 +177,16 @@ def _footnotes(report_rows: list[Row], latency: dict[str, Any], finetune: Checkp
     for row in report_rows:
         if row.status != "ok" and row.command and row.key != "original":
             notes.append(f"{row.label}: not run — `{row.command}` makes it.")
+        if row.same_file_as:
+            notes.append(
+                f"{row.label} ({row.where}): {', '.join(row.same_file_as)} is the same file (identical sha256), shown once."
+            )
+        if row.key == "onnx_fp32":
+            notes.append(
+                f"{row.label} = {row.checkpoint} exported now to fp32 ONNX with the quantize stage's export and ORT fusion "
+                "(the graph the int8 model is made from), so int8's gain shows apart from the runtime's; its metrics are "
+                f"{row.checkpoint}'s (same weights), its size the fp32 ONNX file's."
+            )
     counts = {r.test_rows for r in report_rows if r.status == "ok" and r.test_rows is not None}
     if len(counts) == 1:
         notes.append(f"test rows: {counts.pop()}.")
@@ -182,8 +215,12 @@ def build_report(
 
     ``target``: a checkpoint folder (the chain ends there), a task folder or a workspace; else
     ``workdir`` + ``task`` (default: the most recent task), whose newest chain is reported.
-    ``bench``: measure latency now (``bench_runs`` runs, ``threads`` threads, texts from the
-    chain's test data or ``data_dir``); else latency comes from the manifests' ``details.latency``.
+    Rows whose model is byte-identical to an earlier row's (an ONNX export's copy of the
+    quantized file) are shown once (:func:`~tinycompress.report.identical.merge_identical`).
+    ``bench``: measure latency now, every row interleaved in one measurement (``bench_runs``
+    rounds, ``threads`` threads, texts from the chain's test data or ``data_dir``), with an
+    ONNX Runtime fp32 row added (:func:`~tinycompress.report.measure.bench_rows`); else latency
+    comes from the manifests' ``details.latency``.
     ``sweep``: a prune sweep CSV (default: the newest under ``runs/<task>/sweeps/``).
     ``measured_seconds``: wall seconds per checkpoint name, from ``tinycompress run``.
     ``baselines``: the unpruned int8 checkpoints to show after the chain (None: :func:`find_baselines`).
@@ -199,9 +236,10 @@ def build_report(
     if baselines is None:
         baselines = find_baselines(chain, workdir, task)
     rows += baseline_rows(baselines, rows, names)
+    twins = merge_identical(rows, chain + list(baselines))
     finetune = next((c for c in chain if c.stage == "finetune"), None)
     if bench:
-        latency = bench_rows(rows, chain, runs=bench_runs, threads=threads, data_dir=data_dir, log=log)
+        latency = bench_rows(rows, chain, runs=bench_runs, threads=threads, data_dir=data_dir, log=log, twins=twins)
     else:
         machines = []
         for row in rows:

@@ -21,7 +21,7 @@ from pathlib import Path
 from tinycompress.checkpoint.format import task_dir
 from tinycompress.errors import TinycompressError
 from tinycompress.report.plots import plot_size, plot_sweep
-from tinycompress.report.rows import TEST_SPLIT_NOTE, Report, Row
+from tinycompress.report.rows import BATCH_KEYS, TEST_SPLIT_NOTE, Report, Row
 
 REPORT_DIR_NAME = "report"
 
@@ -64,6 +64,23 @@ def _fmt_ratio(value) -> str:
     return MISSING if value is None else f"{value:.2f}×"
 
 
+def fmt_latency(row: Row, key: str) -> str:
+    """``1.90 (1.85–2.01)``: the median with its interquartile range; the median alone when no
+    spread is known (a manifest written before the protocol recorded one)."""
+    median, spread = row.latency_ms.get(key), row.latency_spread.get(key)
+    if median is None or not spread:
+        return _fmt_ms(median)
+    return f"{_fmt_ms(median)} ({_fmt_ms(spread['q1_ms'])}–{_fmt_ms(spread['q3_ms'])})"
+
+
+def fmt_speedup(row: Row, key: str) -> str:
+    """``1.42×``; ``≈1.02×`` where the row's and the fine-tuned latency's IQRs overlap."""
+    value = row.speedup.get(key)
+    if value is None:
+        return MISSING
+    return ("≈" if row.speedup_differs.get(key) is False else "") + _fmt_ratio(value)
+
+
 TABLE_COLUMNS = (
     "version",
     "checkpoint",
@@ -73,8 +90,8 @@ TABLE_COLUMNS = (
     "params",
     "heads",
     "FFN neurons",
-    "b1 (ms)",
-    "b32 (ms)",
+    "b1 ms (IQR)",
+    "b32 ms (IQR)",
     "compression",
     "speed-up b1",
     "speed-up b32",
@@ -94,17 +111,19 @@ def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
             )
         else:
             where = row.checkpoint or (row.metrics_from or "").split(":")[0] + " (original/*)"
+            if row.path is None and row.checkpoint:  # made now from that checkpoint (the ONNX Runtime fp32 row)
+                where += " (exported now)"
             cells = [row.label, where, row.runtime or MISSING, _fmt_size(row)]
             cells += [_fmt_metric(row.metrics.get(m)) for m in report.metrics]
             cells += [
                 _fmt_params(row.parameters),
                 _fmt_count(row.heads_kept, row.heads_total),
                 _fmt_count(row.ffn_kept, row.ffn_total),
-                _fmt_ms(row.latency_ms.get("batch_1")),
-                _fmt_ms(row.latency_ms.get("batch_32")),
+                fmt_latency(row, "batch_1"),
+                fmt_latency(row, "batch_32"),
                 _fmt_ratio(row.compression),
-                _fmt_ratio(row.speedup.get("batch_1")),
-                _fmt_ratio(row.speedup.get("batch_32")),
+                fmt_speedup(row, "batch_1"),
+                fmt_speedup(row, "batch_32"),
             ]
         body.append(cells)
     return headers, body
@@ -176,18 +195,35 @@ CSV_COLUMNS = (
     "ffn_total",
     "latency_b1_ms",
     "latency_b32_ms",
+    "{spread}",
     "latency_source",
     "compression",
     "speedup_b1",
     "speedup_b32",
+    "speedup_b1_differs",
+    "speedup_b32_differs",
+    "same_file_as",
     "command",
+)
+
+
+# The spread of each latency (empty where unknown): latency_b1_q1_ms, ..., latency_b32_runs.
+CSV_SPREAD = tuple(
+    (f"latency_b{key.split('_')[1]}_{part}", key, part)
+    for key in BATCH_KEYS
+    for part in ("q1_ms", "q3_ms", "min_ms", "max_ms", "runs")
 )
 
 
 def to_csv(report: Report) -> str:
     columns = []
     for column in CSV_COLUMNS:
-        columns += [f"test_{m}" for m in report.metrics] if column == "{metrics}" else [column]
+        if column == "{metrics}":
+            columns += [f"test_{m}" for m in report.metrics]
+        elif column == "{spread}":
+            columns += [name for name, _, _ in CSV_SPREAD]
+        else:
+            columns.append(column)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -210,8 +246,13 @@ def to_csv(report: Report) -> str:
             "compression": row.compression,
             "speedup_b1": row.speedup.get("batch_1"),
             "speedup_b32": row.speedup.get("batch_32"),
+            "speedup_b1_differs": row.speedup_differs.get("batch_1"),
+            "speedup_b32_differs": row.speedup_differs.get("batch_32"),
+            "same_file_as": " ".join(row.same_file_as) or None,
             "command": row.command,
-        } | {f"test_{m}": row.metrics.get(m) for m in report.metrics}
+        }
+        item |= {f"test_{m}": row.metrics.get(m) for m in report.metrics}
+        item |= {name: (row.latency_spread.get(key) or {}).get(part) for name, key, part in CSV_SPREAD}
         writer.writerow({k: "" if v is None else v for k, v in item.items()})
     return buffer.getvalue()
 

@@ -9,13 +9,16 @@ manifests. By default it starts at the newest checkpoint of the furthest stage p
 (export, else quantize, else prune, else finetune) and walks back to the finetune checkpoint.
 The rows are: original (the pretrained encoder with a fresh head, from the finetune manifest's
 ``original/*`` metrics), fine-tuned, pruned (one row per prune checkpoint in the chain), quantized
-and one row per exported artifact. A stage missing from the chain is a "not run" row carrying
+and one row per exported artifact -- except that a file byte-identical to an earlier row's (the
+ONNX export's copy of the quantized graph) is shown once, as the earlier row
+(:func:`~tinycompress.report.identical.merge_identical`). A stage missing from the chain is a "not run" row carrying
 the command that produces it. After them come the *baselines*: quantize checkpoints made straight
 from the chain's fine-tuned model (``tinycompress run`` makes one per backend), i.e. int8 without
 pruning, what a user would otherwise do -- the newest of each kind (backend and settings).
 
 Everything shown comes from the manifests, except latency with ``bench=True`` (measured now on
-this machine, the same inputs for every row) and the sweep curve (a ``prune_sweep.csv`` written
+this machine, the same inputs for every row, all rows interleaved in one measurement, plus an
+ONNX Runtime fp32 row made for it) and the sweep curve (a ``prune_sweep.csv`` written
 by ``benchmarks/prune_sweep.py``: ``--sweep CSV``, else the newest ``prune_sweep.csv`` under
 ``runs/<task>/sweeps/``).
 
@@ -43,6 +46,7 @@ from tinycompress.checkpoint.format import (
 from tinycompress.checkpoint.store import Checkpoint
 from tinycompress.checkpoint.workspace import quantize_kind, stage_versions
 from tinycompress.errors import TinycompressError
+from tinycompress.inference.latency import differs
 from tinycompress.stage_graph import STAGE_ORDER, STAGES
 
 REPORT_SCHEMA = 1
@@ -50,6 +54,9 @@ REPORT_SCHEMA = 1
 TEST_SPLIT_NOTE = "Test metrics are on the GLUE validation set (GLUE test labels are hidden)."
 
 BATCH_KEYS = ("batch_1", "batch_32")
+
+# What a row keeps of a timing besides its median (see tinycompress.inference.latency.Timing).
+SPREAD_KEYS = ("q1_ms", "q3_ms", "min_ms", "max_ms", "runs")
 
 # Files an export folder may hold: (file, runtime format, title, prefix of its test metrics).
 EXPORT_ARTIFACT_FILES = (
@@ -80,16 +87,52 @@ class Row:
     ffn_kept: int | None = None
     ffn_total: int | None = None
     latency_ms: dict[str, float | None] = field(default_factory=lambda: {k: None for k in BATCH_KEYS})
+    # Per batch key: {q1_ms, q3_ms, min_ms, max_ms, runs} of the timing whose median is in
+    # latency_ms; None when unknown (a manifest written before the protocol recorded a spread).
+    latency_spread: dict[str, dict[str, float | int] | None] = field(
+        default_factory=lambda: {k: None for k in BATCH_KEYS}
+    )
     latency_source: str | None = None  # "bench" or "manifest"
     latency_machine: dict[str, Any] | None = None
     compression: float | None = None  # fine-tuned size / this size
     speedup: dict[str, float | None] = field(default_factory=lambda: {k: None for k in BATCH_KEYS})
+    # Per batch key: whether this latency and the fine-tuned one differ by more than their spread
+    # (interquartile ranges apart); False: within the spread (shown "≈"); None: not known.
+    speedup_differs: dict[str, bool | None] = field(default_factory=lambda: {k: None for k in BATCH_KEYS})
     test_rows: int | None = None
+    # Byte-identical artifacts shown as this one row ("export-v1/model.onnx"), see merge_identical.
+    same_file_as: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def size_mb(self) -> float | None:
         return None if self.size_bytes is None else self.size_bytes / 1e6
+
+    @property
+    def where(self) -> str:
+        """The row's checkpoint, and its file when the folder holds several: "export-v1/model.onnx"."""
+        name = self.checkpoint or "?"
+        return f"{name}/{self.artifact}" if self.artifact else name
+
+    def timing(self, key: str) -> dict[str, float | int] | None:
+        """The latency at ``key`` as a timing dict (median plus the spread, when known)."""
+        median = self.latency_ms.get(key)
+        if median is None:
+            return None
+        return {"median_ms": median, **(self.latency_spread.get(key) or {})}
+
+    def set_latency(self, timings: dict[str, dict | None], source: str, machine: dict | None) -> None:
+        """Latency from ``{batch key: timing dict}`` (median, and the spread where recorded)."""
+        self.latency_ms = {k: None for k in BATCH_KEYS}
+        self.latency_spread = {k: None for k in BATCH_KEYS}
+        for key in BATCH_KEYS:
+            timing = timings.get(key)
+            if not isinstance(timing, dict) or timing.get("median_ms") is None:
+                continue
+            self.latency_ms[key] = float(timing["median_ms"])
+            if all(isinstance(timing.get(k), (int, float)) for k in SPREAD_KEYS):
+                self.latency_spread[key] = {k: timing[k] for k in SPREAD_KEYS}
+        self.latency_source, self.latency_machine = source, machine
 
 
 @dataclass
@@ -164,17 +207,21 @@ def _structure(folder: Path) -> tuple[int, int, int, int] | None:
     return heads_kept, layers * heads, ffn_kept, layers * ffn
 
 
-def _latency_from_manifest(checkpoint: Checkpoint) -> tuple[dict[str, float | None], dict | None] | None:
-    """``details.latency`` as {batch key: median ms} and the machine it was measured on."""
+def _latency_from_manifest(checkpoint: Checkpoint) -> tuple[dict[str, dict | None], dict | None] | None:
+    """``details.latency`` as {batch key: timing dict} and the machine it was measured on.
+
+    Older manifests record a bare median (a number) or a timing without spread; both give a
+    timing dict with only ``median_ms``.
+    """
     latency = checkpoint.details.get("latency")
     if not isinstance(latency, dict):
         return None
-    values: dict[str, float | None] = {}
+    values: dict[str, dict | None] = {}
     for key in BATCH_KEYS:
         entry = latency.get(key)
-        if isinstance(entry, dict):
-            entry = entry.get("median_ms")
-        values[key] = float(entry) if isinstance(entry, (int, float)) else None
+        if isinstance(entry, (int, float)) and not isinstance(entry, bool):
+            entry = {"median_ms": entry}
+        values[key] = entry if isinstance(entry, dict) and isinstance(entry.get("median_ms"), (int, float)) else None
     if all(v is None for v in values.values()):
         return None
     machine = latency.get("machine") if isinstance(latency.get("machine"), dict) else None
@@ -220,8 +267,7 @@ def _stage_row(checkpoint: Checkpoint, names: list[str]) -> Row:
         row.ffn_kept = metrics["ffn_neurons"]
     manifest_latency = _latency_from_manifest(checkpoint)
     if manifest_latency is not None:
-        row.latency_ms, row.latency_machine = manifest_latency
-        row.latency_source = "manifest"
+        row.set_latency(manifest_latency[0], "manifest", manifest_latency[1])
     return row
 
 
@@ -287,8 +333,7 @@ def _export_rows(
         if info.get("passed") is False:
             row.notes.append(f"parity check failed against {info.get('reference')}")
         if file == ONNX_FILE and manifest_latency is not None:
-            row.latency_ms, row.latency_machine = manifest_latency
-            row.latency_source = "manifest"
+            row.set_latency(manifest_latency[0], "manifest", manifest_latency[1])
         rows.append(row)
     return rows
 
@@ -402,7 +447,10 @@ def compute_ratios(rows: list[Row]) -> None:
     """Compression (fine-tuned size / size) and speed-up (fine-tuned latency / latency), in place.
 
     A speed-up needs both latencies measured the same way on the same machine (CPU and threads);
-    otherwise it is left unknown rather than comparing numbers from different computers.
+    otherwise it is left unknown rather than comparing numbers from different computers. Where
+    both latencies have a spread, ``speedup_differs`` says whether their interquartile ranges
+    are apart (:func:`~tinycompress.inference.latency.differs`); the reference itself, and the
+    original row (which borrows its latency), get None.
     """
     base = next((r for r in rows if r.key == "finetune" and r.status == "ok"), None)
     if base is None:
@@ -420,6 +468,9 @@ def compute_ratios(rows: list[Row]) -> None:
         for key in BATCH_KEYS:
             mine, theirs = row.latency_ms.get(key), base.latency_ms.get(key)
             row.speedup[key] = theirs / mine if comparable and mine and theirs else None
+            row.speedup_differs[key] = None
+            if row.speedup[key] is not None and row is not base and row.key != "original":
+                row.speedup_differs[key] = differs(row.timing(key), base.timing(key))
 
 
 def same_machine(a: dict | None, b: dict | None) -> bool:

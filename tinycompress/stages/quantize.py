@@ -17,6 +17,21 @@ training rows) on the plain export. Only the int8 ``model.onnx`` is kept.
 ``torch``: ``torch.ao`` dynamic int8 Linear + weight-only int8 word embedding
 (:mod:`tinycompress.quantization.torch`), stored as ``int8_weights.safetensors`` + ``int8_recipe.json``.
 
+Accuracy-driven tuning (``--tolerance POINTS``, ONNX backend)
+------------------------------------------------------------
+Instead of the one configured recipe, :func:`tune_artifact` runs the search of
+:mod:`tinycompress.quantization.tuning`: the dynamic (U8S8 / U8U8, per-channel, reduce_range,
+fp32 embeddings) and static QDQ (MinMax / Percentile / Entropy) recipes of
+:func:`~tinycompress.quantization.onnx_recipes.onnx_recipes`, then -- when none is within the tolerance
+-- the best of them with the most sensitive node groups (embeddings, ``layer N attention``,
+``layer N ffn``) kept fp32. Every candidate's dev metric is measured on the dev split carved from
+train (the parent's fp32 dev metric is measured the same way, on the same rows); the candidates
+within the tolerance are timed against one another on dev texts (the latency protocol) and the
+fastest at batch 32 is written. ``details.tuning`` lists every candidate and the chosen one; the
+top-level ``mode`` / ``per_channel`` / ``quantize_embeddings`` describe the chosen recipe. When no
+candidate is within, the most accurate is kept, ``details.tuning.within_tolerance`` is false and a
+``warning:`` line goes to stderr. ``--tolerance`` with ``--backend torch`` is refused.
+
 The test metrics are measured by running the written artifact (ONNX Runtime session or the
 reloaded int8 module) on the test split, and latency at batch 1 and 32 is measured on real test
 texts; both land in the manifest with the machine they ran on (int8 speed depends on its
@@ -25,6 +40,8 @@ vector extensions).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +51,7 @@ from tinycompress.checkpoint.hf import load_hf_model, save_config_and_tokenizer
 from tinycompress.checkpoint.store import Checkpoint, Measured, library_versions, write_checkpoint
 from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
+from tinycompress.console import log_to_stderr
 from tinycompress.errors import TinycompressError
 from tinycompress.quantization.onnx import calibration_batches, quantize_onnx_model
 from tinycompress.quantization.torch import quantize_torch_model
@@ -45,6 +63,11 @@ def check_settings(config: Config) -> None:
         raise TinycompressError(
             "quantize.mode static is only implemented for quantize.backend onnx",
             "use --backend onnx, or --mode dynamic",
+        )
+    if config.quantize.tolerance is not None and config.quantize.backend != "onnx":
+        raise TinycompressError(
+            "quantize.tolerance (accuracy-driven tuning) is only implemented for quantize.backend onnx",
+            "use --backend onnx, or drop --tolerance",
         )
 
 
@@ -60,12 +83,34 @@ def _size_mb(n_bytes) -> str:
 
 def summary_line(checkpoint: Checkpoint) -> str:
     """``size 5.81 MB (parent 22.71 MB); latency median batch 1 2.10 ms, batch 32 41.00 ms (2 threads)``
-    of a quantize checkpoint, from its manifest."""
+    of a quantize checkpoint, from its manifest; after tuning it ends with the chosen candidate:
+    ``; tuned: dynamic-u8s8-per-channel of 7 candidates, dev accuracy drop 0.12 points (tolerance 0.3)``."""
     latency = checkpoint.details["latency"]
-    return (
+    line = (
         f"size {_size_mb(checkpoint.model_bytes)} (parent {_size_mb(checkpoint.metrics.get('parent/model_bytes'))}); "
         f"latency median batch 1 {latency['batch_1']['median_ms']:.2f} ms, batch 32 {latency['batch_32']['median_ms']:.2f} ms "
         f"({latency['machine']['threads']} threads)"
+    )
+    tuning = checkpoint.details.get("tuning")
+    if tuning:
+        chosen = next(c for c in tuning["candidates"] if c["name"] == tuning["chosen"])
+        verdict = "" if tuning["within_tolerance"] else ", NOT within"
+        line += (
+            f"; tuned: {chosen['name']} of {len(tuning['candidates'])} candidates, dev {tuning['metric']} "
+            f"drop {chosen['drop_points'] + 0.0:.2f} points (tolerance {tuning['tolerance']:g}{verdict})"
+        )
+    return line
+
+
+def tuning_warning(tuning: dict) -> str | None:
+    """The warning line of a tuning that met no candidate within the tolerance, else None."""
+    if tuning["within_tolerance"]:
+        return None
+    chosen = next(c for c in tuning["candidates"] if c["name"] == tuning["chosen"])
+    return (
+        f"no int8 candidate is within {tuning['tolerance']:g} points of the fp32 dev {tuning['metric']} "
+        f"({tuning['fp32_dev_metric']:.4f}); kept the most accurate, {chosen['name']} "
+        f"({chosen['dev_metric']:.4f}, {chosen['drop_points']:.2f} points lower); raise --tolerance to accept it"
     )
 
 
@@ -88,6 +133,104 @@ def build_artifact(config: Config, model, tokenizer, folder: Path, data) -> dict
     return details
 
 
+def tune_artifact(config: Config, model, tokenizer, folder: Path, data, spec, threads: int) -> dict[str, Any]:
+    """``--tolerance``: the accuracy-driven search (:func:`tinycompress.quantization.tuning.tune`)
+    with the real builders, dev evaluation and latency protocol. Candidates are built in a
+    temporary folder; only the chosen ``model.onnx`` (+ config and tokenizer) is written into
+    ``folder``. Returns details, with ``tuning`` (every candidate, the chosen one)."""
+    from tinycompress.inference.latency import measure_predictors
+    from tinycompress.inference.predictor import load_predictor, torch_predictor
+    from tinycompress.quantization.onnx_recipes import (
+        OnnxTuningSources,
+        onnx_node_groups,
+        onnx_recipes,
+        quantize_onnx_recipe,
+        recipe_op_types,
+    )
+    from tinycompress.quantization.tuning import tune
+    from tinycompress.training.evaluation import evaluate_predictor_dev
+
+    settings, max_length = config.quantize, config.model.max_length
+    key = f"dev/{spec.primary_metric}"
+
+    def dev_metric_of(predictor) -> float:
+        predictor.max_length = max_length
+        return float(evaluate_predictor_dev(predictor, config, spec, data)[key])
+
+    def predictor_at(candidate: Path):
+        predictor = load_predictor(candidate, threads=threads)
+        predictor.max_length = max_length
+        return predictor
+
+    reference = dev_metric_of(torch_predictor(model, tokenizer, max_length=max_length))
+    calibration: list[dict] = []
+
+    with tempfile.TemporaryDirectory(prefix="tinycompress-tune-") as scratch:
+        scratch = Path(scratch)
+        sources = OnnxTuningSources(model, scratch / "fp32", opset=config.export.opset)
+        recipes = onnx_recipes(settings)
+
+        def build(recipe, fp32_nodes, candidate: Path) -> dict[str, Any]:
+            if recipe.settings["mode"] == "static" and not calibration:
+                calibration.extend(
+                    calibration_batches(
+                        tokenizer,
+                        data.train,
+                        settings.calibration_samples,
+                        max_length=max_length,
+                        seed=config.seed,
+                        single_batch=True,  # Percentile / Entropy need equal shapes
+                    )
+                )
+            built = quantize_onnx_recipe(
+                sources, recipe.settings, candidate / ONNX_FILE, nodes_to_exclude=fp32_nodes, calibration=calibration
+            )
+            save_config_and_tokenizer(candidate, model.config, tokenizer, max_length)
+            return built
+
+        def latencies(folders: dict[str, Path]) -> dict[str, dict]:
+            predictors = {name: predictor_at(path) for name, path in folders.items()}
+            return measure_predictors(predictors, data.dev.texts, max_length=max_length, runs=config.report.bench_runs)
+
+        result = tune(
+            recipes,
+            build=build,
+            dev_metric=lambda candidate: dev_metric_of(predictor_at(candidate)),
+            latencies=latencies,
+            node_groups=lambda recipe: onnx_node_groups(
+                sources.source(recipe.settings), recipe_op_types(recipe.settings)
+            ),
+            reference=reference,
+            tolerance=settings.tolerance,
+            metric=spec.primary_metric,
+            scratch=scratch / "candidates",
+            size=lambda candidate: (candidate / ONNX_FILE).stat().st_size,
+            log=log_to_stderr,
+        )
+        chosen = result.chosen
+        shutil.copy2(chosen.folder / ONNX_FILE, folder / ONNX_FILE)
+    save_config_and_tokenizer(folder, model.config, tokenizer, max_length)
+    tuning = result.to_dict()
+    tuning["latency_rows"] = "dev texts (batch 1 = median length, batch 32 = first 32)"
+    warning = tuning_warning(tuning)
+    if warning:
+        log_to_stderr(f"warning: {warning}")
+    recipe = chosen.recipe.settings
+    details = dict(chosen.details)
+    details["calibration_rows"] = (
+        min(settings.calibration_samples, len(data.train)) if recipe["mode"] == "static" else 0
+    )
+    return {
+        "recipe": {
+            "mode": recipe["mode"],
+            "per_channel": recipe["per_channel"],
+            "quantize_embeddings": recipe["quantize_embeddings"],
+        },
+        **details,
+        "tuning": tuning,
+    }
+
+
 def run_quantize(config: Config, parent: Checkpoint, folder: Path) -> Measured:
     """Quantize ``parent`` into ``folder`` and measure the artifact there; returns the metrics
     and details for the manifest. Used as :func:`~tinycompress.checkpoint.store.write_checkpoint`'s
@@ -108,7 +251,11 @@ def run_quantize(config: Config, parent: Checkpoint, folder: Path) -> Measured:
     get_arch(model)  # an unsupported model family fails here, before any work
     data = load_config_data(config, spec)
     start = time.perf_counter()
-    built = build_artifact(config, model, tokenizer, folder, data)
+    if config.quantize.tolerance is None:
+        built, recipe = build_artifact(config, model, tokenizer, folder, data), {}
+    else:
+        built = tune_artifact(config, model, tokenizer, folder, data, spec, threads)
+        recipe = built.pop("recipe")  # the chosen candidate's settings, not the configured ones
     seconds = time.perf_counter() - start
     # The artifact itself is measured: nothing about int8 accuracy is assumed.
     predictor = load_predictor(folder, threads=threads)
@@ -124,9 +271,9 @@ def run_quantize(config: Config, parent: Checkpoint, folder: Path) -> Measured:
     }
     details = {
         "backend": config.quantize.backend,
-        "mode": config.quantize.mode,
-        "per_channel": config.quantize.per_channel,
-        "quantize_embeddings": config.quantize.quantize_embeddings,
+        "mode": recipe.get("mode", config.quantize.mode),
+        "per_channel": recipe.get("per_channel", config.quantize.per_channel),
+        "quantize_embeddings": recipe.get("quantize_embeddings", config.quantize.quantize_embeddings),
         **built,
         "attention_heads": head_counts(model),
         "opset": config.export.opset if config.quantize.backend == "onnx" else None,

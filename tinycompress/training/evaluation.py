@@ -80,3 +80,21 @@ def evaluate_predictor(predictor, config, spec) -> dict[str, float]:
         forward=predictor.forward,
     )
     return {f"test/{k}": v for k, v in metrics.items()}
+
+
+def evaluate_predictor_dev(predictor, config, spec, data=None) -> dict[str, float]:
+    """Dev metrics (``dev/<metric>``) of a predictor on the dev split carved from train with
+    ``config.seed`` -- the split that selects models; never the test set. ``data``: the
+    already loaded :class:`~tinycompress.data.glue.TaskData` of ``config`` (else loaded here)."""
+
+    data = data if data is not None else load_config_data(config, spec)
+    encoded = encode(predictor.tokenizer, data.dev, config.model.max_length)
+    metrics = evaluate(
+        None,
+        encoded,
+        spec,
+        batch_size=config.finetune.eval_batch_size,
+        pad_id=padding_id(predictor.tokenizer),
+        forward=predictor.forward,
+    )
+    return {f"dev/{k}": v for k, v in metrics.items()}
