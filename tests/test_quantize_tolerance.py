@@ -143,6 +143,39 @@ def test_nothing_within_tolerance_keeps_the_most_accurate_and_says_so(tmp_path):
     assert fakes.timed == [["a", "b+fp32[layer 0 ffn]"]] and result.chosen.latency is not None
 
 
+def test_candidates_the_measurement_cannot_tell_apart_are_decided_by_dev_metric(tmp_path):
+    # a is the fastest median, b is as fast within the spread and more accurate: b wins.
+    fakes = Fakes({"a": 0.8975, "b": 0.899}, {}, {"a": 2.0, "b": 2.1})
+    assert fakes.run(["a", "b"], 0.3, tmp_path / "plain").chosen.name == "a"
+    tied = fakes.run(["a", "b"], 0.3, tmp_path / "tied", same_speed=lambda x, y: True)
+    assert tied.chosen.name == "b" and "tied" in tied.to_dict()["choice_rule"]
+
+
+def test_a_nan_dev_metric_is_never_within_nor_best(tmp_path):
+    fakes = Fakes({"a": float("nan"), "b": 0.899}, {}, {"a": 1.0, "b": 2.0})
+    result = fakes.run(["a", "b"], 0.3, tmp_path)
+    assert [c.within_tolerance for c in result.candidates] == [False, True] and result.chosen.name == "b"
+    with pytest.raises(ValueError, match="NaN"):
+        tune(
+            [Recipe("a", {})],
+            build=fakes.build,
+            dev_metric=fakes.dev_metric,
+            latencies=fakes.latencies,
+            node_groups=lambda recipe: GROUPS,
+            reference=float("nan"),
+            tolerance=0.3,
+            metric="accuracy",
+            scratch=tmp_path / "nan",
+        )
+
+
+def test_the_fallback_never_keeps_every_group_in_fp32(tmp_path):
+    fakes = Fakes({"a": 0.880}, {}, {})  # nothing wins anything back
+    result = fakes.run(["a"], 0.3, tmp_path)
+    assert max(len(c.fp32_groups) for c in result.candidates) == len(GROUPS) - 1
+    assert not result.within_tolerance
+
+
 def test_tune_refuses_bad_arguments(tmp_path):
     fakes = Fakes({}, {}, {})
     with pytest.raises(ValueError, match="at least one recipe"):
@@ -245,6 +278,16 @@ def test_cli_tolerance_writes_one_tuned_folder(tiny_finetuned, tmp_path):
     assert q.manifest["config"]["quantize"]["tolerance"] == 0.3
     assert f"tuned: {chosen['name']} of {len(tuning['candidates'])} candidates" in result.stdout
     assert 0.0 <= q.metrics["test/accuracy"] <= 1.0
+    # The report shows the search: a footnote and, in report.md, every candidate.
+    from tinycompress.report.render import to_markdown
+    from tinycompress.stages.report import run_report
+
+    report, _ = run_report(q.path, overrides={"report.bench": False}, out_dir=tmp_path / "report", log=lambda m: None)
+    assert report.tuning == {"quantize-v1": tuning}
+    assert any(note.startswith("quantize-v1: int8 tuned for a tolerance of 0.3") for note in report.footnotes)
+    markdown = to_markdown(report)
+    assert "## int8 tuning: quantize-v1" in markdown
+    assert all(f"| {c['name']} | {c['phase']} |" in markdown for c in tuning["candidates"])
 
 
 def test_no_tolerance_means_no_tuning(tiny_finetuned, tmp_path):
@@ -284,8 +327,8 @@ def test_nothing_within_tolerance_keeps_the_best_and_warns(tiny_finetuned, tmp_p
     tuning = read_checkpoint(task / "quantize-v1").details["tuning"]
     assert tuning["within_tolerance"] is False and not any(c["within_tolerance"] for c in tuning["candidates"])
     phases = [c["phase"] for c in tuning["candidates"]]
-    # 5 groups one at a time, then 2..5 together.
-    assert phases.count("sensitivity") == 5 and phases.count("fallback") == 4
+    # 5 groups one at a time, then 2..4 together (all 5 in fp32 would be the fp32 graph again).
+    assert phases.count("sensitivity") == 5 and phases.count("fallback") == 3
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "no int8 candidate is within 0.3 points" in warnings[0]
     assert "raise --tolerance" in warnings[0] and "NOT within" in result.stdout

@@ -77,6 +77,7 @@ REPORT_KEYS = {
     "stage_timing",
     "sweep",
     "footnotes",
+    "tuning",  # quantize --tolerance records, by checkpoint (issue #12)
     "files",
 }
 

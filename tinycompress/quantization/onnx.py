@@ -14,10 +14,9 @@ ORT's QDQ quantizer has no Attention / EmbedLayerNormalization support, so fusin
 leave the attention and embedding weights fp32. ORT fuses Q/DQ pairs into int8 kernels at
 session load.
 
-Accuracy-driven tuning (``quantize --tolerance``) uses the parts at the end of this module: the
-recipes it tries (:func:`onnx_recipes`), the fp32 graphs exported and preprocessed once
-(:class:`OnnxTuningSources`), the node groups kept fp32 on fallback (:func:`onnx_node_groups`)
-and :func:`quantize_onnx_recipe`; the search is :mod:`tinycompress.quantization.tuning`.
+Accuracy-driven tuning (``quantize --tolerance``) builds its candidates with these quantisers:
+its recipes and node groups are :mod:`tinycompress.quantization.onnx_recipes`, the search
+:mod:`tinycompress.quantization.tuning`.
 
 Both quantisers count, in the graph they wrote, how many nodes of each requested op type were
 quantised, so an op type ORT silently skipped shows up in the manifest.
@@ -339,7 +338,3 @@ def calibration_batches(
         batch.pop("labels", None)
         batches.append(batch)
     return batches
-
-
-# ------------------------------------------------------------------ accuracy-driven tuning
-# (the search itself is in tinycompress.quantization.tuning; these are its ONNX parts)

@@ -25,18 +25,21 @@ The search (:func:`tune`)
    and measure it (one candidate per group); a group's sensitivity is the metric it wins back.
    The phase stops at the first candidate within the tolerance. Otherwise *fallback*: keep the
    2, 3, ... most sensitive groups in fp32 together, re-measuring after each added group, and stop
-   at the first candidate within the tolerance (at most ``max_fp32_groups`` groups when set).
+   at the first candidate within the tolerance -- at most all groups but one (every group in fp32
+   is the fp32 graph again, not an int8 model), or ``max_fp32_groups`` when set.
 3. **Choice.** Every candidate within the tolerance -- plus the first recipe, as the reference
    point of "full int8" -- is timed against the others in one interleaved measurement; the
-   fastest at batch 32 (median) is chosen.
+   fastest at batch 32 (median) is chosen. Candidates whose interquartile range overlaps the
+   fastest's cannot be told apart by the measurement: among those, the best dev metric wins, then
+   the earlier (simpler) recipe. A NaN dev metric is never within the tolerance nor "best".
 
 Drops are in *points* of the metric (100 x the metric: 0.3 points = 0.003 of accuracy); every
 GLUE metric here grows with quality, so drop = (fp32 - candidate) x 100.
 
 When nothing meets the tolerance
 --------------------------------
-With every group in fp32 the graph is fp32 again, so this happens only with a tolerance of
-(nearly) 0 or with ``max_fp32_groups`` set. We then *keep the best candidate* (highest dev
+This happens when even all groups but one in fp32 miss the tolerance (a tolerance of about 0, a
+very sensitive model, or ``max_fp32_groups`` set). We then *keep the best candidate* (highest dev
 metric; among equals the one with fewer fp32 nodes, then the earliest), mark the result
 ``within_tolerance: false`` and let the caller warn -- rather than failing, because a run that
 took minutes of calibration should still leave the most accurate int8 model it found, and the
@@ -45,6 +48,7 @@ manifest says plainly that it misses the tolerance.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,11 +128,17 @@ class TuningResult:
             "chosen": self.chosen.name,
             "within_tolerance": self.within_tolerance,
             "choice_rule": (
-                f"fastest at {CHOICE_BATCH.replace('_', ' ')} (median) among candidates within tolerance"
+                f"fastest at {CHOICE_BATCH.replace('_', ' ')} (median) among candidates within tolerance; "
+                "candidates whose IQR overlaps the fastest's count as tied: best dev metric, then recipe order"
                 if self.within_tolerance
                 else "none within tolerance: the best dev metric was kept"
             ),
         }
+
+
+def _score(candidate: Candidate) -> float:
+    """The dev metric, NaN ranked below everything."""
+    return -math.inf if math.isnan(candidate.dev_metric) else candidate.dev_metric
 
 
 def folder_bytes(folder: Path) -> int:
@@ -157,16 +167,20 @@ def tune(
     scratch: Path,
     size: Callable[[Path], int] = folder_bytes,
     max_fp32_groups: int | None = None,
+    same_speed: Callable[[Mapping[str, Any], Mapping[str, Any]], bool] = lambda a, b: False,
     log: Callable[[str], None] | None = None,
 ) -> TuningResult:
     """Search for the fastest candidate whose dev metric is within ``tolerance`` points of
     ``reference`` (see the module docstring). Candidates are built in sub-folders of ``scratch``;
-    the chosen one's folder is ``result.chosen.folder``. Raises ValueError for no recipes or a
-    negative tolerance."""
+    the chosen one's folder is ``result.chosen.folder``. ``same_speed(a, b)`` says whether two
+    timings cannot be told apart (the latency protocol's spread; default: never). Raises
+    ValueError for no recipes, a negative tolerance or a NaN reference."""
     if not recipes:
         raise ValueError("tune needs at least one recipe")
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if math.isnan(reference):
+        raise ValueError("the fp32 dev metric is NaN: there is no accuracy to stay within a tolerance of")
     say = log or (lambda _message: None)
     candidates: list[Candidate] = []
 
@@ -174,7 +188,8 @@ def tune(
         folder = Path(scratch) / f"{len(candidates):02d}-{_safe(name)}"
         details = dict(build(recipe, list(nodes), folder) or {})
         value = float(dev_metric(folder))
-        drop = drop_in_points(reference, value)
+        # A NaN metric (e.g. a constant-prediction correlation) is never within, never "best".
+        drop = math.inf if math.isnan(value) else drop_in_points(reference, value)
         candidate = Candidate(
             name=name,
             recipe=recipe,
@@ -198,7 +213,7 @@ def tune(
 
     sensitivity: dict[str, float] = {}
     if not any(c.within_tolerance for c in candidates):
-        base = max(candidates, key=lambda c: c.dev_metric)  # max keeps the first of equals
+        base = max(candidates, key=_score)  # max keeps the first of equals
         groups = {name: list(nodes) for name, nodes in node_groups(base.recipe).items() if nodes}
         singles: dict[str, Candidate] = {}
         for group, nodes in groups.items():
@@ -210,7 +225,8 @@ def tune(
         if singles and not any(c.within_tolerance for c in singles.values()):
             order = list(groups)
             ranked = sorted(order, key=lambda g: (-sensitivity[g], order.index(g)))
-            limit = len(ranked) if max_fp32_groups is None else min(max_fp32_groups, len(ranked))
+            # Every group in fp32 is the fp32 graph again, not an int8 model: stop one short of it.
+            limit = len(ranked) - 1 if max_fp32_groups is None else min(max_fp32_groups, len(ranked) - 1)
             for k in range(2, limit + 1):
                 kept = ranked[:k]
                 nodes = [node for group in kept for node in groups[group]]
@@ -222,12 +238,16 @@ def tune(
     within = [c for c in candidates if c.within_tolerance]
     timed = within if candidates[0] in within else [candidates[0], *within]
     if not within:
-        chosen = max(candidates, key=lambda c: (c.dev_metric, -len(c.fp32_nodes), -candidates.index(c)))
+        chosen = max(candidates, key=lambda c: (_score(c), -len(c.fp32_nodes), -candidates.index(c)))
         timed = [candidates[0]] if chosen is candidates[0] else [candidates[0], chosen]
     timings = latencies({c.name: c.folder for c in timed})
     for candidate in timed:
         candidate.latency = dict(timings[candidate.name])
     if within:
-        chosen = min(within, key=lambda c: (c.latency[CHOICE_BATCH]["median_ms"], candidates.index(c)))
+        fastest = min(within, key=lambda c: (c.latency[CHOICE_BATCH]["median_ms"], candidates.index(c)))
+        # Candidates the measurement cannot tell apart from the fastest (overlapping IQRs) are
+        # tied on speed: among them the best dev metric wins, then the earlier (simpler) recipe.
+        tied = [c for c in within if c is fastest or same_speed(c.latency[CHOICE_BATCH], fastest.latency[CHOICE_BATCH])]
+        chosen = max(tied, key=lambda c: (_score(c), -candidates.index(c)))
     say(f"tune: chose {chosen.name}" + ("" if chosen.within_tolerance else " (none within tolerance: best dev metric)"))
     return TuningResult(tolerance, metric, reference, candidates, chosen, sensitivity)

@@ -142,7 +142,7 @@ def _footnotes(report_rows: list[Row], latency: dict[str, Any], finetune: Checkp
         machine = latency["machine"]
         notes.append(
             f"latency (ms): measured now on {machine['cpu']} ({machine['cores']} cores, threads: {machine['threads']}), all models "
-            f"loaded first, then timed interleaved (each model once per round, in table order): median (Q1–Q3) of "
+            f"loaded first, then timed interleaved (each model once per round, the first model rotating): median (Q1–Q3) of "
             f"{latency['rounds']} rounds after {latency['warmup']} warm-up rounds; {latency['inputs']}, max length {latency['max_length']}."
         )
         for check in latency.get("same_file") or []:
@@ -262,6 +262,11 @@ def build_report(
             if sweep is not None:
                 raise
             chain_notes.append(f"sweep {sweep_path} skipped: {exc.problem}")
+    tuning = {
+        c.name: c.details["tuning"]
+        for c in [*chain, *baselines]
+        if c.stage == "quantize" and isinstance(c.details.get("tuning"), dict)
+    }
     return Report(
         task=task,
         workspace=str(workdir),
@@ -272,6 +277,23 @@ def build_report(
         stage_seconds=per_stage,
         stage_timing=timing,
         sweep=sweep_info,
-        footnotes=_footnotes(rows, latency, finetune) + chain_notes,
+        footnotes=_footnotes(rows, latency, finetune) + _tuning_notes(tuning) + chain_notes,
         sweep_rows=sweep_rows,
+        tuning=tuning,
     )
+
+
+def _tuning_notes(tuning: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per checkpoint quantized with --tolerance: what it chose among how many candidates."""
+    notes = []
+    for name, record in tuning.items():
+        candidates = record.get("candidates") or []
+        chosen = next((c for c in candidates if c.get("name") == record.get("chosen")), {})
+        verdict = "within" if record.get("within_tolerance") else "NOT within"
+        notes.append(
+            f"{name}: int8 tuned for a tolerance of {record.get('tolerance')} points of dev {record.get('metric')} "
+            f"(fp32 {record.get('fp32_dev_metric')}): {record.get('chosen')} chosen of {len(candidates)} candidates, "
+            f"dev drop {chosen.get('drop_points', float('nan')):+.2f} points ({verdict}); every candidate under "
+            "'int8 tuning' in report.md and in report.json."
+        )
+    return notes

@@ -2,7 +2,7 @@
 
 All rows' models are loaded first, then timed together by
 :func:`tinycompress.inference.latency.measure_predictors`: warm-up rounds, then rounds in which
-every model runs once (A B C, A B C, ...), so a slow spell of the machine hits every row alike.
+every model runs once (A B C, B C A, C A B, ...), so a slow spell of the machine hits every row alike.
 Besides the rows of the table this times
 
 * an **ONNX Runtime fp32** version of the chain's newest fp32 model (pruned, else fine-tuned),
@@ -219,7 +219,7 @@ def bench_rows(
         "rounds": runs,
         "warmup": DEFAULT_WARMUP,
         "statistic": "median, IQR",
-        "protocol": "all models loaded first, then timed interleaved: every round runs each model once, in table order",
+        "protocol": "all models loaded first, then timed interleaved: every round runs each model once, the first model rotating",
         "models": list(predictors),
         "batch_sizes": list(LATENCY_BATCH_SIZES),
         "max_length": max_length,

@@ -156,6 +156,34 @@ def print_report(report: Report, console=None) -> None:
         console.print(f"• {note}", soft_wrap=True, highlight=False)
 
 
+def _tuning_markdown(report: Report) -> list[str]:
+    """A table of every candidate ``quantize --tolerance`` tried, per tuned checkpoint."""
+    lines: list[str] = []
+    for name, record in report.tuning.items():
+        lines += [
+            "",
+            f"## int8 tuning: {name}",
+            "",
+            f"Tolerance {record.get('tolerance')} points of dev {record.get('metric')}; fp32 dev "
+            f"{record.get('metric')} {record.get('fp32_dev_metric')}; chosen: **{record.get('chosen')}** "
+            f"({record.get('choice_rule', '')}).",
+            "",
+            "| candidate | phase | fp32 groups | dev | drop (points) | size (MB) | b32 ms (IQR) | within |",
+            "|---|---|---|---:|---:|---:|---:|---|",
+        ]
+        for c in record.get("candidates") or []:
+            b32 = ((c.get("latency") or {}).get("batch_32")) or {}
+            latency = _fmt_ms(b32.get("median_ms"))
+            if b32.get("q1_ms") is not None and b32.get("median_ms") is not None:
+                latency += f" ({b32['q1_ms']:.2f}–{b32['q3_ms']:.2f})"
+            lines.append(
+                f"| {c.get('name')} | {c.get('phase')} | {', '.join(c.get('fp32_groups') or []) or MISSING} | "
+                f"{_fmt_metric(c.get('dev_metric'))} | {c.get('drop_points', 0):+.2f} | {(c.get('size_bytes') or 0) / 1e6:.1f} | "
+                f"{latency} | {'yes' if c.get('within_tolerance') else 'no'} |"
+            )
+    return lines
+
+
 def to_markdown(report: Report) -> str:
     headers, body = table_cells(report)
     lines = [
@@ -174,6 +202,7 @@ def to_markdown(report: Report) -> str:
     for name, item in report.stage_timing.items():
         seconds = MISSING if item["seconds"] is None else f"{item['seconds']:.1f}"
         lines.append(f"| {name} | {item['stage']} | {seconds} | {item['source'] or MISSING} |")
+    lines += _tuning_markdown(report)
     lines += ["", "## Plots", "", f"![test {report.primary_metric} against size]({PLOT_SIZE})"]
     if report.sweep is not None:
         lines += ["", f"Pruning sweep from `{report.sweep['csv']}`:", "", f"![pruning sweep]({PLOT_SWEEP})"]

@@ -152,6 +152,8 @@ class Report:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     # The sweep rows themselves, for the plot; not part of the JSON (the CSV is referenced).
     sweep_rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    # Checkpoint name -> its manifest's ``details.tuning`` (quantize --tolerance): every candidate tried.
+    tuning: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def primary_metric(self) -> str:
@@ -182,6 +184,7 @@ class Report:
             "stage_timing": self.stage_timing,
             "sweep": self.sweep,
             "footnotes": self.footnotes,
+            "tuning": self.tuning,
         }
 
 

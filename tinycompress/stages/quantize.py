@@ -40,6 +40,7 @@ vector extensions).
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -138,7 +139,7 @@ def tune_artifact(config: Config, model, tokenizer, folder: Path, data, spec, th
     with the real builders, dev evaluation and latency protocol. Candidates are built in a
     temporary folder; only the chosen ``model.onnx`` (+ config and tokenizer) is written into
     ``folder``. Returns details, with ``tuning`` (every candidate, the chosen one)."""
-    from tinycompress.inference.latency import measure_predictors
+    from tinycompress.inference.latency import differs, measure_predictors
     from tinycompress.inference.predictor import load_predictor, torch_predictor
     from tinycompress.quantization.onnx_recipes import (
         OnnxTuningSources,
@@ -163,6 +164,11 @@ def tune_artifact(config: Config, model, tokenizer, folder: Path, data, spec, th
         return predictor
 
     reference = dev_metric_of(torch_predictor(model, tokenizer, max_length=max_length))
+    if math.isnan(reference):
+        raise TinycompressError(
+            f"the fp32 model's dev {spec.primary_metric} is NaN (constant predictions?): --tolerance has nothing to hold",
+            "quantize without --tolerance",
+        )
     calibration: list[dict] = []
 
     with tempfile.TemporaryDirectory(prefix="tinycompress-tune-") as scratch:
@@ -205,6 +211,7 @@ def tune_artifact(config: Config, model, tokenizer, folder: Path, data, spec, th
             metric=spec.primary_metric,
             scratch=scratch / "candidates",
             size=lambda candidate: (candidate / ONNX_FILE).stat().st_size,
+            same_speed=lambda a, b: differs(a, b) is False,
             log=log_to_stderr,
         )
         chosen = result.chosen
