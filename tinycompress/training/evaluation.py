@@ -66,11 +66,14 @@ def evaluate(
     return compute_metrics(spec, logits, encoded.labels)
 
 
-def evaluate_predictor(predictor, config, spec) -> dict[str, float]:
-    """Test metrics of a :class:`~tinycompress.inference.predictor.Predictor` on ``config``'s data."""
-
-    data = load_config_data(config, spec)
-    encoded = encode(predictor.tokenizer, data.test, config.model.max_length)
+def evaluate_predictor(predictor, config, spec, data=None, *, split: str = "test") -> dict[str, float]:
+    """``<split>/<metric>`` of a :class:`~tinycompress.inference.predictor.Predictor` on ``config``'s
+    data: ``split`` "test" (GLUE validation) or "dev" (carved from train with ``config.seed``, the
+    split that selects models). ``data``: the already loaded
+    :class:`~tinycompress.data.glue.TaskData` of ``config`` (else loaded here)."""
+    data = data if data is not None else load_config_data(config, spec)
+    examples = {"test": data.test, "dev": data.dev}[split]
+    encoded = encode(predictor.tokenizer, examples, config.model.max_length)
     metrics = evaluate(
         None,
         encoded,
@@ -79,22 +82,9 @@ def evaluate_predictor(predictor, config, spec) -> dict[str, float]:
         pad_id=padding_id(predictor.tokenizer),
         forward=predictor.forward,
     )
-    return {f"test/{k}": v for k, v in metrics.items()}
+    return {f"{split}/{k}": v for k, v in metrics.items()}
 
 
 def evaluate_predictor_dev(predictor, config, spec, data=None) -> dict[str, float]:
-    """Dev metrics (``dev/<metric>``) of a predictor on the dev split carved from train with
-    ``config.seed`` -- the split that selects models; never the test set. ``data``: the
-    already loaded :class:`~tinycompress.data.glue.TaskData` of ``config`` (else loaded here)."""
-
-    data = data if data is not None else load_config_data(config, spec)
-    encoded = encode(predictor.tokenizer, data.dev, config.model.max_length)
-    metrics = evaluate(
-        None,
-        encoded,
-        spec,
-        batch_size=config.finetune.eval_batch_size,
-        pad_id=padding_id(predictor.tokenizer),
-        forward=predictor.forward,
-    )
-    return {f"dev/{k}": v for k, v in metrics.items()}
+    """``dev/<metric>`` of a predictor: never the test set (see :func:`evaluate_predictor`)."""
+    return evaluate_predictor(predictor, config, spec, data, split="dev")
