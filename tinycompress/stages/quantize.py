@@ -154,8 +154,7 @@ def tune_artifact(config: Config, model, tokenizer, folder: Path, data, spec, th
     settings, max_length = config.quantize, config.model.max_length
     key = f"dev/{spec.primary_metric}"
 
-    def dev_metric_of(predictor) -> float:
-        predictor.max_length = max_length
+    def dev_metric_of(predictor) -> float:  # predictors come with max_length set (below)
         return float(evaluate_predictor_dev(predictor, config, spec, data)[key])
 
     def predictor_at(candidate: Path):
