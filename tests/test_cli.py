@@ -33,7 +33,8 @@ def test_help_lists_commands_and_examples():
 def test_help_does_not_promise_defaults_a_parent_config_can_change():
     sub = runner.invoke(app, ["prune", "--help"])
     text = " ".join(sub.stdout.replace("│", " ").split())  # undo Rich's wrapping into boxes
-    assert "(default: 0.5)" not in text and "heads removed, in [0, 1) (default: from the config, 0.5 if unset)" in text
+    assert "(default: 2)" not in text and "measured latency table" in text
+    assert "(default: from the config, 2 if unset)" in text
 
 
 def test_help_is_instant_without_torch():

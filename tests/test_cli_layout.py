@@ -40,9 +40,9 @@ def test_help_lists_every_command():
 @pytest.mark.parametrize(
     "command, flag, key",
     [
-        ("prune", "--ratio", "prune.ratio"),
+        ("prune", "--speedup", "prune.speedup"),
         ("prune", "--importance-samples", "prune.importance_samples"),
-        ("run", "--ratio", "prune.ratio"),
+        ("run", "--speedup", "prune.speedup"),
         ("finetune", "--lr,--learning-rate", "finetune.learning_rate"),
         ("finetune", "--epochs", "finetune.epochs"),
         ("quantize", "--calibration-samples", "quantize.calibration_samples"),
@@ -63,9 +63,10 @@ def test_help_states_the_schema_default(command, flag, key):
     assert f"{description} (default: from the config, {shown} if unset)." in text, (flag, text)
 
 
-def test_ratio_default_is_the_schema_default():
+def test_speedup_default_is_the_schema_default_and_ratios_say_what_unset_means():
     text = flat(runner.invoke(app, ["prune", "--help"], env={"COLUMNS": "300"}).stdout)
-    assert f"(default: from the config, {Config().prune.ratio:g} if unset)" in text
+    assert f"(default: from the config, {Config().prune.speedup:g} if unset)" in text
+    assert "prunes by ratios instead of a target." in text and "None if unset" not in text
 
 
 def test_every_schema_field_is_described():

@@ -67,7 +67,7 @@ def test_fingerprints_name_existing_config_keys_and_grow_along_the_chain():
 
 def test_labels_commands_and_functions():
     assert [STAGES[s].label for s in STAGE_ORDER] == ["fine-tuned", "pruned", "pruned + quantized", "exported"]
-    assert producing_command("prune", "sst2") == "tinycompress prune --task sst2 --ratio 0.5"
+    assert producing_command("prune", "sst2") == "tinycompress prune --task sst2 --speedup 2"
     assert producing_command("finetune", None) == "tinycompress finetune"
     for spec in STAGES.values():
         function = spec.load_function()

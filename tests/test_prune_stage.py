@@ -145,7 +145,7 @@ def test_refusals_write_nothing(parent):
     workspace = parent.path.parent.parent
     before = listing(workspace)
     with pytest.raises(TinycompressError, match="cannot prune"):  # 7 of 8 heads: a layer would be emptied
-        prune(prune_config(parent, **{"prune.ratio": 0.9}), parent)
+        prune(prune_config(parent, **{"prune.ratio": 0.9, "prune.min_heads_per_layer": 1}), parent)
     with pytest.raises(TinycompressError, match="trained for task sst2, not cola"):
         prune(prune_config(parent, task="cola"), parent)
     with pytest.raises(TinycompressError, match="not found"):
@@ -156,7 +156,7 @@ def test_refusals_write_nothing(parent):
 def test_unsupported_model_family_is_its_own_error(parent):
     model, _ = load_hf_model(parent)
     with pytest.raises(TinycompressError, match="cannot prune: .*lower --ratio"):
-        check_feasible(model, prune_config(parent, **{"prune.ratio": 0.9}))
+        check_feasible(model, prune_config(parent, **{"prune.ratio": 0.9, "prune.min_heads_per_layer": 1}))
     model.config.model_type = "gpt2"  # what an unsupported family looks like to the adapter table
     with pytest.raises(TinycompressError, match="'gpt2' is not supported; supported: bert, distilbert") as caught:
         check_feasible(model, prune_config(parent, **{"prune.ratio": 0.5}))

@@ -222,11 +222,14 @@ def test_select_rejects_ratio_out_of_range(ratio):
         select_heads(torch.rand(2, 4), ratio)
 
 
-def test_select_rejects_infeasible_and_zero_min():
+def test_select_rejects_infeasible_and_negative_min():
     with pytest.raises(ValueError, match="at most 4"):
         select_heads(torch.rand(2, 4), 0.75, min_heads_per_layer=2)
-    with pytest.raises(ValueError, match=">= 1"):
-        select_heads(torch.rand(2, 4), 0.25, min_heads_per_layer=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        select_heads(torch.rand(2, 4), 0.25, min_heads_per_layer=-1)
+    # min 0 may empty a layer (its attention block is then skipped)
+    scores = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]])
+    assert select_heads(scores, 0.5, min_heads_per_layer=0) == [[], [0, 1, 2, 3]]
     with pytest.raises(ValueError, match="NaN"):
         select_lowest([torch.tensor([float("nan"), 1.0])], 1)
 
@@ -279,7 +282,7 @@ def test_original_head_ids_survive_repeated_pruning():
 
 def test_prune_rejects_bad_keep_lists():
     model = make_model("bert")
-    for keep in ([[0, 1]], [[0, 0], [1]], [[0, 4], [1]], [[], [1]]):
+    for keep in ([[0, 1]], [[0, 0], [1]], [[0, 4], [1]], [[-1], [1]]):
         with pytest.raises(ValueError):
             prune_heads_(model, keep)
 

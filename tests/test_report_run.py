@@ -206,10 +206,10 @@ def test_missing_stages_are_rows_with_their_command(chain, tiny_finetuned, tmp_p
     _copy_finetune(tiny_finetuned, tmp_path)
     result = runner.invoke(app, ["report", "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "pruned: not run — `tinycompress prune --task sst2 --ratio 0.5` makes it." in result.stdout
+    assert "pruned: not run — `tinycompress prune --task sst2 --speedup 2` makes it." in result.stdout
     data = json.loads((tmp_path / "sst2" / "report" / "report.json").read_text())
     assert [r["status"] for r in data["rows"]] == ["ok", "ok", "not run", "not run", "not run"]
-    assert data["rows"][2]["command"] == "tinycompress prune --task sst2 --ratio 0.5"
+    assert data["rows"][2]["command"] == "tinycompress prune --task sst2 --speedup 2"
 
 
 def test_baselines_are_the_newest_unpruned_int8_of_each_backend(chain, tmp_path):

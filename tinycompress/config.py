@@ -51,19 +51,71 @@ class FinetuneSettings(_Section):
 
 
 class PruneSettings(_Section):
-    criterion: Literal["taylor", "fisher", "magnitude", "random"] = Field(
-        "taylor", description="taylor | fisher | magnitude | random"
+    criterion: Literal["taylor", "fisher", "magnitude", "random"] | None = Field(
+        None,
+        description=(
+            "taylor | fisher | magnitude | random (if unset: fisher for a target, whose search weighs heads "
+            "against neurons; taylor for ratios)"
+        ),
     )
-    ratio: float = Field(0.5, ge=0, lt=1, description="Fraction of all attention heads removed, in [0, 1)")
-    ffn_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of all FFN neurons removed, in [0, 1)")
+    ratio: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Fraction of all attention heads removed, in [0, 1); setting it (or --ffn-ratio) prunes by ratios instead of a target",
+    )
+    ffn_ratio: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Fraction of all FFN neurons removed, in [0, 1); setting it (or --ratio) prunes by ratios instead of a target",
+    )
     steps: int = Field(1, ge=1, description="Prune in this many steps, re-scoring between them")
     importance_samples: int = Field(1024, ge=1, description="Training rows used to score importance")
-    min_heads_per_layer: int = Field(1, ge=1, description="Heads every layer keeps")
-    min_neurons_per_layer: int = Field(1, ge=1, description="FFN neurons every layer keeps")
+    min_heads_per_layer: int = Field(
+        0, ge=0, description="Heads every layer keeps (0: a layer may lose its attention block)"
+    )
+    min_neurons_per_layer: int = Field(
+        0, ge=0, description="FFN neurons every layer keeps (0: a layer may lose its FFN; with neither it is removed)"
+    )
+    speedup: float | None = Field(
+        2.0,
+        gt=1,
+        description=(
+            "Target: prune until the int8 (ONNX Runtime) model runs this many times faster than the unpruned int8 "
+            "model at --target-batch-size, by this machine's measured latency table (the default target unless "
+            "a ratio, --target-latency-ms or --target-size-mb is set)"
+        ),
+    )
+    target_latency_ms: float | None = Field(
+        None, gt=0, description="Target: int8 (ONNX Runtime) latency in ms at --target-batch-size, instead of --speedup"
+    )
+    target_size_mb: float | None = Field(
+        None, gt=0, description="Target: size of the int8 (ONNX Runtime) model file in MB, instead of --speedup"
+    )
+    target_batch_size: Literal[1, 32] = Field(
+        32, description="Batch size the latency targets and the measured speed-up refer to: 1 | 32"
+    )
+    mask_tuning: bool = Field(
+        True,
+        description=(
+            "After pruning, rescale the kept heads and neurons of each layer by least squares to reconstruct the "
+            "parent's layer outputs on training rows (retraining-free, Kwon et al. 2022)"
+        ),
+    )
+    mask_tuning_samples: int = Field(2048, ge=1, description="Training rows the least-squares rescaling fits")
     recover_epochs: int = Field(1, ge=0, description="Epochs of distillation from the parent after pruning; 0 = none")
     distill_temperature: float = Field(2.0, gt=0, description="Softmax temperature of the distillation loss")
     distill_alpha: float = Field(
         0.5, ge=0, le=1, description="Weight of the soft (teacher) loss; the rest is the hard label loss"
+    )
+    distill_layer_weight: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "Weight of the per-layer hidden-state loss (MSE to the parent's matching layer, TinyBERT / CoFi) "
+            "added to the distillation loss; 0 = logits only"
+        ),
     )
     vocab: bool = Field(
         False, description="Also drop the word-embedding rows of tokens the train and dev texts never use"

@@ -73,7 +73,7 @@ STAGES: dict[str, StageSpec] = {
             default_parents=("finetune",),
             fingerprint=_UPSTREAM_SECTIONS + ("prune",),
             function="tinycompress.stages.prune:prune",
-            command_args="--ratio 0.5",
+            command_args="--speedup 2",
         ),
         # Quantize exports the ONNX graph it quantizes with export.opset.
         StageSpec(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 # Defined with the models (which sit below checkpoint and must not import it), in a module
 # without torch; named here so that every checkpoint name can be found in this one place.
+from tinycompress.models.config_fields import LAYERS_TOTAL_KEY as LAYERS_TOTAL_KEY
 from tinycompress.models.config_fields import STRUCTURE_ATTR as STRUCTURE_ATTR
 
 FORMAT_VERSION = 1

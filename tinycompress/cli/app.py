@@ -65,6 +65,12 @@ def run(
     ffn_ratio: opt.FfnRatio = None,
     criterion: opt.Criterion = None,
     recover_epochs: opt.RecoverEpochs = None,
+    speedup: opt.Speedup = None,
+    target_latency_ms: opt.TargetLatency = None,
+    target_size_mb: opt.TargetSize = None,
+    target_batch_size: opt.TargetBatch = None,
+    mask_tuning: opt.MaskTuning = None,
+    distill_layer_weight: opt.LayerDistill = None,
     backend: opt.Backend = None,
     tolerance: opt.Tolerance = None,
     export_format: opt.Format = None,
@@ -80,6 +86,7 @@ def run(
     rebuilds the report and a changed --ratio re-runs prune and what follows.
     """
     flags = config_flags(run, locals())
+    opt.check_one_pruning_goal(flags)
 
     from tinycompress.report.render import print_report, report_json
     from tinycompress.stages.pipeline import run_pipeline
@@ -130,6 +137,9 @@ def _run_on_parent(stage: str, checkpoint: Path | None, config: Path | None, fla
 
 @command(
     "tinycompress prune --task sst2 --ratio 0.5",
+    "tinycompress prune --task sst2 --speedup 2",
+    "tinycompress prune --task sst2 --target-latency-ms 20 --target-batch-size 1",
+    "tinycompress prune --task sst2 --target-size-mb 12 --vocab",
     "tinycompress prune runs/sst2/finetune-v1 --ratio 0.3 --ffn-ratio 0.2 --criterion fisher --steps 3",
     "tinycompress prune runs/sst2/prune-v1 --ratio 0.2 --recover-epochs 2",
     "tinycompress prune --task sst2 --ratio 0.5 --recover-epochs 0 --importance-samples 256",
@@ -153,6 +163,12 @@ def prune(
     criterion: opt.Criterion = None,
     steps: opt.Steps = None,
     recover_epochs: opt.RecoverEpochs = None,
+    speedup: opt.Speedup = None,
+    target_latency_ms: opt.TargetLatency = None,
+    target_size_mb: opt.TargetSize = None,
+    target_batch_size: opt.TargetBatch = None,
+    mask_tuning: opt.MaskTuning = None,
+    distill_layer_weight: opt.LayerDistill = None,
     importance_samples: opt.ImportanceSamples = None,
     vocab: opt.Vocab = None,
     vocab_min_frequency: opt.VocabMinFrequency = None,
@@ -169,6 +185,7 @@ def prune(
     written beside the parent unless --workdir is given.
     """
     flags = config_flags(prune, locals())
+    opt.check_one_pruning_goal(flags)
 
     from tinycompress.stages.prune import prune as run_prune
 

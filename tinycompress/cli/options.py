@@ -58,10 +58,10 @@ def schema_help(key: str, help: str | None = None, default_text: str | None = No
 def _flag_type(annotation: Any) -> Any:
     """The command-line type of a schema annotation: Literal choices are plain strings (the
     schema validates them, so a typo is one error line), ``int | None`` is ``int``."""
-    if get_origin(annotation) is Literal:
-        return str
-    members = [arg for arg in get_args(annotation) if arg is not type(None)]
-    return members[0] if members else annotation
+    members = [arg for arg in get_args(annotation) if arg is not type(None)] if get_origin(annotation) else []
+    if get_origin(annotation) is not Literal and members:
+        annotation = members[0]  # X | None -> X
+    return str if get_origin(annotation) is Literal else annotation
 
 
 def config_option(key: str, *names: str, type_: Any = None, **help_args: Any) -> Any:
@@ -107,6 +107,12 @@ Ratio = config_option("prune.ratio", "--ratio")
 FfnRatio = config_option("prune.ffn_ratio", "--ffn-ratio")
 Criterion = config_option("prune.criterion", "--criterion")
 RecoverEpochs = config_option("prune.recover_epochs", "--recover-epochs")
+Speedup = config_option("prune.speedup", "--speedup")
+TargetLatency = config_option("prune.target_latency_ms", "--target-latency-ms")
+TargetSize = config_option("prune.target_size_mb", "--target-size-mb")
+TargetBatch = config_option("prune.target_batch_size", "--target-batch-size", type_=int)
+MaskTuning = config_option("prune.mask_tuning", "--mask-tuning/--no-mask-tuning")
+LayerDistill = config_option("prune.distill_layer_weight", "--distill-layer-weight")
 Backend = config_option("quantize.backend", "--backend")
 Format = config_option("export.format", "--format", "-f")
 Baselines = config_option("report.baselines", "--baselines/--no-baselines")
@@ -151,3 +157,27 @@ Sweep = Annotated[
 Out = Annotated[
     Path | None, typer.Option("--out", "-o", help="Report folder, replaced on each run (default: runs/<task>/report).")
 ]
+
+
+def check_one_pruning_goal(flags: dict[str, Any]) -> None:
+    """Refuse ratios and a target given together on one command line (which one would win is not
+    obvious; the config rule is: ratios, else the latency or size target, else --speedup)."""
+    from tinycompress.errors import TinycompressError
+
+    ratios = [
+        f for f, key in (("--ratio", "prune.ratio"), ("--ffn-ratio", "prune.ffn_ratio")) if flags.get(key) is not None
+    ]
+    targets = [
+        f
+        for f, key in (
+            ("--speedup", "prune.speedup"),
+            ("--target-latency-ms", "prune.target_latency_ms"),
+            ("--target-size-mb", "prune.target_size_mb"),
+        )
+        if flags.get(key) is not None
+    ]
+    if ratios and targets:
+        raise TinycompressError(
+            f"{' and '.join(ratios)} and {' and '.join(targets)} were both given",
+            "prune either by ratios or to a target",
+        )

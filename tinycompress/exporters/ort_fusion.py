@@ -13,6 +13,12 @@ layer - which silently computes *wrong* logits for layers whose heads were prune
 ``optimize_onnx`` therefore first pins the ``-1`` in each Q/K/V reshape to the layer's
 true head count (out_features / head_dim of that layer's projection weight), which is an
 exact rewrite; ORT then detects the heads per layer and fuses every layer correctly.
+
+A layer that lost *all* its heads has no attention subgraph at all (its block is
+``LayerNorm(x + bias)``, see :mod:`tinycompress.models.structure`): nothing is pinned or fused
+there, so there is one fused Attention per layer *with* heads. ORT fuses the embedding
+(EmbedLayerNormalization) only when an Attention follows it: if the first layer has no heads
+the embedding stays unfused (Gather + LayerNormalization), which is exact, only less fused.
 """
 
 from __future__ import annotations
@@ -226,7 +232,7 @@ def export_optimized_onnx(model, path: Path, *, opset: int, scratch: Path) -> di
     """Export ``model`` to ONNX and fuse it with ORT's transformer optimizer into ``path``.
 
     Returns ``{"fused_ops": {op: count > 0}, "attention_fusion": bool, "fused_attention_heads":
-    [heads per fused layer]}``. Families ORT has no fusions for (``ArchSpec.ort_model_type``
+    [heads per fused layer]}`` (layers without heads have no fused Attention, so no entry). Families ORT has no fusions for (``ArchSpec.ort_model_type``
     None) are exported unfused.
     """
     from tinycompress.exporters.onnx import export_onnx

@@ -89,6 +89,26 @@ def measure_interleaved(
     the inputs in a closure). Returns each name's :class:`Timing`. Raises ValueError for
     runs < 1, warmup < 0 or no forwards.
     """
+    samples = interleaved_samples(forwards, runs=runs, warmup=warmup)
+    return {name: Timing.of(values) for name, values in samples.items()}
+
+
+def paired_speedup(baseline_ms: Sequence[float], model_ms: Sequence[float]) -> float:
+    """The median over rounds of ``baseline / model``, both timed in the same round.
+
+    A slow spell of the machine that hits one round slows both models of that round alike, so the
+    per-round ratio is steadier than the ratio of the two medians.
+    """
+    if len(baseline_ms) != len(model_ms) or not model_ms:
+        raise ValueError("paired_speedup needs the same, non-zero number of rounds for both models")
+    return statistics.median(b / m for b, m in zip(baseline_ms, model_ms))
+
+
+def interleaved_samples(
+    forwards: Mapping[str, Callable[[], Any]], *, runs: int = 50, warmup: int = DEFAULT_WARMUP
+) -> dict[str, list[float]]:
+    """The raw per-round times (ms) behind :func:`measure_interleaved`; round ``i`` of every model
+    is its ``i``-th entry."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     if warmup < 0:
@@ -108,7 +128,7 @@ def measure_interleaved(
             start = time.perf_counter()
             forwards[name]()
             samples[name].append((time.perf_counter() - start) * 1000.0)
-    return {name: Timing.of(values) for name, values in samples.items()}
+    return samples
 
 
 def measure_latency(

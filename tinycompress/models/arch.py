@@ -9,6 +9,10 @@ Paths are dotted attribute paths. ``layers_path`` is relative to the *base*
 model (``model.base_model``), so it works for both ``BertModel`` and
 ``BertForSequenceClassification``; every other module path is relative to one
 encoder layer.
+
+A layer may lose all its heads or all its FFN neurons: the sub-block is then *skipped*
+(see :class:`BlockSkip` and :mod:`tinycompress.models.structure`); the table also says
+which module is replaced to do that and how its parent layer calls it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,22 @@ from dataclasses import dataclass
 from torch import nn
 
 from tinycompress.errors import TinycompressError
+
+
+@dataclass(frozen=True)
+class BlockSkip:
+    """How to skip an attention block or FFN whose every head / neuron was removed.
+
+    The module at ``module`` (relative to one encoder layer) is replaced by a
+    ``SkippedBlock`` that keeps only the output projection's bias (and, when the
+    post-block LayerNorm lives inside ``module``, that LayerNorm), so the layer computes
+    ``LayerNorm(x + bias)``: exactly what the block computes with all units masked.
+    """
+
+    module: str  # replaced module; must contain the output projection (attn_out / ffn_out)
+    residual_arg: int  # position of the block input x among the positional args the layer calls it with
+    returns_weights: bool  # the layer unpacks ``(output, attention weights)`` from it
+    passthrough: tuple[str, ...] = ()  # modules before it, replaced by identities (their output is ignored)
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,10 @@ class ArchSpec:
     attn_out: str  # output projection: its *input* columns are grouped per head
     ffn_in: str
     ffn_out: str  # its *input* columns are the FFN neurons
+    attn_norm: str  # LayerNorm after the attention block: its input is attn_out's output + the block's input
+    ffn_norm: str  # LayerNorm after the FFN: its input is ffn_out's output + the FFN's input
+    attn_skip: BlockSkip  # how a layer without heads skips its attention block
+    ffn_skip: BlockSkip  # how a layer without FFN neurons skips its FFN
     attention_module: str  # module carrying the head-count attributes below
     head_count_attr: str | None  # attribute holding the number of heads, if any
     all_head_size_attr: str | None  # attribute holding heads * head_size, if any
@@ -39,6 +63,7 @@ class ArchSpec:
     ffn_field: str
     layers_field: str
     hidden_field: str
+    encoder_layer_count_attr: str | None  # attribute of the layer list's parent holding the layer count, if any
     # The model type whose fusions ONNX Runtime's transformer optimizer applies to this
     # family (None: export unfused). DistilBERT and MiniLM have no entry of their own in ORT;
     # its BERT fusions cover them.
@@ -70,6 +95,13 @@ _ARCHS: dict[str, ArchSpec] = {
         attn_out="attention.output.dense",
         ffn_in="intermediate.dense",
         ffn_out="output.dense",
+        attn_norm="attention.output.LayerNorm",
+        ffn_norm="output.LayerNorm",
+        # BertAttention applies attention.output.LayerNorm itself; BertLayer calls
+        # attention(hidden_states, attention_mask, cache=...) and unpacks (output, weights).
+        attn_skip=BlockSkip("attention", residual_arg=0, returns_weights=True),
+        # BertLayer computes output(intermediate(x), x); BertOutput applies output.LayerNorm.
+        ffn_skip=BlockSkip("output", residual_arg=1, returns_weights=False, passthrough=("intermediate",)),
         attention_module="attention.self",
         head_count_attr="num_attention_heads",
         all_head_size_attr="all_head_size",
@@ -77,6 +109,7 @@ _ARCHS: dict[str, ArchSpec] = {
         ffn_field="intermediate_size",
         layers_field="num_hidden_layers",
         hidden_field="hidden_size",
+        encoder_layer_count_attr=None,
         ort_model_type="bert",
     ),
     "distilbert": ArchSpec(
@@ -88,6 +121,12 @@ _ARCHS: dict[str, ArchSpec] = {
         attn_out="attention.out_lin",
         ffn_in="ffn.lin1",
         ffn_out="ffn.lin2",
+        attn_norm="sa_layer_norm",
+        ffn_norm="output_layer_norm",
+        # TransformerBlock computes sa_layer_norm(attention(x, ...)[0] + x) and
+        # output_layer_norm(ffn(x) + x): the norms sit outside the replaced modules.
+        attn_skip=BlockSkip("attention", residual_arg=0, returns_weights=True),
+        ffn_skip=BlockSkip("ffn", residual_arg=0, returns_weights=False),
         attention_module="attention",
         # transformers 5.x reshapes with -1 heads, so forward does not read
         # n_heads; we still keep it truthful for anyone inspecting the module.
@@ -97,6 +136,7 @@ _ARCHS: dict[str, ArchSpec] = {
         ffn_field="hidden_dim",
         layers_field="n_layers",
         hidden_field="dim",
+        encoder_layer_count_attr="n_layers",  # Transformer.n_layers
         ort_model_type="bert",
     ),
 }

@@ -7,3 +7,6 @@ Kept apart from :mod:`tinycompress.models.structure` so that code which only rea
 # The pruned structure (original ids of the kept heads, FFN width per layer): the shapes
 # ``config.json`` alone cannot express, rebuilt by ``apply_structure_`` before weights load.
 STRUCTURE_ATTR = "tinycompress_pruning"
+# Inside that record, once a layer has been removed: the unpruned model's layer count (the saved
+# config's own count is then the reduced one, and "heads kept / total" needs the original).
+LAYERS_TOTAL_KEY = "layers_total"

@@ -7,6 +7,8 @@ Removing the lowest-scoring units is :mod:`tinycompress.models.structure`'s job.
 
 Scores always refer to the *current* positions in the model (a pruned layer's remaining
 heads are numbered from 0 again); the recorded structure maps them to original head ids.
+A layer whose attention block or FFN is skipped (no heads / neurons left) gets an empty
+score tensor (and an empty gate) for it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tinycompress.models.arch import get_arch, get_module, layers
+from tinycompress.models.arch import ArchSpec, get_arch, get_module, layers
 from tinycompress.models.structure import ffn_sizes, head_counts
 
 CRITERIA: tuple[str, ...] = ("taylor", "fisher", "magnitude", "random")
@@ -32,7 +34,8 @@ class Gates:
     """Gate tensors, one per encoder layer, each all ones with requires_grad.
 
     Shape is ``[n]`` (shared by all samples) or ``[batch_size, n]`` (one gate
-    per sample, see ``gated``), where n is the layer's current head / neuron count.
+    per sample, see ``gated``), where n is the layer's current head / neuron count
+    (0 for a skipped block: the gate is empty and hooked to nothing).
     """
 
     heads: list[Tensor]
@@ -77,15 +80,16 @@ def gated(model: nn.Module, batch_size: int | None = None):
     gates = Gates(heads=[], neurons=[])
     handles = []
     try:
-        for layer in layers(model):
-            attn_out = get_module(layer, spec.attn_out)
-            ffn_out = get_module(layer, spec.ffn_out)
-            head_gate = _new_gate(attn_out.in_features // head_size, batch_size, attn_out.weight)
-            neuron_gate = _new_gate(ffn_out.in_features, batch_size, ffn_out.weight)
-            handles.append(attn_out.register_forward_pre_hook(_gate_hook(head_gate, head_size)))
-            handles.append(ffn_out.register_forward_pre_hook(_gate_hook(neuron_gate, 1)))
-            gates.heads.append(head_gate)
-            gates.neurons.append(neuron_gate)
+        for layer, n_heads, n_neurons in zip(layers(model), head_counts(model), ffn_sizes(model)):
+            for path, n, group_size, out in (
+                (spec.attn_out, n_heads, head_size, gates.heads),
+                (spec.ffn_out, n_neurons, 1, gates.neurons),
+            ):
+                module = get_module(layer, path)  # a Linear, or a skipped block's BiasOnly (n == 0)
+                gate = _new_gate(n, batch_size, module.bias if n == 0 else module.weight)
+                if n:
+                    handles.append(module.register_forward_pre_hook(_gate_hook(gate, group_size)))
+                out.append(gate)
         yield gates
     finally:
         for handle in handles:
@@ -118,6 +122,7 @@ def compute_importance(
     criterion: str,
     loss_fn: LossFn | None = None,
     seed: int = 0,
+    normalize: bool = True,
 ) -> Importance:
     """Score every head and FFN neuron of ``model``.
 
@@ -130,7 +135,9 @@ def compute_importance(
               with L the batch-mean loss; head scores are then divided by
               their layer's L2 norm, as in the paper. Neuron scores are left
               unnormalised (layers may have very different widths, where a
-              per-layer unit norm would bias the global ranking).
+              per-layer unit norm would bias the global ranking). ``normalize=False``
+              leaves the head scores raw too (comparable across layers and with
+              neuron scores, as a search trading heads against neurons needs).
             * "fisher" (Kwon et al. 2022): ``sum over samples (dL_i/dgate)^2``,
               the empirical Fisher diagonal. Per-sample gradients come from
               per-sample gates (see ``gated``): one forward/backward per batch,
@@ -144,6 +151,8 @@ def compute_importance(
             ``outputs.loss`` is used and assumed to be the mean of per-sample
             losses (true for HF sequence classification: CE, MSE, BCE); for
             token-level losses pass a per-sample ``loss_fn``.
+        normalize: per-layer L2 normalisation of taylor's head scores (see above);
+            no effect on the other criteria.
 
     The model is scored in eval mode (no dropout) and its mode is restored
     afterwards; parameter ``.grad`` fields are never touched.
@@ -156,7 +165,7 @@ def compute_importance(
         return _random_importance(model, seed)
     if batches is None:
         raise ValueError(f"criterion {criterion!r} needs batches")
-    return _gradient_importance(model, batches, criterion, loss_fn)
+    return _gradient_importance(model, batches, criterion, loss_fn, normalize)
 
 
 def _batch_size(batch: Mapping[str, Tensor]) -> int:
@@ -178,7 +187,7 @@ def _loss_sum_and_mean(outputs, batch, loss_fn: LossFn | None, batch_size: int) 
     raise ValueError(f"loss_fn must return a scalar or shape [{batch_size}], got {tuple(loss.shape)}")
 
 
-def _gradient_importance(model, batches, criterion: str, loss_fn: LossFn | None) -> Importance:
+def _gradient_importance(model, batches, criterion: str, loss_fn: LossFn | None, normalize: bool) -> Importance:
     device = next(model.parameters()).device
     head_acc = [torch.zeros(n, device=device) for n in head_counts(model)]
     neuron_acc = [torch.zeros(n, device=device) for n in ffn_sizes(model)]
@@ -194,9 +203,11 @@ def _gradient_importance(model, batches, criterion: str, loss_fn: LossFn | None)
                     loss_sum, loss_mean = _loss_sum_and_mean(model(**batch), batch, loss_fn, batch_size)
                     target = loss_mean if criterion == "taylor" else loss_sum
                     # autograd.grad (not backward) so parameter .grad stays untouched.
-                    grads = torch.autograd.grad(target, [*gates.heads, *gates.neurons])
-                for acc, grad in zip([*head_acc, *neuron_acc], grads):
-                    grad = grad.detach().float()
+                    # Empty gates (skipped blocks) are not in the graph: allow_unused.
+                    all_gates = [*gates.heads, *gates.neurons]
+                    grads = torch.autograd.grad(target, all_gates, allow_unused=True)
+                for acc, grad, gate in zip([*head_acc, *neuron_acc], grads, all_gates):
+                    grad = (torch.zeros_like(gate) if grad is None else grad).detach().float()
                     # taylor: summing per-sample rows gives the batch-mean gradient.
                     acc += grad.sum(0).abs() if criterion == "taylor" else grad.pow(2).sum(0)
                 seen_batches += 1
@@ -204,7 +215,7 @@ def _gradient_importance(model, batches, criterion: str, loss_fn: LossFn | None)
         model.train(was_training)
     if seen_batches == 0:
         raise ValueError("batches was empty: gradient criteria need at least one batch")
-    if criterion == "taylor":
+    if criterion == "taylor" and normalize:
         head_acc = [_unit_l2(scores) for scores in head_acc]
     return Importance(criterion, [s.cpu() for s in head_acc], [s.cpu() for s in neuron_acc])
 
@@ -221,19 +232,29 @@ def _magnitude_importance(model: nn.Module) -> Importance:
     head_size = spec.head_size(model.config)
     hidden = getattr(model.config, spec.hidden_field)
     head_scores, neuron_scores = [], []
-    for layer in layers(model):
-        n_heads = get_module(layer, spec.query).out_features // head_size
-        squared = torch.zeros(n_heads)
-        for path in (spec.query, spec.key, spec.value):
-            weight = get_module(layer, path).weight.float().cpu()  # [n*d, hidden]
-            squared += weight.view(n_heads, head_size, hidden).pow(2).sum((1, 2))
-        out_weight = get_module(layer, spec.attn_out).weight.float().cpu()  # [hidden, n*d]
-        squared += out_weight.view(-1, n_heads, head_size).pow(2).sum((0, 2))
-        head_scores.append(squared.sqrt())
-        ffn_in = get_module(layer, spec.ffn_in).weight.float().cpu()  # [I, hidden]
-        ffn_out = get_module(layer, spec.ffn_out).weight.float().cpu()  # [hidden, I]
-        neuron_scores.append((ffn_in.pow(2).sum(1) + ffn_out.pow(2).sum(0)).sqrt())
+    for layer, n_heads, n_neurons in zip(layers(model), head_counts(model), ffn_sizes(model)):
+        if n_heads == 0:
+            head_scores.append(torch.zeros(0))
+        else:
+            head_scores.append(_head_magnitude(layer, spec, n_heads, head_size, hidden))
+        if n_neurons == 0:
+            neuron_scores.append(torch.zeros(0))
+        else:
+            ffn_in = get_module(layer, spec.ffn_in).weight.float().cpu()  # [I, hidden]
+            ffn_out = get_module(layer, spec.ffn_out).weight.float().cpu()  # [hidden, I]
+            neuron_scores.append((ffn_in.pow(2).sum(1) + ffn_out.pow(2).sum(0)).sqrt())
     return Importance("magnitude", head_scores, neuron_scores)
+
+
+def _head_magnitude(layer: nn.Module, spec: ArchSpec, n_heads: int, head_size: int, hidden: int) -> Tensor:
+    """L2 norm of each head's Q/K/V output rows and output-projection input columns."""
+    squared = torch.zeros(n_heads)
+    for path in (spec.query, spec.key, spec.value):
+        weight = get_module(layer, path).weight.float().cpu()  # [n*d, hidden]
+        squared += weight.view(n_heads, head_size, hidden).pow(2).sum((1, 2))
+    out_weight = get_module(layer, spec.attn_out).weight.float().cpu()  # [hidden, n*d]
+    squared += out_weight.view(-1, n_heads, head_size).pow(2).sum((0, 2))
+    return squared.sqrt()
 
 
 def _random_importance(model: nn.Module, seed: int) -> Importance:

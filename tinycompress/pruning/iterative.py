@@ -1,4 +1,10 @@
-"""Prune heads and FFN neurons in one or more steps, re-scoring between steps."""
+"""Prune heads and FFN neurons in one or more steps, re-scoring between steps.
+
+With a per-layer minimum of 0 a step may empty a layer's attention block or FFN (it is then
+skipped, see :mod:`tinycompress.models.structure`). Layers left with neither are kept, empty,
+until the last step, so every step's per-layer lists index the layers of the model as it was
+passed in; they are removed after the last step (``PruningRecord.layers_removed``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tinycompress.models.structure import current_head_ids, ffn_sizes, head_counts, prune_heads_, prune_neurons_
+from tinycompress.models.structure import (
+    current_head_ids,
+    drop_empty_layers_,
+    ffn_sizes,
+    head_counts,
+    prune_heads_,
+    prune_neurons_,
+)
 from tinycompress.pruning.importance import CRITERIA, Importance, LossFn, compute_importance
 from tinycompress.pruning.selection import check_capacity, check_min, count_to_remove, select_lowest
 
@@ -20,8 +33,8 @@ SCHEDULES: tuple[str, ...] = ("linear",)
 
 @dataclass
 class StepRecord:
-    """What one pruning step removed. Heads are original head ids; neurons are
-    positions in the model as it was passed to ``prune_iteratively``."""
+    """What one pruning step removed, per layer of the model as it was passed to
+    ``prune_iteratively``. Heads are original head ids; neurons are positions in that model."""
 
     step: int
     heads_removed: list[list[int]]
@@ -37,17 +50,21 @@ class PruningRecord:
 
     ``initial_importance`` holds the scores the first step ranked by: every unit of the model
     as it was passed in, removed ones included, so callers need not score that model again.
+    ``layers_removed``: positions, in the model as it was passed in, of the layers removed
+    after the last step because they had neither heads nor FFN neurons left.
     """
 
     steps: list[StepRecord] = field(default_factory=list)
     final_importance: Importance | None = None
     initial_importance: Importance | None = None
+    layers_removed: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-serialisable summary."""
         final = self.final_importance
         return {
             "steps": [vars(step).copy() for step in self.steps],
+            "layers_removed": list(self.layers_removed),
             "final_importance": None
             if final is None
             else {
@@ -78,13 +95,13 @@ def _restrict(scores: list[Tensor], keep: list[list[int]]) -> list[Tensor]:
     return [s[torch.tensor(k, dtype=torch.long)] for s, k in zip(scores, keep)]
 
 
-def _dropped(ids: list[list[int]], keep: list[list[int]]) -> list[list[int]]:
-    """ids[l][pos] for every position not in keep[l]."""
-    dropped = []
+def dropped(ids: list[list[int]], keep: list[list[int]]) -> list[list[int]]:
+    """``ids[l][pos]`` for every position not in ``keep[l]``: what a keep list removes, per layer."""
+    removed = []
     for layer_ids, kept in zip(ids, keep):
         kept = set(kept)
-        dropped.append([i for pos, i in enumerate(layer_ids) if pos not in kept])
-    return dropped
+        removed.append([i for pos, i in enumerate(layer_ids) if pos not in kept])
+    return removed
 
 
 def prune_iteratively(
@@ -108,6 +125,9 @@ def prune_iteratively(
     return a fresh iterable of batches each call (it is called once per step;
     may be None for "magnitude" / "random"). "random" uses ``seed + step``.
     Raises ValueError up front if the targets are infeasible.
+
+    With a minimum of 0 a layer may lose all its heads or neurons (the block is skipped); a
+    layer losing both is removed after the last step (see ``PruningRecord.layers_removed``).
     """
     if criterion not in CRITERIA:
         raise ValueError(f"Unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
@@ -136,15 +156,24 @@ def prune_iteratively(
         neuron_keep = select_lowest(
             importance.neuron_scores, neuron_cum[step] - neuron_cum[step - 1], min_neurons_per_layer, "neurons"
         )
-        heads_removed = _dropped(current_head_ids(model), head_keep)
-        neurons_removed = _dropped(neuron_ids, neuron_keep)
-        prune_heads_(model, head_keep)
-        prune_neurons_(model, neuron_keep)
+        heads_removed = dropped(current_head_ids(model), head_keep)
+        neurons_removed = dropped(neuron_ids, neuron_keep)
+        # Emptied layers stay until the end, so per-layer lists keep their length between steps.
+        prune_heads_(model, head_keep, drop_empty_layers=False)
+        prune_neurons_(model, neuron_keep, drop_empty_layers=False)
         neuron_ids = [[ids[i] for i in k] for ids, k in zip(neuron_ids, neuron_keep)]
         record.steps.append(
             StepRecord(step, heads_removed, neurons_removed, sum(head_counts(model)), sum(ffn_sizes(model)))
         )
         record.final_importance = Importance(
             criterion, _restrict(importance.head_scores, head_keep), _restrict(importance.neuron_scores, neuron_keep)
+        )
+    record.layers_removed = drop_empty_layers_(model)
+    if record.layers_removed and record.final_importance is not None:
+        final, gone = record.final_importance, set(record.layers_removed)
+        record.final_importance = Importance(
+            final.criterion,
+            [s for layer, s in enumerate(final.head_scores) if layer not in gone],
+            [s for layer, s in enumerate(final.neuron_scores) if layer not in gone],
         )
     return record

@@ -30,13 +30,14 @@ def count_to_remove(ratio: float, total: int) -> int:
 
 
 def check_min(min_per_layer: int, unit: str) -> None:
-    if min_per_layer < 1:
-        # A layer with 0 heads cannot run: attention reshapes with -1 heads,
-        # which is undefined for a zero-width tensor. Zero-width FFNs would
-        # run but break quantisation / ONNX export downstream.
-        raise ValueError(
-            f"min {unit} per layer must be >= 1 (removing a whole sub-layer is unsupported), got {min_per_layer}"
-        )
+    """ValueError unless ``min_per_layer >= 0``.
+
+    0 is allowed: a layer may then lose every head (its attention block is skipped) or every
+    FFN neuron (its FFN is skipped), and a layer losing both is removed; see
+    :mod:`tinycompress.models.structure`.
+    """
+    if min_per_layer < 0:
+        raise ValueError(f"min {unit} per layer must be >= 0, got {min_per_layer}")
 
 
 def check_capacity(counts: Sequence[int], n_remove: int, min_per_layer: int, unit: str) -> None:
@@ -51,6 +52,8 @@ def check_capacity(counts: Sequence[int], n_remove: int, min_per_layer: int, uni
 def select_lowest(scores: Scores, n_remove: int, min_per_layer: int = 1, unit: str = "units") -> list[list[int]]:
     """Kept indices per layer after removing the ``n_remove`` lowest-scored
     units globally (across layers), never leaving a layer below ``min_per_layer``.
+    With ``min_per_layer`` 0 a layer may be emptied (its kept list is then ``[]``);
+    layers that are already empty (no scores) stay empty.
 
     Ties are broken by (layer, index), lowest first, so results are deterministic.
     """
@@ -82,8 +85,9 @@ def select_heads(head_scores: Scores, ratio: float, min_heads_per_layer: int = 1
     ``round(ratio * total heads)`` heads, lowest global score first.
 
     ``head_scores``: ``[L, H]`` tensor or list of 1-D tensors (one per layer).
-    Raises ValueError for ratio outside [0, 1), ``min_heads_per_layer < 1`` or
-    a ratio the per-layer minimum makes impossible.
+    Raises ValueError for ratio outside [0, 1), ``min_heads_per_layer < 0`` or
+    a ratio the per-layer minimum makes impossible. ``min_heads_per_layer=0`` lets a
+    layer lose all its heads (``[]``: its attention block is then skipped).
     """
     layer_scores = _score_list(head_scores)
     n_remove = count_to_remove(ratio, sum(len(s) for s in layer_scores))

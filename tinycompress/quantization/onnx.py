@@ -25,6 +25,7 @@ quantised, so an op type ORT silently skipped shows up in the manifest.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import tempfile
 import warnings
@@ -85,14 +86,40 @@ def preprocess_for_quantization(in_path: Path, out_path: Path) -> Path:
     but on a plain export it gives up on the transformers-5 mask subgraph *and* then dumps
     ``sym_shape_infer_temp.onnx`` + a ``<uuid>.data`` file into the current directory.
     So it runs only when the graph has contrib ops; plain graphs get ONNX shape inference.
+    A fused graph can still defeat it: when the first layer's attention was pruned away, ORT
+    cannot fuse the embedding (EmbedLayerNormalization wants an Attention after it) and the
+    position-id slice stays symbolic. Then it runs with the working directory in a scratch
+    folder (so the dump lands there) and, on failure, the graph gets ONNX shape inference
+    instead; the quantiser types the contrib ops' outputs as float (see ``DefaultTensorType``).
     Returns the path to quantise.
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     graph = onnx.load(str(in_path), load_external_data=False).graph
     has_contrib_ops = any(node.domain == "com.microsoft" for node in graph.node)
-    quant_pre_process(str(in_path), str(out_path), skip_symbolic_shape=not has_contrib_ops)
+    if not has_contrib_ops:
+        quant_pre_process(str(in_path), str(out_path), skip_symbolic_shape=True)
+        return out_path
+    in_path, out_path = Path(in_path).resolve(), Path(out_path).resolve()
+    try:
+        with tempfile.TemporaryDirectory(prefix="tinycompress-shapes-") as scratch, _working_directory(scratch):
+            quant_pre_process(str(in_path), str(out_path), skip_symbolic_shape=False)
+    except Exception as err:  # ORT raises a bare Exception("Incomplete symbolic shape inference")
+        if "symbolic shape inference" not in str(err):
+            raise
+        quant_pre_process(str(in_path), str(out_path), skip_symbolic_shape=True)
     return out_path
+
+
+@contextlib.contextmanager
+def _working_directory(path: str | Path):
+    """Temporarily change the process's working directory (ORT writes debug files into it)."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _quant_type(name: str):

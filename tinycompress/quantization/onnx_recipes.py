@@ -129,11 +129,14 @@ def recipe_op_types(settings: Mapping[str, Any]) -> tuple[str, ...]:
 _LAYER = re.compile(r"(?:layer|layers|block|h)[./_](\d+)[./]")
 
 
-def onnx_node_groups(path: str | Path, op_types: Sequence[str]) -> dict[str, list[str]]:
+def onnx_node_groups(
+    path: str | Path, op_types: Sequence[str], attention_layers: Sequence[int] | None = None
+) -> dict[str, list[str]]:
     """The nodes of ``op_types`` that a quantizer would touch, grouped for fp32 fallback.
 
     ``embeddings`` (EmbedLayerNormalization, and Gather on a float table), ``layer N attention``
-    (fused Attention -- the N-th in graph order -- and MatMuls under ``layer.N/.../attention/``),
+    (fused Attention -- the N-th in graph order, or the N-th of ``attention_layers``, the layers
+    that still have heads, when some have none -- and MatMuls under ``layer.N/.../attention/``),
     ``layer N ffn`` (the layer's other MatMuls), ``other`` (the rest). Ordered: embeddings, then
     layers in order (attention before ffn), then other.
     """
@@ -151,7 +154,8 @@ def onnx_node_groups(path: str | Path, op_types: Sequence[str]) -> dict[str, lis
                 continue  # index arithmetic on shapes: nothing to quantize
             key = (0, 0, 0, "embeddings")
         elif node.op_type == "Attention":
-            key = (1, attention_index, 0, f"layer {attention_index} attention")
+            layer = attention_layers[attention_index] if attention_layers is not None else attention_index
+            key = (1, layer, 0, f"layer {layer} attention")
             attention_index += 1
         else:
             match = _LAYER.search(node.name)

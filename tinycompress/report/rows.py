@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tinycompress.checkpoint.format import (
+    LAYERS_TOTAL_KEY,
     MODEL_CONFIG_FILE,
     ONNX_FILE,
     STRUCTURE_ATTR,
@@ -205,6 +206,8 @@ def _structure(folder: Path) -> tuple[int, int, int, int] | None:
     except (OSError, ValueError, KeyError, TypeError, TinycompressError):
         return None
     structure = config.get(STRUCTURE_ATTR) or {}
+    # With layers removed, config.json holds the reduced count; the record keeps the original.
+    layers = structure.get(LAYERS_TOTAL_KEY, layers) if isinstance(structure, dict) else layers
     heads_kept = sum(len(h) for h in structure["heads_kept"]) if "heads_kept" in structure else layers * heads
     ffn_kept = sum(structure["intermediate_sizes"]) if "intermediate_sizes" in structure else layers * ffn
     return heads_kept, layers * heads, ffn_kept, layers * ffn

@@ -1,5 +1,6 @@
 """Stage 2: structured pruning of attention heads and FFN neurons, then recovery by distillation.
 
+    tinycompress prune --task sst2 --speedup 2                # a measured target (see below)
     tinycompress prune --task sst2 --ratio 0.5 --ffn-ratio 0.2
     tinycompress prune runs/sst2/prune-v1 --ratio 0.3      # prune a pruned model further
     tinycompress prune --task sst2 --vocab --ratio 0       # drop unused embedding rows only
@@ -12,6 +13,19 @@ positions in the manifest refer to the parent's FFN. Other stages are refused.
 Importance is scored on training rows (never on test), units are removed with
 :func:`tinycompress.pruning.iterative.prune_iteratively`, test metrics are measured on the parent, right
 after pruning and after recovery, and everything lands in one ``prune-v<N>`` folder.
+
+**Targets instead of ratios** (``--speedup``, ``--target-latency-ms``, ``--target-size-mb``): every
+head and neuron is scored once, this machine's cost table of the int8 deployment model
+(:mod:`tinycompress.inference.cost_table`, measured once and cached in the workspace) prices
+them, and :func:`tinycompress.pruning.budget.choose_structure` keeps the most importance within the
+budget -- per layer, so a layer may lose its attention block, its FFN or (both) itself. The
+manifest's ``details.target`` holds the budget, the predicted speed-up and the speed-up measured
+at the end (the pruned and the unpruned model, both int8, timed interleaved).
+
+**Recovery**, each step switchable and measured (test and dev) before and after: the least-squares
+rescaling of the kept units to reconstruct the parent's layers (``prune.mask_tuning``, Kwon et al.
+2022; retraining-free, a minute on CPU), then distillation from the parent (``recover_epochs``),
+on logits and, with ``distill_layer_weight`` > 0, on every layer's hidden states (TinyBERT / CoFi).
 
 With ``prune.vocab`` the word embedding is cut last, after recovery (the teacher and the
 student must read the same ids while distilling), to the tokens the train and dev texts use
@@ -68,15 +82,30 @@ def importance_batches(
     return batches
 
 
-def measure_test(model, encoded: Encoded, spec, config: Config, *, pad_id: int, device) -> dict[str, float]:
-    """The task's metrics on the test split (GLUE validation)."""
+def measure_test(
+    model, encoded: Encoded, spec, config: Config, *, pad_id: int, device, forward=None
+) -> dict[str, float]:
+    """The task's metrics on ``encoded`` (the test split unless said otherwise); ``forward``
+    replaces the torch model (an ONNX Runtime session)."""
     from tinycompress.training.evaluation import evaluate
 
-    return evaluate(model, encoded, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad_id, device=device)
+    return evaluate(
+        model, encoded, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad_id, device=device, forward=forward
+    )
 
 
 def recover(
-    model, teacher, train_enc: Encoded, dev_enc: Encoded, spec, config: Config, *, pad_id: int, device, progress=None
+    model,
+    teacher,
+    train_enc: Encoded,
+    dev_enc: Encoded,
+    spec,
+    config: Config,
+    *,
+    pad_id: int,
+    device,
+    progress=None,
+    layer_map: list[int] | None = None,
 ):
     """Fine-tune ``model`` for ``config.prune.recover_epochs`` with distillation from ``teacher``.
 
@@ -99,6 +128,8 @@ def recover(
         teacher=teacher,
         temperature=config.prune.distill_temperature,
         alpha=config.prune.distill_alpha,
+        layer_weight=config.prune.distill_layer_weight,
+        layer_map=layer_map,
         progress=progress,
         description="recover",
     )
@@ -111,11 +142,12 @@ def _sig(value: float, digits: int = 4) -> float:
 
 def _structure(model) -> dict[str, Any]:
     from tinycompress.models.pretrained import count_parameters
-    from tinycompress.models.structure import current_head_ids, ffn_sizes
+    from tinycompress.models.structure import current_head_ids, current_layer_ids, ffn_sizes
     from tinycompress.pruning.flops import estimate_flops
 
     heads = current_head_ids(model)
     return {
+        "layers": current_layer_ids(model),
         "heads": heads,
         "ffn": ffn_sizes(model),
         "parameters": count_parameters(model),
@@ -131,9 +163,9 @@ def _prune_in_place(model, batches: Callable[[], Iterator[dict]], config: Config
     return prune_iteratively(
         model,
         batches,
-        settings.criterion,
-        settings.ratio,
-        settings.ffn_ratio,
+        criterion_of(config),
+        settings.ratio or 0.0,
+        settings.ffn_ratio or 0.0,
         settings.steps,
         min_heads_per_layer=settings.min_heads_per_layer,
         min_neurons_per_layer=settings.min_neurons_per_layer,
@@ -157,13 +189,227 @@ def check_feasible(model, config: Config) -> None:
     get_arch(model)
     heads, neurons = head_counts(model), ffn_sizes(model)
     try:
-        select_heads([torch.zeros(n) for n in heads], settings.ratio, settings.min_heads_per_layer)
-        select_neurons([torch.zeros(n) for n in neurons], settings.ffn_ratio, settings.min_neurons_per_layer)
+        select_heads([torch.zeros(n) for n in heads], settings.ratio or 0.0, settings.min_heads_per_layer)
+        select_neurons([torch.zeros(n) for n in neurons], settings.ffn_ratio or 0.0, settings.min_neurons_per_layer)
     except ValueError as exc:
         raise TinycompressError(
             f"cannot prune: {exc}",
             "lower --ratio / --ffn-ratio, or prune.min_heads_per_layer / prune.min_neurons_per_layer",
         ) from None
+
+
+TARGETS = {"speedup": "--speedup", "target_latency_ms": "--target-latency-ms", "target_size_mb": "--target-size-mb"}
+
+# Rows of the test split whose texts time the int8 models (latency only: no labels are read).
+LATENCY_TEXTS = 512
+# Interleaved rounds measuring the pruned model's speed-up over the unpruned one.
+SPEEDUP_RUNS = 50
+
+
+def target_of(config: Config) -> str | None:
+    """What ``config.prune`` prunes to: None for ratios (``ratio`` or ``ffn_ratio`` set), else the
+    target setting -- ``target_latency_ms`` or ``target_size_mb`` when set (both is refused), else
+    ``speedup`` (the default target)."""
+    settings = config.prune
+    if settings.ratio is not None or settings.ffn_ratio is not None:
+        return None
+    given = [name for name in ("target_latency_ms", "target_size_mb") if getattr(settings, name) is not None]
+    if len(given) > 1:
+        raise TinycompressError(
+            f"prune takes one target, got {' and '.join(TARGETS[name] for name in given)}", "keep one of them"
+        )
+    if given:
+        return given[0]
+    if settings.speedup is None:
+        raise TinycompressError("prune has nothing to prune to", "give --speedup, a target or --ratio / --ffn-ratio")
+    return "speedup"
+
+
+def criterion_of(config: Config) -> str:
+    """The importance criterion: the configured one, else fisher for a target (its scores weigh heads
+    against neurons; Kwon et al. search with it) and taylor for ratios (best for heads in our sweep)."""
+    if config.prune.criterion is not None:
+        return config.prune.criterion
+    return "taylor" if target_of(config) is None else "fisher"
+
+
+def _latency_inputs(tokenizer, job: _Job, config: Config) -> dict[int, dict]:
+    from tinycompress.inference.latency import latency_batches
+
+    return latency_batches(tokenizer, job.test_examples.texts[:LATENCY_TEXTS], config.model.max_length)
+
+
+def _kept_vocab_rows(model, job: _Job, config: Config) -> int:
+    """How many word-embedding rows ``--vocab`` will keep (it cuts them after recovery)."""
+    from tinycompress.pruning.vocab import config_token_ids, count_ids, select_vocab
+
+    counts = count_ids(job.train.input_ids + job.dev.input_ids)
+    kept = select_vocab(
+        counts,
+        job.tokenizer,
+        config.prune.vocab_min_frequency,
+        config.prune.vocab_top_k,
+        always_keep=config_token_ids(model).values(),
+    )
+    return len(kept)
+
+
+def _prune_to_target(model, job: _Job, config: Config):
+    """Score every unit, choose the structure keeping the most importance within the target's
+    budget (:func:`tinycompress.pruning.budget.choose_structure` on this machine's cost table), and
+    cut ``model`` to it. Returns (PruningRecord, target details)."""
+    from tinycompress.inference.cost_table import load_or_measure_cost_table
+    from tinycompress.models.structure import (
+        current_head_ids,
+        drop_empty_layers_,
+        ffn_sizes,
+        head_counts,
+        prune_heads_,
+        prune_neurons_,
+    )
+    from tinycompress.pruning.budget import choose_structure
+    from tinycompress.pruning.importance import compute_importance
+    from tinycompress.pruning.iterative import PruningRecord, StepRecord, dropped
+
+    settings, batch = config.prune, config.prune.target_batch_size
+    kind = target_of(config)
+    importance = compute_importance(
+        model, job.batches(), criterion_of(config), seed=config.seed, **_comparable(criterion_of(config))
+    )
+    table = load_or_measure_cost_table(
+        model,
+        _latency_inputs(job.tokenizer, job, config),
+        workdir=config.workdir,
+        threads=job.threads,
+        opset=config.export.opset,
+    )
+    if kind == "target_size_mb":
+        floor = table.size["floor_bytes"]
+        if settings.vocab:
+            removed_rows = model.get_input_embeddings().num_embeddings - _kept_vocab_rows(model, job, config)
+            floor -= removed_rows * table.size["embedding_row_bytes"]
+        costs = {"head_cost": table.head_bytes(), "ffn_cost": table.ffn_bytes(), "floor": floor}
+        budget, unit, scale = settings.target_size_mb * 1e6, "MB", 1e-6
+    else:
+        costs = {"head_cost": table.head_cost(batch), "ffn_cost": table.ffn_cost(batch), "floor": table.floor_ms(batch)}
+        budget = settings.target_latency_ms if kind == "target_latency_ms" else table.full_ms(batch) / settings.speedup
+        unit, scale = "ms", 1.0
+    try:
+        plan = choose_structure(
+            importance.head_scores,
+            importance.neuron_scores,
+            **costs,
+            budget=budget,
+            min_heads=settings.min_heads_per_layer,
+            min_neurons=settings.min_neurons_per_layer,
+        )
+    except ValueError:
+        cheapest = costs["floor"] + sum(
+            costs["head_cost"](settings.min_heads_per_layer) + costs["ffn_cost"](settings.min_neurons_per_layer)
+            for _ in head_counts(model)
+        )
+        what = f"batch-{batch} latency" if unit == "ms" else "size"
+        reachable = f"{table.full_ms(batch) / cheapest:.2f}x" if kind == "speedup" else f"{cheapest * scale:.3g} {unit}"
+        raise TinycompressError(
+            f"cannot reach {TARGETS[kind]} {getattr(settings, kind):g}: the smallest model this machine's cost table "
+            f"allows has a {what} of {cheapest * scale:.3g} {unit} (at most {reachable})",
+            f"ask for less than {reachable}, or lower prune.min_heads_per_layer / prune.min_neurons_per_layer",
+        ) from None
+    heads_before, neurons_before = current_head_ids(model), [list(range(n)) for n in ffn_sizes(model)]
+    # Both cuts first, then empty layers go: a layer is removed only once both its lists are applied.
+    prune_heads_(model, plan.heads_keep, drop_empty_layers=False)
+    prune_neurons_(model, plan.neurons_keep, drop_empty_layers=False)
+    layers_removed = drop_empty_layers_(model)
+    step = StepRecord(
+        1,
+        dropped(heads_before, plan.heads_keep),
+        dropped(neurons_before, plan.neurons_keep),
+        sum(head_counts(model)),
+        sum(ffn_sizes(model)),
+    )
+    record = PruningRecord(steps=[step], initial_importance=importance, layers_removed=layers_removed)
+    target = {
+        "kind": kind,
+        "value": getattr(settings, kind),
+        "batch_size": batch,
+        "budget": round(budget * scale, 4),
+        "unit": unit,
+        "predicted": round(plan.predicted_cost * scale, 4),
+        "kept_importance_share": round(plan.kept_importance / plan.total_importance, 4)
+        if plan.total_importance
+        else None,
+        "predicted_speedup": {
+            str(b): round(table.full_ms(b) / table.predict_ms(b, plan.head_counts, plan.ffn_sizes), 3)
+            for b in (1, 32)
+            if str(b) in table.latency
+        },
+        "cost_table": table.summary(),
+    }
+    return record, target
+
+
+def _comparable(criterion: str) -> dict[str, Any]:
+    """Taylor's head scores are normalised per layer by default (Michel et al.); a search that
+    trades heads against neurons and layers against layers needs them raw."""
+    return {"normalize": False} if criterion == "taylor" else {}
+
+
+def measure_speedup(model, tokenizer, reference, reference_tokenizer, job: _Job, config: Config) -> dict[str, Any]:
+    """The int8 (ONNX Runtime, ``quantize``'s default recipe) latency of ``model`` against
+    ``reference``'s, timed interleaved at batch 1 and 32 on test texts: medians, spreads, and the
+    speed-up as the median of the per-round ratios (:func:`~tinycompress.inference.latency.paired_speedup`)."""
+    import gc
+    import tempfile
+
+    from tinycompress.config import QuantizeSettings
+    from tinycompress.inference.latency import Timing, differs, interleaved_samples, paired_speedup
+    from tinycompress.inference.onnx_session import OnnxClassifier
+    from tinycompress.quantization.onnx import quantize_onnx_model
+
+    settings = QuantizeSettings()
+    with tempfile.TemporaryDirectory(prefix="tinycompress-speedup-") as scratch:
+        sessions, inputs = {}, {}
+        for name, net, tok in (("pruned", model, tokenizer), ("unpruned", reference, reference_tokenizer)):
+            path = Path(scratch) / f"{name}.onnx"
+            quantize_onnx_model(net, path, settings, opset=config.export.opset)
+            sessions[name] = OnnxClassifier(path, num_threads=job.threads)
+            inputs[name] = _latency_inputs(tok, job, config)
+        result: dict[str, Any] = {"runs": SPEEDUP_RUNS, "threads": job.threads}
+        gc.collect()  # sessions of the cost table or of earlier measurements must not linger while timing
+        for size in (1, 32):
+            forwards = {
+                name: (
+                    lambda s=session, b=inputs[name][size]: s(
+                        b["input_ids"], b["attention_mask"], b.get("token_type_ids")
+                    )
+                )
+                for name, session in sessions.items()
+            }
+            samples = interleaved_samples(forwards, runs=SPEEDUP_RUNS)
+            timings = {name: Timing.of(values) for name, values in samples.items()}
+            result[f"batch_{size}"] = {
+                "pruned": timings["pruned"].to_dict(),
+                "unpruned": timings["unpruned"].to_dict(),
+                "speedup": round(paired_speedup(samples["unpruned"], samples["pruned"]), 3),
+                "differs": differs(timings["pruned"], timings["unpruned"]),
+            }
+        result["size_bytes"] = {name: (Path(scratch) / f"{name}.onnx").stat().st_size for name in sessions}
+        # The deployed models' own test metrics: what int8 costs on top of pruning.
+        for name, tok in (("pruned", tokenizer), ("unpruned", reference_tokenizer)):
+            session = sessions[name]
+            encoded = encode(tok, job.test_examples, config.model.max_length)
+            result[f"{name}_int8_test"] = measure_test(
+                None,
+                encoded,
+                job.spec,
+                config,
+                pad_id=padding_id(tok),
+                device=None,
+                forward=lambda inputs, s=session: s(
+                    inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids")
+                ),
+            )
+    return result
 
 
 def _importance_details(importance, head_ids: list[list[int]], rows: int) -> dict[str, Any]:
@@ -187,6 +433,9 @@ def _removal_details(record, before: dict, after: dict) -> dict[str, Any]:
         sorted({n for step in record.steps for n in step.neurons_removed[layer]}) for layer in range(len(before["ffn"]))
     ]
     return {
+        # Original layer ids; a layer left with neither heads nor neurons is removed.
+        "layers_before": before["layers"],
+        "layers_kept": after["layers"],
         "heads_before": before["heads"],
         "heads_kept": after["heads"],
         "heads_removed": heads_removed,
@@ -239,12 +488,13 @@ class _Job:
     test_examples: Examples  # raw texts: a vocabulary-pruned model's tokenizer re-encodes them
 
 
-def _load_job(config: Config, parent: Checkpoint) -> _Job:
+def _load_job(config: Config, parent: Checkpoint, *, ratios: bool = True) -> _Job:
     from tinycompress.models.run_setup import prepare
 
     spec, device, threads = prepare(config)
     teacher, tokenizer = load_hf_model(parent)
-    check_feasible(teacher, config)  # before the data is read and tokenized
+    if ratios:
+        check_feasible(teacher, config)  # before the data is read and tokenized
     if config.prune.vocab:
         from tinycompress.pruning.vocab import check_prunable
 
@@ -270,49 +520,71 @@ def _load_job(config: Config, parent: Checkpoint) -> _Job:
     )
 
 
-def _measure_and_recover(
-    model, job: _Job, config: Config, parent: Checkpoint, *, recover_model: bool = True
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Test metrics of the parent, of the pruned model and (after recovery) the final ones.
+def _measure(net, job: _Job, config: Config, split: str = "test") -> dict[str, float]:
+    encoded = job.test if split == "test" else job.dev
+    return measure_test(net, encoded, job.spec, config, pad_id=job.pad_id, device=job.device)
 
-    ``recover_model=False`` skips recovery (nothing was removed, so the model is the parent's).
-    """
+
+def _layer_map(student, teacher) -> list[int]:
+    """For each layer of ``student``, the position of the same original layer in ``teacher`` --
+    except the last, which always answers to the teacher's last: when trailing layers were removed,
+    the student's last layer feeds the classifier, as the teacher's last does (CoFi maps layers to
+    the teacher's in the same spirit)."""
+    from tinycompress.models.structure import current_layer_ids
+
+    teacher_ids = current_layer_ids(teacher)
+    mapping = [teacher_ids.index(i) for i in current_layer_ids(student)]
+    if mapping:
+        mapping[-1] = len(teacher_ids) - 1
+    return mapping
+
+
+def _tune_masks(model, job: _Job, config: Config) -> dict[str, Any]:
+    """Kwon et al.'s least-squares rescaling of the kept units, on ``mask_tuning_samples`` training rows."""
+    from tinycompress.pruning.mask_tuning import tune_masks_
+
+    rows = config.prune.mask_tuning_samples
+    batches = importance_batches(
+        job.train,
+        rows,
+        batch_size=config.finetune.batch_size,
+        pad_id=job.pad_id,
+        regression=job.spec.is_regression,
+        seed=config.seed + 1,  # other rows than the importance scores' where the split allows
+    )
+    return tune_masks_(model, job.teacher, batches(), layer_map=_layer_map(model, job.teacher))
+
+
+def _recover(model, job: _Job, config: Config, parent: Checkpoint) -> tuple[dict[str, Any], dict[str, float]]:
+    """Distil ``model`` from the parent for ``recover_epochs``; returns the recovery details and
+    the best epoch's dev metrics."""
     from tinycompress.training.loop import make_progress
 
-    def measure(net) -> dict[str, float]:
-        return measure_test(net, job.test, job.spec, config, pad_id=job.pad_id, device=job.device)
-
-    parent_test, pruned_test = measure(job.teacher), measure(model)
-    final_test, dev, recovery = pruned_test, {}, None
-    if recover_model and config.prune.recover_epochs > 0:
-        with make_progress() as progress:
-            result = recover(
-                model,
-                job.teacher,
-                job.train,
-                job.dev,
-                job.spec,
-                config,
-                pad_id=job.pad_id,
-                device=job.device,
-                progress=progress,
-            )
-        final_test, dev = measure(model), result.best_dev
-        recovery = {
-            "epochs": config.prune.recover_epochs,
-            "teacher": parent.name,
-            "temperature": config.prune.distill_temperature,
-            "alpha": config.prune.distill_alpha,
-            "best_epoch": result.best_epoch,
-            "history": result.history,
-            "train_seconds": round(result.train_seconds, 1),
-            "samples_per_second": round(result.samples_per_second, 1),
-        }
-    metrics = {f"test/{k}": v for k, v in final_test.items()}
-    metrics |= {f"pruned_no_recovery/test/{k}": v for k, v in pruned_test.items()}
-    metrics |= {f"parent/test/{k}": v for k, v in parent_test.items()}
-    metrics |= {f"dev/{k}": v for k, v in dev.items()}
-    return metrics, recovery
+    with make_progress() as progress:
+        result = recover(
+            model,
+            job.teacher,
+            job.train,
+            job.dev,
+            job.spec,
+            config,
+            pad_id=job.pad_id,
+            device=job.device,
+            progress=progress,
+            layer_map=_layer_map(model, job.teacher),
+        )
+    details = {
+        "epochs": config.prune.recover_epochs,
+        "teacher": parent.name,
+        "temperature": config.prune.distill_temperature,
+        "alpha": config.prune.distill_alpha,
+        "layer_weight": config.prune.distill_layer_weight,
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+        "train_seconds": round(result.train_seconds, 1),
+        "samples_per_second": round(result.samples_per_second, 1),
+    }
+    return details, result.best_dev
 
 
 def _prune_vocab(model, job: _Job, config: Config) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -380,53 +652,100 @@ def _prune_vocab(model, job: _Job, config: Config) -> tuple[Any, dict[str, Any],
 
 
 def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
-    """Score, prune, measure and (if ``config.prune.recover_epochs``) recover; writes nothing.
+    """Score, prune (to the ratios, or to a target), rescale by least squares (``mask_tuning``),
+    recover by distillation (``recover_epochs``) and measure after each step; writes nothing.
 
     ``parent`` must be a finetune or prune checkpoint of ``config.task``. The returned model is
     on the CPU in eval mode, exactly what :func:`write_prune` saves.
     """
     check_parent("prune", parent, config)
-    job = _load_job(config, parent)
+    target_kind = target_of(config)
+    job = _load_job(config, parent, ratios=target_kind is None)
     model = copy.deepcopy(job.teacher)
     start = time.perf_counter()
-    record = _prune_in_place(model, job.batches, config)
+    target = None
+    if target_kind is None:
+        record = _prune_in_place(model, job.batches, config)
+    else:
+        record, target = _prune_to_target(model, job, config)
     prune_seconds = time.perf_counter() - start
     # The scores step 1 ranked by, on the (still unpruned) copy of the parent: unlike the
     # pruner's final scores they cover the removed heads too.
     importance = record.initial_importance
     removed_any = any(any(step.heads_removed) or any(step.neurons_removed) for step in record.steps)
-    metrics, recovery = _measure_and_recover(model, job, config, parent, recover_model=removed_any)
+
+    # Test (and dev) metrics after each step: the parent, pruned, rescaled, distilled.
+    metrics = {f"parent/test/{k}": v for k, v in _measure(job.teacher, job, config).items()}
+    metrics |= {f"pruned_no_recovery/test/{k}": v for k, v in _measure(model, job, config).items()}
+    mask_tuning = recovery = None
+    if removed_any:
+        metrics |= {f"pruned_no_recovery/dev/{k}": v for k, v in _measure(model, job, config, "dev").items()}
+    if removed_any and config.prune.mask_tuning:
+        mask_tuning = _tune_masks(model, job, config)
+        metrics |= {f"mask_tuned/test/{k}": v for k, v in _measure(model, job, config).items()}
+        metrics |= {f"mask_tuned/dev/{k}": v for k, v in _measure(model, job, config, "dev").items()}
+    if removed_any and config.prune.recover_epochs > 0:
+        recovery, best_dev = _recover(model, job, config, parent)
+        metrics |= {f"dev/{k}": v for k, v in best_dev.items()}
+    metrics |= {f"test/{k}": v for k, v in _measure(model, job, config).items()}
+
     tokenizer, vocab = job.tokenizer, None
     if config.prune.vocab:
         # Last, after recovery: distillation feeds the same (old) ids to teacher and student.
         tokenizer, vocab_metrics, vocab = _prune_vocab(model, job, config)
         metrics |= {f"pre_vocab/{k}": v for k, v in metrics.items() if k.startswith("test/")} | vocab_metrics
+    if target is not None:
+        target["measured"] = _measured_against_parent(model, tokenizer, job, config)
     before, after = _structure(job.teacher), _structure(model)
     # magnitude and random read no data; saying they used rows would mislead.
-    rows = min(config.prune.importance_samples, len(job.train)) if config.prune.criterion in ("taylor", "fisher") else 0
+    criterion = criterion_of(config)
+    rows = min(config.prune.importance_samples, len(job.train)) if criterion in ("taylor", "fisher") else 0
     metrics |= _size_metrics(before, after) | {
         "importance_rows": rows,
         "train_rows": len(job.train),
         "dev_rows": len(job.dev),
         "test_rows": len(job.test),
-        "prune_seconds": round(prune_seconds, 1),  # scoring and removal, all steps
+        "prune_seconds": round(prune_seconds, 1),  # scoring and removal (and the cost table), all steps
         "threads": job.threads,
         "device": str(job.device),
     }
+    if mask_tuning is not None:
+        # Scoring + cost table + selection + least squares: the retraining-free part.
+        metrics["search_seconds"] = round(prune_seconds + mask_tuning["seconds"], 1)
+    if target is not None:
+        measured = target["measured"][f"batch_{target['batch_size']}"]
+        metrics |= {
+            "target/predicted_speedup": target["predicted_speedup"].get(str(target["batch_size"])),
+            "target/measured_speedup": measured["speedup"],
+        }
     details = {
-        "criterion": config.prune.criterion,
-        "ratio": config.prune.ratio,
-        "ffn_ratio": config.prune.ffn_ratio,
-        "steps": config.prune.steps,
+        "mode": "ratio" if target is None else "target",
+        "criterion": criterion,
+        "ratio": (config.prune.ratio or 0.0) if target is None else None,
+        "ffn_ratio": (config.prune.ffn_ratio or 0.0) if target is None else None,
+        "steps": config.prune.steps if target is None else 1,
+        "target": target,
         "flops_seq_len": FLOPS_SEQ_LEN,
         "importance": _importance_details(importance, before["heads"], rows),
         **_removal_details(record, before, after),
+        "mask_tuning": mask_tuning,
         "recovery": recovery,
         "vocab": vocab,
         "data_source": job.data_source,
     }
     model.cpu().eval()
     return PruneResult(model, tokenizer, parent, metrics, details)
+
+
+def _measured_against_parent(model, tokenizer, job: _Job, config: Config) -> dict[str, Any]:
+    """:func:`measure_speedup` against the unpruned model: the parent when it is unpruned, else
+    a randomly initialised twin of its architecture (int8 speed does not depend on the weights)."""
+    from tinycompress.inference.cost_table import unpruned_twin
+    from tinycompress.models.config_fields import STRUCTURE_ATTR
+
+    teacher = job.teacher
+    reference = unpruned_twin(teacher) if getattr(teacher.config, STRUCTURE_ATTR, None) else teacher
+    return measure_speedup(model.cpu().eval(), tokenizer, reference.cpu().eval(), job.tokenizer, job, config)
 
 
 def write_prune(config: Config, result: PruneResult) -> Checkpoint:

@@ -141,6 +141,7 @@ def tune_artifact(config: Config, model, tokenizer, folder: Path, data, spec, th
     ``folder``. Returns details, with ``tuning`` (every candidate, the chosen one)."""
     from tinycompress.inference.latency import differs, measure_predictors
     from tinycompress.inference.predictor import load_predictor, torch_predictor
+    from tinycompress.models.structure import head_counts
     from tinycompress.quantization.onnx_recipes import (
         OnnxTuningSources,
         onnx_node_groups,
@@ -197,13 +198,15 @@ def tune_artifact(config: Config, model, tokenizer, folder: Path, data, spec, th
             predictors = {name: predictor_at(path) for name, path in folders.items()}
             return measure_predictors(predictors, data.dev.texts, max_length=max_length, runs=config.report.bench_runs)
 
+        # Layers without heads have no fused Attention node: name the others by their layer.
+        attention_layers = [i for i, heads in enumerate(head_counts(model)) if heads > 0]
         result = tune(
             recipes,
             build=build,
             dev_metric=lambda candidate: dev_metric_of(predictor_at(candidate)),
             latencies=latencies,
             node_groups=lambda recipe: onnx_node_groups(
-                sources.source(recipe.settings), recipe_op_types(recipe.settings)
+                sources.source(recipe.settings), recipe_op_types(recipe.settings), attention_layers
             ),
             reference=reference,
             tolerance=settings.tolerance,

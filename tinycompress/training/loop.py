@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,14 +78,23 @@ def train(
     teacher=None,
     temperature: float = 2.0,
     alpha: float = 0.5,
+    layer_weight: float = 0.0,
+    layer_map: Sequence[int] | None = None,
     progress=None,
     description: str = "fine-tune",
 ) -> TrainResult:
     """AdamW + linear warm-up/decay + clipping; evaluates on dev each epoch and keeps the best.
 
     ``settings`` is a :class:`~tinycompress.config.FinetuneSettings`. With a ``teacher``, the
-    loss is :func:`~tinycompress.training.losses.distillation_loss`. On return the model holds the best epoch's weights.
+    loss is :func:`~tinycompress.training.losses.distillation_loss`, plus ``layer_weight`` times
+    the hidden-state MSE of student layer i to teacher layer ``layer_map[i]``
+    (:func:`~tinycompress.training.losses.hidden_state_loss`) when ``layer_weight`` > 0.
+    On return the model holds the best epoch's weights.
     """
+    if layer_weight < 0:
+        raise ValueError(f"layer_weight must be >= 0, got {layer_weight}")
+    if layer_weight > 0 and teacher is None:
+        raise ValueError("layer_weight > 0 distils hidden states: it needs a teacher")
     from transformers import get_linear_schedule_with_warmup
 
     epochs = settings.epochs if epochs is None else epochs
@@ -118,6 +128,8 @@ def train(
                 teacher=teacher,
                 temperature=temperature,
                 alpha=alpha,
+                layer_weight=layer_weight,
+                layer_map=layer_map,
             )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)

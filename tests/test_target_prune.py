@@ -1,0 +1,160 @@
+"""Target-driven pruning: the cost table (measured, cached, invalidated) and `prune --speedup`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tinycompress.inference import cost_table as ct
+
+
+def _tiny_classifier(layers: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=120,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def _batches(seq: int = 16) -> dict[int, dict]:
+    generator = torch.Generator().manual_seed(0)
+    out = {}
+    for size in (1, 32):
+        ids = torch.randint(5, 120, (size, seq), generator=generator)
+        out[size] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    return out
+
+
+def test_measured_table_has_every_block_and_predicts_the_full_model():
+    model = _tiny_classifier()
+    table = ct.measure_cost_table(model, _batches(), threads=1, opset=17, runs=3, warmup=1, ffn_step=32)
+    for size in ("1", "32"):
+        entry = table.latency[size]
+        assert len(entry["head_ms"]) == 5 and entry["head_ms"][0] == 0.0
+        assert entry["ffn_widths"] == [0, 32, 64, 96] and entry["ffn_ms"][0] == 0.0
+        assert entry["head_ms"] == sorted(entry["head_ms"]) and entry["ffn_ms"] == sorted(entry["ffn_ms"])
+        # The unpruned structure costs exactly the measured full model, by construction.
+        assert table.predict_ms(int(size), [4, 4], [96, 96]) == pytest.approx(entry["full_ms"], rel=1e-6)
+        assert set(entry["timings"]) == {
+            "full",
+            "heads=0",
+            "heads=1",
+            "heads=2",
+            "heads=3",
+            "ffn=0",
+            "ffn=32",
+            "ffn=64",
+        }
+    assert table.size["bytes_per_head"] > 0 and table.size["bytes_per_neuron"] > 0
+    assert table.predict_bytes([4, 4], [96, 96], table.size["floor_bytes"]) == pytest.approx(table.size["full_bytes"])
+
+
+def test_table_is_cached_and_measured_again_when_its_key_changes(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_measure(model, batches, *, threads, opset, **kwargs):
+        calls.append(threads)
+        key = ct.table_key(model, batches, threads=threads, opset=opset)
+        latency = {
+            "32": {
+                "full_ms": 10.0,
+                "floor_ms": 2.0,
+                "head_ms": [0, 1, 2, 3, 4],
+                "ffn_widths": [0, 96],
+                "ffn_ms": [0, 0.0],
+            }
+        }
+        return ct.CostTable(
+            key, latency, {"full_bytes": 1, "floor_bytes": 0, "bytes_per_head": 0, "bytes_per_neuron": 0}
+        )
+
+    monkeypatch.setattr(ct, "measure_cost_table", fake_measure)
+    model, batches = _tiny_classifier(), _batches()
+    first = ct.load_or_measure_cost_table(model, batches, workdir=tmp_path, threads=1, opset=17)
+    second = ct.load_or_measure_cost_table(model, batches, workdir=tmp_path, threads=1, opset=17)
+    assert calls == [1] and not first.cached and second.cached and second.latency == first.latency
+    files = list((tmp_path / ct.CACHE_DIR).glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["key"]["threads"] == 1
+    # Another thread count, another input shape or a damaged file: measured again.
+    ct.load_or_measure_cost_table(model, batches, workdir=tmp_path, threads=2, opset=17)
+    ct.load_or_measure_cost_table(model, _batches(seq=24), workdir=tmp_path, threads=1, opset=17)
+    assert calls == [1, 2, 1]
+    files[0].write_text("{not json")
+    ct.load_or_measure_cost_table(model, batches, workdir=tmp_path, threads=1, opset=17)
+    assert calls == [1, 2, 1, 1]
+    assert not list((tmp_path / ct.CACHE_DIR).glob(".tmp-*"))
+
+
+def test_non_decreasing_smoothing():
+    assert ct._non_decreasing([0, 2, 1, 3]) == [0, 1.5, 1.5, 3]
+    assert ct._non_decreasing([0, 1, 2]) == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------ the stage, on the tiny fine-tune
+
+
+@pytest.fixture
+def parent(tiny_finetuned, tmp_path):
+    import shutil
+
+    from tinycompress.checkpoint.store import read_checkpoint
+
+    target = tmp_path / "ws" / "sst2" / "finetune-v1"
+    shutil.copytree(tiny_finetuned.path, target)
+    return read_checkpoint(target)
+
+
+def _config(parent, **overrides):
+    from tinycompress.checkpoint.workspace import parent_base
+    from tinycompress.config import load_config
+
+    fast = {"prune.importance_samples": 64, "prune.recover_epochs": 0, "prune.mask_tuning_samples": 64, "threads": 1}
+    return load_config(None, {**fast, **overrides}, base=parent_base(parent, "prune"))
+
+
+def test_prune_to_a_speedup_records_predicted_and_measured(parent, monkeypatch):
+    from tinycompress.checkpoint.hf import load_hf_model
+    from tinycompress.stages.prune import prune
+
+    monkeypatch.setattr(ct, "TABLE_RUNS", 3)
+    checkpoint = prune(_config(parent, **{"prune.speedup": 1.3, "prune.criterion": "fisher"}), parent)
+    target = checkpoint.details["target"]
+    assert checkpoint.details["mode"] == "target" and target["kind"] == "speedup" and target["batch_size"] == 32
+    # The chosen structure fits the budget the table gives the target.
+    assert target["predicted"] <= target["budget"] + 1e-9 and target["predicted_speedup"]["32"] >= 1.3 - 1e-6
+    measured = target["measured"]["batch_32"]
+    assert measured["speedup"] > 0 and {"pruned", "unpruned", "differs"} <= set(measured)
+    assert checkpoint.metrics["target/measured_speedup"] == measured["speedup"]
+    assert 0 <= target["measured"]["pruned_int8_test"]["accuracy"] <= 1
+    # The table was cached in the workspace: a second prune reads it.
+    cache = list((parent.path.parent.parent / ct.CACHE_DIR).glob("*.json"))
+    assert len(cache) == 1 and target["cost_table"]["cached"] is False
+    second = prune(_config(parent, **{"prune.speedup": 1.3, "prune.criterion": "fisher"}), parent)
+    assert second.details["target"]["cost_table"]["cached"] is True
+    assert second.details["heads_kept"] == checkpoint.details["heads_kept"]  # same scores, same table
+    # The written model reloads (whatever layers it lost).
+    model, _ = load_hf_model(checkpoint)
+    assert sum(len(h) for h in checkpoint.details["heads_kept"]) == checkpoint.metrics["heads"]
+    assert model is not None
+
+
+def test_target_refusals_write_nothing(parent):
+    from tinycompress.errors import TinycompressError
+    from tinycompress.stages.prune import prune
+
+    workspace = parent.path.parent.parent
+    before = sorted(p.name for p in (workspace / "sst2").iterdir())
+    with pytest.raises(TinycompressError, match="one target"):
+        prune(_config(parent, **{"prune.target_latency_ms": 2.0, "prune.target_size_mb": 1.0}), parent)
+    with pytest.raises(TinycompressError, match="cannot reach --speedup 1000"):
+        prune(_config(parent, **{"prune.speedup": 1000.0, "prune.min_heads_per_layer": 1}), parent)
+    assert sorted(p.name for p in (workspace / "sst2").iterdir()) == before

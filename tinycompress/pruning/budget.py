@@ -1,0 +1,152 @@
+"""Choose how many heads and FFN neurons each layer keeps so the model fits a cost budget.
+
+The cost of a structure is additive over blocks (Kwon et al. 2022): ``floor + sum over layers of
+head_cost(h_l) + ffn_cost(n_l)``, where ``head_cost`` / ``ffn_cost`` come from a table measured on
+the deployment runtime (:mod:`tinycompress.inference.cost_table`) -- milliseconds for a latency
+target, bytes for a size target. The value of keeping ``k`` units of a block is the summed
+importance of its ``k`` best units (Fisher or Taylor scores, additive under the diagonal
+approximation Kwon et al. use). Maximising kept importance under the budget is then a
+multiple-choice knapsack over the blocks, which :func:`choose_structure` solves exactly by
+dynamic programming over a finely discretised budget; Kwon et al.'s greedy search approximates the
+same problem. A block keeping 0 units is skipped; a layer keeping neither is removed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# Budget resolution of the dynamic programme: 1/4000 of the budget above the floor. Rounding every
+# block cost *up* to this grid keeps the chosen structure within the true budget.
+BUDGET_STEPS = 4000
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen structure: units kept per layer (current positions, best first) and its cost."""
+
+    heads_keep: list[list[int]]
+    neurons_keep: list[list[int]]
+    predicted_cost: float
+    kept_importance: float
+    total_importance: float
+
+    @property
+    def head_counts(self) -> list[int]:
+        return [len(k) for k in self.heads_keep]
+
+    @property
+    def ffn_sizes(self) -> list[int]:
+        return [len(k) for k in self.neurons_keep]
+
+
+def structure_cost(
+    head_counts: Sequence[int],
+    ffn_sizes: Sequence[int],
+    head_cost: Callable[[int], float],
+    ffn_cost: Callable[[int], float],
+    floor: float,
+) -> float:
+    """``floor + sum of head_cost(h) + ffn_cost(n)`` over layers (a removed layer costs nothing)."""
+    return float(floor + sum(head_cost(h) + ffn_cost(n) for h, n in zip(head_counts, ffn_sizes)))
+
+
+def width_options(current: int, step: int, minimum: int) -> list[int]:
+    """Widths an FFN of ``current`` neurons may be cut to: multiples of ``step`` (ONNX Runtime's
+    int8 GEMM works in blocks, so odd widths buy no time), ``current`` itself, and 0, all >= minimum."""
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    options = set(range(0, current + 1, step)) | {current}
+    return sorted(w for w in options if w >= minimum)
+
+
+def _ranked(scores: Tensor) -> tuple[list[int], np.ndarray]:
+    """Positions best first (ties: lower position first) and the cumulative importance of the top k."""
+    values = torch.as_tensor(scores).detach().float().cpu()
+    if torch.isnan(values).any():
+        raise ValueError("importance scores contain NaN")
+    order = sorted(range(len(values)), key=lambda i: (-float(values[i]), i))
+    cumulative = np.concatenate([[0.0], np.cumsum([float(values[i]) for i in order])])
+    return order, cumulative
+
+
+def choose_structure(
+    head_scores: Sequence[Tensor],
+    neuron_scores: Sequence[Tensor],
+    *,
+    head_cost: Callable[[int], float],
+    ffn_cost: Callable[[int], float],
+    floor: float,
+    budget: float,
+    ffn_step: int = 32,
+    min_heads: int = 0,
+    min_neurons: int = 0,
+) -> Plan:
+    """The per-layer structure keeping the most importance whose cost is at most ``budget``.
+
+    ``head_scores[l]`` / ``neuron_scores[l]``: importance of every unit present in layer l.
+    ``head_cost(h)`` / ``ffn_cost(n)``: cost of one layer's attention with ``h`` heads / FFN with
+    ``n`` neurons (0 for 0). Raises ValueError when even the cheapest structure allowed by the
+    minimums costs more than ``budget``.
+    """
+    if len(head_scores) != len(neuron_scores):
+        raise ValueError(f"{len(head_scores)} layers of head scores but {len(neuron_scores)} of neuron scores")
+    # One knapsack group per block: (ranked positions, options [(units, cost, value)]).
+    groups: list[tuple[list[int], list[tuple[int, float, float]]]] = []
+    for scores in head_scores:
+        order, cumulative = _ranked(scores)
+        counts = range(min(min_heads, len(order)), len(order) + 1)
+        groups.append((order, [(k, float(head_cost(k)), float(cumulative[k])) for k in counts]))
+    for scores in neuron_scores:
+        order, cumulative = _ranked(scores)
+        counts = width_options(len(order), ffn_step, min(min_neurons, len(order)))
+        groups.append((order, [(k, float(ffn_cost(k)), float(cumulative[k])) for k in counts]))
+    cheapest = floor + sum(min(cost for _, cost, _ in options) for _, options in groups)
+    if cheapest > budget:
+        raise ValueError(f"the cheapest structure allowed costs {cheapest:.4g}, over the budget {budget:.4g}")
+
+    # Costs relative to each group's cheapest option, on a grid rounded up so the plan never overshoots.
+    spare = budget - cheapest
+    unit = spare / BUDGET_STEPS if spare > 0 else 1.0
+    steps = BUDGET_STEPS if spare > 0 else 0
+    best = np.full(steps + 1, -np.inf)
+    best[0] = 0.0
+    choices: list[np.ndarray] = []
+    for _, options in groups:
+        base = min(cost for _, cost, _ in options)
+        new = np.full(steps + 1, -np.inf)
+        choice = np.full(steps + 1, -1, dtype=np.int64)
+        for index, (_, cost, value) in enumerate(options):
+            width = math.ceil((cost - base) / unit - 1e-9) if spare > 0 else (0 if cost - base <= 1e-12 else steps + 1)
+            if width > steps:
+                continue
+            candidate = np.full(steps + 1, -np.inf)
+            candidate[width:] = best[: steps + 1 - width] + value
+            better = candidate > new
+            new[better] = candidate[better]
+            choice[better] = index
+        best = new
+        choices.append(choice)
+    # Walk back from the best final state to the option chosen in each group.
+    position = int(np.argmax(best))
+    picked: list[int] = []
+    for (_, options), choice in zip(reversed(groups), reversed(choices)):
+        index = int(choice[position])
+        picked.append(index)
+        _, cost, _ = options[index]
+        base = min(c for _, c, _ in options)
+        position -= math.ceil((cost - base) / unit - 1e-9) if spare > 0 else 0
+    picked.reverse()
+    n_layers = len(head_scores)
+    kept = [groups[g][0][: groups[g][1][picked[g]][0]] for g in range(len(groups))]
+    heads_keep = [sorted(k) for k in kept[:n_layers]]
+    neurons_keep = [sorted(k) for k in kept[n_layers:]]
+    cost = structure_cost([len(k) for k in heads_keep], [len(k) for k in neurons_keep], head_cost, ffn_cost, floor)
+    kept_value = sum(groups[g][1][picked[g]][2] for g in range(len(groups)))
+    total = sum(float(torch.as_tensor(s).float().sum()) for s in [*head_scores, *neuron_scores])
+    return Plan(heads_keep, neurons_keep, cost, float(kept_value), total)
