@@ -45,7 +45,7 @@ def _targets(text: str) -> list[float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a finetune checkpoint folder, e.g. runs/sst2/finetune-v1")
+    parser.add_argument("--checkpoint", help="a finetune checkpoint folder, e.g. runs/sst2/finetune-v1")
     parser.add_argument("--data-dir", help="folder of GLUE TSVs [default: the checkpoint's]")
     parser.add_argument("--targets", type=_targets, default=_targets(DEFAULT_TARGETS))
     parser.add_argument("--criterion", default=None, help="importance criterion [default: the config's]")
@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-uniform", action="store_true", help="skip the uniform-ratio runs")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/sweeps/speedup"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw <out>/speedup_sweep.png from its CSV")
     return parser.parse_args(argv)
 
 
@@ -100,14 +101,33 @@ def _row(kind: str, target: float, result, seconds: float) -> dict:
     }
 
 
+def _read(path: Path) -> list[dict]:
+    def value(text: str):
+        try:
+            return float(text)
+        except ValueError:
+            return text or None
+
+    with open(path, newline="") as stream:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(stream)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot_only:
+        rows = _read(args.out / "speedup_sweep.csv")
+        _print(rows)
+        _plot(rows, args.out / "speedup_sweep.png")
+        return 0
     from tinycompress.checkpoint.store import read_checkpoint
     from tinycompress.checkpoint.workspace import parent_base
     from tinycompress.config import load_config
     from tinycompress.inference.cost_table import load_or_measure_cost_table
     from tinycompress.stages import prune as prune_stage
 
+    if not args.checkpoint:
+        print("speedup_sweep: --checkpoint is required (a finetune checkpoint folder)", file=sys.stderr)
+        return 2
     parent = read_checkpoint(args.checkpoint)
     overrides = {
         "data.data_dir": args.data_dir,
@@ -122,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for target in args.targets:
         start = time.perf_counter()
-        config = base.model_copy(update={"prune": base.prune.model_copy(update={"speedup": target})})
+        # The parent's config may carry ratios (they would win over the target): clear them.
+        searched = {"speedup": target, "ratio": None, "ffn_ratio": None}
+        config = base.model_copy(update={"prune": base.prune.model_copy(update=searched)})
         result = prune_stage.run_prune(config, parent)
         rows.append(_row("searched", target, result, time.perf_counter() - start))
         print(rows[-1], file=sys.stderr, flush=True)
@@ -191,10 +213,11 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metric = next(k for k in rows[0] if k.startswith("final_")).split("_", 1)[1]
+    distilled = any(r[f"final_{metric}"] != r.get(f"rescaled_{metric}") for r in rows)
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, marker in (("searched", "o"), ("uniform", "s")):
         points = sorted((r["measured_speedup_b32"], r[f"final_{metric}"]) for r in rows if r["kind"] == kind)
-        if points:
+        if points and distilled:
             ax.plot(*zip(*points), marker=marker, label=f"{kind} (after distillation)")
         free = sorted(
             (r["measured_speedup_b32"], r[f"rescaled_{metric}"])
@@ -206,7 +229,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     for kind, marker in (("searched", "o"), ("uniform", "s")):
         points = sorted((r["measured_speedup_b32"], r[f"final_int8_{metric}"]) for r in rows if r["kind"] == kind)
         if points:
-            ax.plot(*zip(*points), marker=marker, linestyle=":", label=f"{kind} (after distillation, int8)")
+            ax.plot(*zip(*points), marker=marker, linestyle=":", label=f"{kind} (final model, int8)")
     ax.scatter([1.0], [rows[0][f"unpruned_int8_{metric}"]], color="black", zorder=5, label="unpruned int8 (1.0x)")
     ax.scatter([1.0], [rows[0][f"parent_{metric}"]], color="gray", zorder=5, label="unpruned fp32")
     ax.set_xlabel("measured speed-up over unpruned ONNX Runtime int8 (batch 32)")

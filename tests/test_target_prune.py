@@ -158,3 +158,26 @@ def test_target_refusals_write_nothing(parent):
     with pytest.raises(TinycompressError, match="cannot reach --speedup 1000"):
         prune(_config(parent, **{"prune.speedup": 1000.0, "prune.min_heads_per_layer": 1}), parent)
     assert sorted(p.name for p in (workspace / "sst2").iterdir()) == before
+
+
+def test_a_target_flag_wins_over_ratios_the_parent_carries_and_both_together_are_refused(parent):
+    from conftest import assert_one_line_error
+    from typer.testing import CliRunner
+
+    from tinycompress.checkpoint.workspace import parent_base
+    from tinycompress.cli.app import app
+    from tinycompress.cli.options import check_one_pruning_goal
+    from tinycompress.config import load_config
+    from tinycompress.stages.prune import criterion_of, target_of
+
+    base = parent_base(parent, "prune") | {"prune": {"ratio": 0.5, "ffn_ratio": 0.0, "criterion": "taylor"}}
+    assert target_of(load_config(None, {}, base=base)) is None  # ratios carried over: ratio mode
+    flags = {"prune.speedup": 1.5, "prune.ratio": None, "prune.ffn_ratio": None}
+    check_one_pruning_goal(flags)
+    config = load_config(None, flags, base=base)
+    assert target_of(config) == "speedup" and config.prune.ratio is None and config.prune.speedup == 1.5
+    assert criterion_of(config) == "taylor"  # a criterion that was set stays set
+    assert criterion_of(load_config(None, {"prune.speedup": 1.5})) == "fisher"  # unset: fisher for targets
+    assert criterion_of(load_config(None, {"prune.ratio": 0.5})) == "taylor"
+    result = CliRunner().invoke(app, ["prune", str(parent.path), "--speedup", "2", "--ratio", "0.5"])
+    assert_one_line_error(result, "--ratio and --speedup were both given")

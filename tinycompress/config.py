@@ -110,7 +110,7 @@ class PruneSettings(_Section):
         0.5, ge=0, le=1, description="Weight of the soft (teacher) loss; the rest is the hard label loss"
     )
     distill_layer_weight: float = Field(
-        0.0,
+        1.0,
         ge=0,
         description=(
             "Weight of the per-layer hidden-state loss (MSE to the parent's matching layer, TinyBERT / CoFi) "
@@ -238,6 +238,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+# An override value that removes the key from the base and the YAML file, so the schema default
+# applies: a command-line target (--speedup) must win over ratios a parent's config carries.
+UNSET: Any = _Unset()
+
+
+def _remove(data: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        data = data.get(part)
+        if not isinstance(data, dict):
+            return
+    data.pop(leaf, None)
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
@@ -245,10 +264,14 @@ def load_config(
 ) -> Config:
     """Defaults < ``base`` (a parent checkpoint's resolved config) < YAML file < overrides.
 
-    Override keys are dotted ('prune.ratio'); None values are skipped (flag not given).
+    Override keys are dotted ('prune.ratio'); None values are skipped (flag not given), and
+    :data:`UNSET` values remove the key so its schema default applies.
     """
-    data = _merge(base or {}, read_yaml(path)) if path is not None else dict(base or {})
-    clean = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data = _merge(base or {}, read_yaml(path)) if path is not None else copy.deepcopy(base or {})
+    for key, value in (overrides or {}).items():
+        if value is UNSET:
+            _remove(data, key)
+    clean = {k: v for k, v in (overrides or {}).items() if v is not None and v is not UNSET}
     merged = _merge(data, clean)
     source = f"{path} + command-line flags" if path else "command-line flags"
     try:

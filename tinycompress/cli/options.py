@@ -161,7 +161,10 @@ Out = Annotated[
 
 def check_one_pruning_goal(flags: dict[str, Any]) -> None:
     """Refuse ratios and a target given together on one command line (which one would win is not
-    obvious; the config rule is: ratios, else the latency or size target, else --speedup)."""
+    obvious; the config rule is: ratios, else the latency or size target, else --speedup); a
+    target given alone wins over ratios from a config file or the parent's config (they are
+    unset in ``flags``)."""
+    from tinycompress.config import UNSET
     from tinycompress.errors import TinycompressError
 
     ratios = [
@@ -181,3 +184,5 @@ def check_one_pruning_goal(flags: dict[str, Any]) -> None:
             f"{' and '.join(ratios)} and {' and '.join(targets)} were both given",
             "prune either by ratios or to a target",
         )
+    if targets:
+        flags["prune.ratio"] = flags["prune.ffn_ratio"] = UNSET
