@@ -239,8 +239,9 @@ def _latency_inputs(tokenizer, job: _Job, config: Config) -> dict[int, dict]:
     return latency_batches(tokenizer, job.test_examples.texts[:LATENCY_TEXTS], config.model.max_length)
 
 
-def _kept_vocab_rows(model, job: _Job, config: Config) -> int:
-    """How many word-embedding rows ``--vocab`` will keep (it cuts them after recovery)."""
+def _vocab_to_keep(model, job: _Job, config: Config):
+    """(token ids ``--vocab`` keeps, their counts): the train and dev tokens, as the model sees
+    them (pairs, max_length). Raises ValueError like :func:`~tinycompress.pruning.vocab.select_vocab`."""
     from tinycompress.pruning.vocab import config_token_ids, count_ids, select_vocab
 
     counts = count_ids(job.train.input_ids + job.dev.input_ids)
@@ -251,7 +252,7 @@ def _kept_vocab_rows(model, job: _Job, config: Config) -> int:
         config.prune.vocab_top_k,
         always_keep=config_token_ids(model).values(),
     )
-    return len(kept)
+    return kept, counts
 
 
 def _prune_to_target(model, job: _Job, config: Config):
@@ -286,7 +287,12 @@ def _prune_to_target(model, job: _Job, config: Config):
     if kind == "target_size_mb":
         floor = table.size["floor_bytes"]
         if settings.vocab:
-            removed_rows = model.get_input_embeddings().num_embeddings - _kept_vocab_rows(model, job, config)
+            # --vocab cuts the embedding after recovery; its rows are known now.
+            try:
+                kept_rows = len(_vocab_to_keep(model, job, config)[0])
+            except ValueError as exc:
+                raise TinycompressError(f"cannot prune the vocabulary: {exc}", "drop --vocab") from None
+            removed_rows = model.get_input_embeddings().num_embeddings - kept_rows
             floor -= removed_rows * table.size["embedding_row_bytes"]
         costs = {"head_cost": table.head_bytes(), "ffn_cost": table.ffn_bytes(), "floor": floor}
         budget, unit, scale = settings.target_size_mb * 1e6, "MB", 1e-6
@@ -594,29 +600,18 @@ def _prune_vocab(model, job: _Job, config: Config) -> tuple[Any, dict[str, Any],
     new tokenizer and replace the caller's (which it keeps as ``pre_vocab/test/*``).
     """
     from tinycompress.pruning.vocab import (
-        config_token_ids,
-        count_ids,
         embedding_bytes,
         oov_rate,
         prune_embeddings_,
         rewrite_tokenizer,
-        select_vocab,
         special_ids,
         tokenization_report,
     )
 
     settings, old_tokenizer = config.prune, job.tokenizer
-    # job.train / job.dev are already tokenized as the model sees them (pairs, max_length).
-    counts = count_ids(job.train.input_ids + job.dev.input_ids)
     rows_before, bytes_before = model.get_input_embeddings().num_embeddings, embedding_bytes(model)
     try:
-        kept = select_vocab(
-            counts,
-            old_tokenizer,
-            settings.vocab_min_frequency,
-            settings.vocab_top_k,
-            always_keep=config_token_ids(model).values(),
-        )
+        kept, counts = _vocab_to_keep(model, job, config)
         new_tokenizer = rewrite_tokenizer(old_tokenizer, kept)
         prune_embeddings_(model, kept)
     except ValueError as exc:
