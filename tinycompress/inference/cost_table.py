@@ -262,10 +262,7 @@ def measure_cost_table(
         latency: dict[str, dict[str, Any]] = {}
         for size, batch in sorted(batches.items()):
             log_to_stderr(f"cost table: timing {len(sessions)} variants at batch {size} ({runs} interleaved rounds)")
-            forwards = {
-                name: (lambda s=session, b=batch: s(b["input_ids"], b["attention_mask"], b.get("token_type_ids")))
-                for name, session in sessions.items()
-            }
+            forwards = {name: (lambda s=session, b=batch: s.run_batch(b)) for name, session in sessions.items()}
             timings = measure_interleaved(forwards, runs=runs, warmup=warmup)
             median = {name: t.median_ms for name, t in timings.items()}
             full = median["full"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,10 @@ class OnnxClassifier:
         self.input_names = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_name = "logits" if "logits" in outputs else outputs[0]
+
+    def run_batch(self, batch: Mapping[str, Any]) -> np.ndarray:
+        """Logits of a tokenizer batch (``input_ids``, ``attention_mask``, maybe ``token_type_ids``)."""
+        return self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
     def __call__(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> np.ndarray:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}

@@ -85,10 +85,7 @@ def onnx_predictor(folder: str | Path, *, threads: int | None = None, max_length
     folder = Path(folder)
     session = OnnxClassifier(folder / ONNX_FILE, num_threads=threads or torch.get_num_threads())
 
-    def forward(inputs: dict):
-        return session(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
-
-    return _folder_predictor(folder, forward, "onnx", max_length)
+    return _folder_predictor(folder, session.run_batch, "onnx", max_length)
 
 
 def load_torch_int8_model(folder: str | Path):

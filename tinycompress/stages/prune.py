@@ -384,12 +384,7 @@ def measure_speedup(model, tokenizer, reference, reference_tokenizer, job: _Job,
         gc.collect()  # sessions of the cost table or of earlier measurements must not linger while timing
         for size in (1, 32):
             forwards = {
-                name: (
-                    lambda s=session, b=inputs[name][size]: s(
-                        b["input_ids"], b["attention_mask"], b.get("token_type_ids")
-                    )
-                )
-                for name, session in sessions.items()
+                name: (lambda s=session, b=inputs[name][size]: s.run_batch(b)) for name, session in sessions.items()
             }
             samples = interleaved_samples(forwards, runs=SPEEDUP_RUNS)
             timings = {name: Timing.of(values) for name, values in samples.items()}
@@ -411,9 +406,7 @@ def measure_speedup(model, tokenizer, reference, reference_tokenizer, job: _Job,
                 config,
                 pad_id=padding_id(tok),
                 device=None,
-                forward=lambda inputs, s=session: s(
-                    inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids")
-                ),
+                forward=session.run_batch,
             )
     return result
 
