@@ -7,6 +7,13 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property-based tests (hypothesis): a few hundred examples per reader in the default run;
+# `pytest --hypothesis-profile fuzz` runs 10,000 each (the long fuzz run).
+settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "happy", "bright", "warm"]
@@ -23,6 +30,20 @@ def assert_one_line_error(result, *needles) -> None:
     assert lines[0].startswith("error: ") and "Traceback" not in result.output
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def rewrite_manifest(folder: Path, change) -> None:
+    """Apply ``change(manifest)`` to a checkpoint's manifest and seal it again (its own checksum),
+    as a deliberate rewrite would; a plain edit is refused on read (tests/test_manifest_integrity.py)."""
+    import yaml
+
+    from tinycompress.checkpoint.format import MANIFEST_NAME, SELF_CHECKSUM_KEY, manifest_digest
+
+    path = folder / MANIFEST_NAME
+    manifest = yaml.safe_load(path.read_text(encoding="utf-8"))
+    change(manifest)
+    manifest[SELF_CHECKSUM_KEY] = manifest_digest(manifest)
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
 
 
 def toy_sentence(rng: random.Random, label: int) -> str:

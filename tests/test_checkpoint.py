@@ -21,19 +21,19 @@ def _write(workdir, files: dict[str, bytes], **kwargs):
 
 
 def test_versions_are_never_overwritten(tmp_path):
-    first = _write(tmp_path, {"model.safetensors": b"one"})
-    second = _write(tmp_path, {"model.safetensors": b"two"})
+    first = _write(tmp_path, {"weights.bin": b"one"})
+    second = _write(tmp_path, {"weights.bin": b"two"})
     assert (first.name, second.name) == ("finetune-v1", "finetune-v2")
-    assert (first.path / "model.safetensors").read_bytes() == b"one"
-    assert sorted(os.listdir(first.path)) == sorted(["README.md", MANIFEST_NAME, "model.safetensors"])
+    assert (first.path / "weights.bin").read_bytes() == b"one"
+    assert sorted(os.listdir(first.path)) == sorted(["README.md", MANIFEST_NAME, "weights.bin"])
     manifest = yaml.safe_load((second.path / MANIFEST_NAME).read_text())
     assert manifest["version"] == 2 and manifest["stage"] == "finetune" and manifest["seed"] == 1
-    assert set(manifest["files"]) == {"README.md", "model.safetensors"}
+    assert set(manifest["files"]) == {"README.md", "weights.bin"}
     assert manifest["config"]["task"] == "sst2" and "torch" in manifest["versions"]
 
 
 def test_lineage_records_parent_and_its_checksum(tmp_path):
-    parent = _write(tmp_path, {"model.safetensors": b"p"})
+    parent = _write(tmp_path, {"weights.bin": b"p"})
     child = write_checkpoint(
         tmp_path,
         "sst2",
@@ -50,10 +50,10 @@ def test_lineage_records_parent_and_its_checksum(tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(tmp_path):
-    _write(tmp_path, {"model.safetensors": b"ok"})
+    _write(tmp_path, {"weights.bin": b"ok"})
 
     def explode(folder):
-        (folder / "model.safetensors").write_bytes(b"half")
+        (folder / "weights.bin").write_bytes(b"half")
         raise KeyboardInterrupt  # as if Ctrl-C arrived mid-write
 
     with pytest.raises(KeyboardInterrupt):
@@ -69,12 +69,12 @@ def test_leftover_temporary_folder_is_not_a_checkpoint(tmp_path):
 
 
 def test_corrupt_and_missing_files_are_named(tmp_path):
-    checkpoint = _write(tmp_path, {"model.safetensors": b"weights"})
-    (checkpoint.path / "model.safetensors").write_bytes(b"weightz")
-    with pytest.raises(TinycompressError, match=r"model.safetensors is corrupt .*tinycompress finetune --task sst2"):
+    checkpoint = _write(tmp_path, {"weights.bin": b"weights"})
+    (checkpoint.path / "weights.bin").write_bytes(b"weightz")
+    with pytest.raises(TinycompressError, match=r"weights.bin is corrupt .*tinycompress finetune --task sst2"):
         read_checkpoint(checkpoint.path)
-    (checkpoint.path / "model.safetensors").unlink()
-    with pytest.raises(TinycompressError, match="model.safetensors listed in the manifest is missing"):
+    (checkpoint.path / "weights.bin").unlink()
+    with pytest.raises(TinycompressError, match="weights.bin listed in the manifest is missing"):
         read_checkpoint(checkpoint.path)
 
 
@@ -99,21 +99,21 @@ def test_folder_without_manifest_is_skipped_not_overwritten(tmp_path):
     stray = tmp_path / "sst2" / "finetune-v1"
     stray.mkdir(parents=True)
     (stray / "partial.bin").write_bytes(b"left by someone")
-    written = _write(tmp_path, {"model.safetensors": b"w"})
+    written = _write(tmp_path, {"weights.bin": b"w"})
     assert written.name == "finetune-v2"
     assert (stray / "partial.bin").read_bytes() == b"left by someone"
     assert sorted(os.listdir(tmp_path / "sst2")) == ["finetune-v1", "finetune-v2"]
 
 
 def test_files_not_in_the_manifest_are_refused(tmp_path):
-    checkpoint = _write(tmp_path, {"model.safetensors": b"w"})
+    checkpoint = _write(tmp_path, {"weights.bin": b"w"})
     (checkpoint.path / "model.torchscript.pt").write_bytes(b"not ours")
     with pytest.raises(TinycompressError, match="model.torchscript.pt is not listed in the manifest"):
         read_checkpoint(checkpoint.path)
 
 
 def test_parent_changed_after_the_child_was_written(tmp_path):
-    parent = _write(tmp_path, {"model.safetensors": b"p"})
+    parent = _write(tmp_path, {"weights.bin": b"p"})
     child = write_checkpoint(
         tmp_path,
         "sst2",
@@ -143,5 +143,5 @@ def test_temporary_folder_of_a_dead_writer_is_removed(tmp_path):
     live = tmp_path / "sst2" / f".tmp-finetune-{os.getpid()}-cafe0000"
     orphan.mkdir(parents=True)
     live.mkdir()
-    _write(tmp_path, {"model.safetensors": b"w"})
+    _write(tmp_path, {"weights.bin": b"w"})
     assert sorted(os.listdir(tmp_path / "sst2")) == sorted([live.name, "finetune-v1"])

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import assert_one_line_error, tiny_finetune_overrides
+from conftest import assert_one_line_error, rewrite_manifest, tiny_finetune_overrides
 from typer.testing import CliRunner
 
 from tinycompress.checkpoint.format import MANIFEST_NAME
@@ -166,8 +165,7 @@ def test_unsupported_model_family_is_its_own_error(parent):
 def test_refuses_a_parent_of_another_stage(parent, tmp_path):
     quantized = tmp_path / "other" / "sst2" / "quantize-v1"
     shutil.copytree(parent.path, quantized)
-    manifest = yaml.safe_load((quantized / MANIFEST_NAME).read_text())
-    (quantized / MANIFEST_NAME).write_text(yaml.safe_dump(manifest | {"stage": "quantize"}))
+    rewrite_manifest(quantized, lambda manifest: manifest.update(stage="quantize"))
     with pytest.raises(
         TinycompressError, match=r"quantize checkpoint \(already quantized\); prune needs a finetune or prune"
     ):

@@ -638,7 +638,7 @@ def test_walk_chain_stops_at_a_parent_changed_after_the_child(tmp_path):
     from tinycompress.checkpoint.workspace import walk_chain
 
     def put(folder):
-        (folder / "model.safetensors").write_bytes(b"w")
+        (folder / "weights.bin").write_bytes(b"w")
 
     parent = write_checkpoint(tmp_path, "sst2", "finetune", put, config=load_config(), metrics={}, seed=1)
     child = write_checkpoint(tmp_path, "sst2", "prune", put, config=load_config(), metrics={}, seed=1, parent=parent)

@@ -18,9 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
+import shlex
 import shutil
+import socket
+import struct
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,17 +34,25 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from tinycompress.checkpoint.format import (
+    COMMAND_KEY,
     FORMAT_VERSION,
     MANIFEST_NAME,
     MODEL_CARD_FILE,
     MODEL_FILE_SUFFIXES,
+    READABLE_FORMAT_VERSIONS,
+    SELF_CHECKSUM_KEY,
     STAGE_DIR_PATTERN,
+    Manifest,
+    manifest_digest,
     task_dir,
 )
+from tinycompress.console import log_to_stderr
 from tinycompress.errors import TinycompressError
 from tinycompress.stage_graph import producing_command
+from tinycompress.text_files import read_text
 
 
 @dataclass
@@ -100,13 +113,14 @@ class Checkpoint:
         parent = self.manifest.get("parent")
         if not parent:
             return None
-        found = read_checkpoint((self.path.parent / parent["path"]).resolve())
-        if sha256_file(found.path / MANIFEST_NAME) != parent["manifest_sha256"]:
+        folder = (self.path.parent / parent["path"]).resolve()
+        # Compared before the parent is read, so an edited parent is reported as a changed parent.
+        if (folder / MANIFEST_NAME).is_file() and sha256_file(folder / MANIFEST_NAME) != parent["manifest_sha256"]:
             raise TinycompressError(
-                f"{self.path}: its parent {found.path} changed after it was written (manifest sha256 differs)",
-                f"re-run `{producing_command(self.stage, self.task)}` from the current parent",
+                f"{self.path}: its parent {folder} changed after it was written (manifest sha256 differs)",
+                f"re-run `{remake_command(self.manifest)}` from the current parent",
             )
-        return found
+        return read_checkpoint(folder)
 
     def made_from(self, parent: Checkpoint | None) -> bool:
         """Whether this checkpoint was written from ``parent`` as it is now (same folder, same
@@ -153,8 +167,72 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def remake_command(manifest: dict[str, Any]) -> str:
+    """The command that made a checkpoint, for hints: the command line its manifest recorded
+    (format 2, when made from the command line), else the stage's usual command."""
+    recorded = manifest.get(COMMAND_KEY)
+    if isinstance(recorded, str) and recorded.strip():
+        return recorded
+    return producing_command(str(manifest.get("stage", "")), manifest.get("task"))
+
+
+def _corrupt_manifest(manifest_path: Path, why: str) -> TinycompressError:
+    return TinycompressError(
+        f"{manifest_path} is corrupt ({why})", "delete the folder and re-run the stage that wrote it"
+    )
+
+
+def _load_manifest(manifest_path: Path) -> dict[str, Any]:
+    """The manifest as a dict whose fields have the types :class:`Manifest` declares."""
+    text = read_text(manifest_path, what="manifest")
+    try:
+        manifest = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):
+        # PyYAML raises more than YAMLError on hostile input (bad dates, deep nesting).
+        raise _corrupt_manifest(manifest_path, "not valid YAML") from None
+    if not isinstance(manifest, dict):
+        raise _corrupt_manifest(manifest_path, "not a mapping of manifest keys")
+    _check_shape(manifest, manifest_path)
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        raise _corrupt_manifest(manifest_path, f"{where}: {problem['msg']}") from None
+    except RecursionError:
+        raise _corrupt_manifest(manifest_path, "nested too deeply") from None
+    return manifest
+
+
+# A manifest is a few levels deep (details -> mask_tuning -> layers -> ...) and a few thousand
+# values at most; YAML aliases can make a small file a cycle or an exponential tree.
+_MANIFEST_MAX_DEPTH = 64
+_MANIFEST_MAX_VALUES = 1_000_000
+
+
+def _check_shape(manifest: dict[str, Any], manifest_path: Path) -> None:
+    """Refuse nesting (or an alias cycle) deeper than :data:`_MANIFEST_MAX_DEPTH` and absurd sizes,
+    walking without recursion, before anything recursive (validation, the digest) runs."""
+    pending: list[tuple[Any, int]] = [(manifest, 1)]
+    seen = 0
+    while pending:
+        node, depth = pending.pop()
+        seen += 1
+        if depth > _MANIFEST_MAX_DEPTH or seen > _MANIFEST_MAX_VALUES:
+            raise _corrupt_manifest(manifest_path, "nested too deeply or too large")
+        if isinstance(node, dict):
+            pending.extend((value, depth + 1) for value in node.values())
+        elif isinstance(node, list):
+            pending.extend((value, depth + 1) for value in node)
+
+
+# Folders already said to predate the self-checksum (said once per process, not on every read).
+_SAID_UNSEALED: set[Path] = set()
+
+
 def read_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
-    """A checkpoint with its manifest checked (format version, files and their sha256)."""
+    """A checkpoint with its manifest checked: its types, its own checksum (format 2), the
+    format version, and (``verify``) every file and its sha256."""
     path = Path(path)
     if not path.is_dir():
         raise TinycompressError(
@@ -166,21 +244,29 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
             f"{path} is not a tinycompress checkpoint (no {MANIFEST_NAME})",
             "pass a folder written by a tinycompress stage, e.g. runs/sst2/finetune-v1",
         )
-    try:
-        manifest = yaml.safe_load(manifest_path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        manifest = None
-    required = ("format_version", "stage", "task", "version", "files", "config")
-    if not isinstance(manifest, dict) or any(k not in manifest for k in required):
+    manifest = _load_manifest(manifest_path)
+    task, stage, remake = manifest["task"], manifest["stage"], remake_command(manifest)
+    if manifest["format_version"] not in READABLE_FORMAT_VERSIONS:
         raise TinycompressError(
-            f"{manifest_path} is corrupt (not a valid manifest)", "delete the folder and re-run the stage that wrote it"
-        )
-    task, stage = manifest["task"], manifest["stage"]
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise TinycompressError(
-            f"{path} has checkpoint format {manifest['format_version']}; this tinycompress reads format {FORMAT_VERSION}",
+            f"{path} has checkpoint format {manifest['format_version']}; this tinycompress reads formats "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}",
             f"re-run `{producing_command(stage, task)}` with this version",
         )
+    if manifest["format_version"] >= 2:
+        if manifest.get(SELF_CHECKSUM_KEY) != manifest_digest(manifest):
+            raise TinycompressError(
+                f"{manifest_path} was edited after it was written (its {SELF_CHECKSUM_KEY} does not match its content)",
+                f"restore the file, or re-run `{remake}` to write a new checkpoint",
+            )
+    elif path.resolve() not in _SAID_UNSEALED:
+        _SAID_UNSEALED.add(path.resolve())
+        log_to_stderr(
+            f"note: {path} has checkpoint format 1, which predates the manifest's own checksum: "
+            "its metrics and config cannot be verified (its files can)"
+        )
+    unsafe = [name for name in manifest["files"] if Path(name).is_absolute() or ".." in Path(name).parts]
+    if unsafe:
+        raise _corrupt_manifest(manifest_path, f"file name {unsafe[0]} points outside the folder")
     if verify:
         # A file the manifest does not list was not written by the stage: refuse it rather than
         # let a loader pick it up (a stray TorchScript pickle, say).
@@ -190,21 +276,46 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         if unlisted:
             raise TinycompressError(
                 f"{path}: file {unlisted[0]} is not listed in the manifest",
-                f"remove it, or re-run `{producing_command(stage, task)}` to write a new checkpoint",
+                f"remove it, or re-run `{remake}` to write a new checkpoint",
             )
         for name, digest in manifest["files"].items():
             file = path / name
             if not file.is_file():
                 raise TinycompressError(
                     f"{path}: file {name} listed in the manifest is missing",
-                    f"re-run `{producing_command(stage, task)}` to write a new checkpoint",
+                    f"re-run `{remake}` to write a new checkpoint",
                 )
             if sha256_file(file) != digest:
                 raise TinycompressError(
                     f"{path}: {name} is corrupt (sha256 differs from the manifest)",
-                    f"re-run `{producing_command(stage, task)}` to write a new checkpoint",
+                    f"re-run `{remake}` to write a new checkpoint",
                 )
+            if name.endswith(".safetensors"):
+                check_safetensors_file(file, remake)
     return Checkpoint(path, manifest)
+
+
+# A safetensors file starts with the byte length of its JSON header (little-endian u64).
+_SAFETENSORS_MAX_HEADER = 100 << 20
+
+
+def check_safetensors_file(file: Path, remake: str | None = None) -> None:
+    """Refuse a file named ``*.safetensors`` that is not one (a checksum only says it is the
+    file that was listed), before a loader fails on it without naming it."""
+    fix = f"re-run `{remake}` to write a new checkpoint" if remake else "pass a folder with a valid safetensors file"
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 2 <= length <= min(size - 8, _SAFETENSORS_MAX_HEADER):
+            raise TinycompressError(f"{file} is not a safetensors file (no valid header)", fix)
+        header = handle.read(length)
+    try:
+        parsed = json.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise TinycompressError(f"{file} is not a safetensors file (its header is not a JSON object)", fix)
 
 
 def _model_card(task: str, stage: str, version: int, base_model: str, metrics: dict[str, Any]) -> str:
@@ -233,6 +344,22 @@ def _model_card(task: str, stage: str, version: int, base_model: str, metrics: d
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
     lines += ["", f"Provenance, config and file checksums: `{MANIFEST_NAME}`.", ""]
     return "\n".join(lines)
+
+
+def check_writable(folder: str | Path, fix: str = "pass a writable --workdir") -> Path:
+    """Pre-flight of a command that writes into ``folder``: make it (with its parents), then write
+    and remove a probe file, so an unwritable place fails before the work rather than after it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temporary_path(folder, "probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else (exc.strerror or str(exc))
+        raise TinycompressError(f"cannot write to {folder}: {why}", fix) from None
+    return folder
 
 
 def write_checkpoint(
@@ -266,10 +393,8 @@ def write_checkpoint(
         _refuse_existing(destination)
     root = task_dir(workdir, task) if destination is None else destination.parent
     root.mkdir(parents=True, exist_ok=True)
-    _remove_orphaned_temporaries(root)
-    # The writer's pid is in the name, so a folder left by a killed process can be told apart
-    # from one another live process is still writing.
-    tmp = root / f".tmp-{stage}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_orphaned_temporaries(root)
+    tmp = temporary_path(root, stage)
     tmp.mkdir()
     try:
         measured = write_files(tmp)
@@ -309,7 +434,25 @@ def write_checkpoint(
         raise
 
 
-_TEMPORARY = re.compile(r"^\.tmp-[a-z]+-(?P<pid>\d+)-[0-9a-f]+$")
+# Temporary folders and files are named ``.tmp-<label>-<host>-<pid>-<token>[.suffix]``: a folder
+# left by a killed writer on this host can be told apart from one a live process is writing, and
+# one made by another machine sharing the workspace is left alone until it is a day old.
+_TEMPORARY = re.compile(r"^\.tmp-(?P<label>[a-z0-9_]+)-(?P<host>[A-Za-z0-9.]+)-(?P<pid>\d+)-[0-9a-f]{8}(\.[a-z]+)?$")
+# Written by earlier versions, without the host: only the process id tells.
+_LEGACY_TEMPORARY = re.compile(r"^\.tmp-[a-z]+-(?P<pid>\d+)-[0-9a-f]{8}$")
+_LEGACY_REPORT_TEMPORARY = re.compile(r"^\.tmp-[A-Za-z0-9_.-]+-[0-9a-f]{8}$")
+FOREIGN_TEMPORARY_AGE_SECONDS = 24 * 3600
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "", socket.gethostname()) or "host"
+
+
+def temporary_path(root: Path, label: str, suffix: str = "") -> Path:
+    """A fresh name in ``root`` for something written and then renamed into place; its writer
+    (host and process) is in the name, see :func:`remove_orphaned_temporaries`."""
+    label = re.sub(r"[^a-z0-9_]", "_", label.lower()) or "x"
+    return root / f".tmp-{label}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -319,15 +462,43 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # alive, owned by someone else
         return True
+    except (OverflowError, ValueError):  # not a possible process id
+        return False
     return True
 
 
-def _remove_orphaned_temporaries(root: Path) -> None:
-    """Delete temporary folders whose writing process is gone (killed mid-write, e.g. SIGKILL)."""
+def _is_orphan(child: Path) -> bool:
+    match = _TEMPORARY.match(child.name)
+    if match:
+        if match["host"] == _host():
+            return not _pid_alive(int(match["pid"]))
+        try:
+            return time.time() - child.lstat().st_mtime > FOREIGN_TEMPORARY_AGE_SECONDS
+        except OSError:
+            return False
+    legacy = _LEGACY_TEMPORARY.match(child.name)
+    if legacy:
+        return child.is_dir() and not _pid_alive(int(legacy["pid"]))
+    if _LEGACY_REPORT_TEMPORARY.match(child.name):  # no writer in the name: only its age tells
+        try:
+            return time.time() - child.lstat().st_mtime > FOREIGN_TEMPORARY_AGE_SECONDS
+        except OSError:
+            return False
+    return False
+
+
+def remove_orphaned_temporaries(root: Path) -> None:
+    """Delete temporaries (see :func:`temporary_path`) whose writer is gone: on this host, a
+    process that no longer runs (killed mid-write, e.g. SIGKILL); on another host, a day old."""
+    if not root.is_dir():
+        return
     for child in root.iterdir():
-        match = _TEMPORARY.match(child.name)
-        if match and child.is_dir() and not _pid_alive(int(match["pid"])):
-            shutil.rmtree(child, ignore_errors=True)
+        if child.name.startswith(".tmp-") and _is_orphan(child):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    child.unlink()
 
 
 def _new_manifest(
@@ -358,18 +529,49 @@ def _new_manifest(
     return manifest
 
 
+# The command line of this process when it runs as the CLI (see :func:`record_command_line`).
+_command_line: str | None = None
+
+
+def record_command_line(argv: list[str]) -> None:
+    """Remember the command line (``["tinycompress", "prune", ...]``) so the manifests this process
+    writes can say what made them, and error hints can say how to make them again."""
+    global _command_line
+    _command_line = shlex.join(argv)
+
+
+def _file_mode() -> int:
+    """rw-r--r-- under the usual umask: what a plain ``open(..., "w")`` gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _seal(folder: Path, manifest: dict[str, Any], version: int) -> None:
-    """Add the model card, then the manifest (checksums of everything else) as the last file."""
+    """Add the model card, then the manifest (checksums of everything else, then its own) as the last file."""
     manifest["version"] = version
     (folder / MODEL_CARD_FILE).write_text(
         _model_card(manifest["task"], manifest["stage"], version, manifest["base_model"], manifest["metrics"]),
         encoding="utf-8",
     )
     files = _files_under(folder)
+    # Some writers (safetensors, tempfile) create files 0600; a checkpoint's files are all alike.
+    mode = _file_mode()
+    for file in files:
+        os.chmod(file, mode)
     manifest["files"] = {str(p.relative_to(folder)): sha256_file(p) for p in files}
     manifest["size_bytes"] = size_bytes(files)
     manifest["model_bytes"] = size_bytes(model_files(folder))
-    (folder / MANIFEST_NAME).write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    if _command_line is not None:
+        manifest[COMMAND_KEY] = _command_line
+    manifest.pop(SELF_CHECKSUM_KEY, None)
+    text = yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True)
+    # The checksum covers the content as it will be read back, so anything YAML does not keep
+    # exactly would show up here rather than as a false "edited" later.
+    manifest[SELF_CHECKSUM_KEY] = manifest_digest(yaml.safe_load(text))
+    (folder / MANIFEST_NAME).write_text(
+        text + f"{SELF_CHECKSUM_KEY}: {manifest[SELF_CHECKSUM_KEY]}\n", encoding="utf-8"
+    )
 
 
 def _next_version(root: Path, stage: str) -> int:

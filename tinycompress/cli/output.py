@@ -53,6 +53,9 @@ def run_console(app: typer.Typer, args: list[str]) -> None:
     """Run ``app`` as the console script; usage errors become one line as well."""
     # typer.TyperException is the public base of its usage errors; catching it here, rather
     # than in standalone mode, replaces the multi-line usage box with our one-line format.
+    from tinycompress.checkpoint.store import record_command_line
+
+    record_command_line(["tinycompress", *args])
     try:
         result = app(args=args or ["--help"], prog_name="tinycompress", standalone_mode=False)
     except typer.TyperException as exc:

@@ -8,6 +8,8 @@ has unbalanced ``"`` characters.
 from __future__ import annotations
 
 import csv
+import io
+import math
 import os
 import random
 import sys
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from tinycompress.data.tasks import TaskSpec
 from tinycompress.errors import TinycompressError
+from tinycompress.text_files import read_text
 
 if TYPE_CHECKING:
     from tinycompress.config import Config
@@ -53,9 +56,14 @@ def _parse_label(raw: str, spec: TaskSpec, where: str) -> int | float:
     raw = raw.strip()
     if spec.label_names is None:
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise TinycompressError(f"{where}: label '{raw}' is not a number") from None
+        if not math.isfinite(value):  # nan, inf, or a literal too large for a float (1e999)
+            raise TinycompressError(
+                f"{where}: label '{raw}' is not a finite number", f"{spec.name} scores are finite numbers, e.g. 3.8"
+            )
+        return value
     if raw in spec.label_names:
         return spec.label_names.index(raw)
     try:
@@ -71,10 +79,20 @@ def _parse_label(raw: str, spec: TaskSpec, where: str) -> int | float:
 
 
 def read_tsv(path: Path, spec: TaskSpec, *, with_labels: bool, headerless: bool = False) -> Examples:
-    """Rows of a GLUE TSV; malformed files fail with the file and line number."""
+    """Rows of a GLUE TSV (UTF-8); malformed files fail with the file and line number."""
+    return _parse_tsv(_read_tsv_text(path), path, spec, with_labels=with_labels, headerless=headerless)
+
+
+def _read_tsv_text(path: Path) -> str:
+    return read_text(path, what="TSV file")
+
+
+def _parse_tsv(text: str, path: Path, spec: TaskSpec, *, with_labels: bool, headerless: bool) -> Examples:
+    """Rows of the decoded text of the TSV ``path``, read as :func:`read_tsv` says."""
     csv.field_size_limit(sys.maxsize)
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+    # newline="": lines end at \n, \r or \r\n, as when the file itself is opened with newline="".
+    rows = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
         first = next(rows, None)
         if first is None:
             raise TinycompressError(f"{path}: the file is empty", "point --data-dir at the GLUE TSV files")
@@ -110,25 +128,32 @@ def read_tsv(path: Path, spec: TaskSpec, *, with_labels: bool, headerless: bool 
             if not row:  # a blank line, as at the end of some GLUE files
                 continue
             consume(row, line)
+    except csv.Error as exc:  # not expected with quoting off; still the user's file, so say where
+        raise TinycompressError(
+            f"{path}:{rows.line_num}: unreadable TSV line ({exc})", "fix or remove that line"
+        ) from None
+    if not texts:
+        raise TinycompressError(
+            f"{path}: has a header but no rows", "add the data rows, or point --data-dir at the full GLUE TSV files"
+        )
     return Examples(texts, labels if with_labels else None)
 
 
 def _find_split_file(root: Path, spec: TaskSpec, split: str) -> tuple[Path, bool] | None:
-    """(path, headerless) for a split in either layout, or None."""
+    """(path, classic layout) for a split in either layout, or None."""
     candidates = [
         (root / spec.name / f"{spec.split_files[split]}.tsv", False),
         (root / spec.classic_dir / f"{spec.classic_split_files[split]}.tsv", True),
     ]
     for path, classic in candidates:
         if path.is_file():
-            headerless = classic and spec.classic_headerless_columns is not None and not _has_header(path, spec)
-            return path, headerless
+            return path, classic
     return None
 
 
-def _has_header(path: Path, spec: TaskSpec) -> bool:
-    with open(path, encoding="utf-8-sig") as handle:
-        first = handle.readline().rstrip("\n").split("\t")
+def _has_header(text: str, spec: TaskSpec) -> bool:
+    """Whether the first line of a TSV's text names the task's text columns."""
+    first = io.StringIO(text, newline=None).readline().rstrip("\n").split("\t")
     return all(c in first for c in spec.tsv_text_columns)
 
 
@@ -137,12 +162,14 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
     return Path(chosen).expanduser() if chosen else None
 
 
-def _from_dir(root: Path, spec: TaskSpec) -> dict[str, Examples]:
+def _from_dir(root: Path, spec: TaskSpec) -> tuple[dict[str, Examples], dict[str, str]]:
+    """The splits found under ``root``, and the file each was read from."""
     if not root.is_dir():
         raise TinycompressError(
             f"data folder not found: {root}", f"pass a folder of GLUE TSVs to --data-dir or ${DATA_DIR_ENV}"
         )
     found: dict[str, Examples] = {}
+    paths: dict[str, str] = {}
     for split in spec.split_files:
         located = _find_split_file(root, spec, split)
         if located is None:
@@ -153,9 +180,12 @@ def _from_dir(root: Path, spec: TaskSpec) -> dict[str, Examples]:
                     f"or {root / spec.classic_dir / (spec.classic_split_files[split] + '.tsv')}",
                 )
             continue
-        path, headerless = located
-        found[split] = read_tsv(path, spec, with_labels=True, headerless=headerless)
-    return found
+        path, classic = located
+        text = _read_tsv_text(path)  # decoded once, for the header check and the rows
+        headerless = classic and spec.classic_headerless_columns is not None and not _has_header(text, spec)
+        found[split] = _parse_tsv(text, path, spec, with_labels=True, headerless=headerless)
+        paths[split] = str(path)
+    return found, paths
 
 
 def _from_hub(spec: TaskSpec) -> dict[str, Examples]:
@@ -178,6 +208,11 @@ def _from_hub(spec: TaskSpec) -> dict[str, Examples]:
     return found
 
 
+def _dev_rows(rows: int, dev_fraction: float) -> int:
+    """How many of ``rows`` training rows become the dev split (at least one)."""
+    return max(1, int(round(rows * dev_fraction)))
+
+
 def load_task_data(
     spec: TaskSpec,
     *,
@@ -189,13 +224,24 @@ def load_task_data(
 ) -> TaskData:
     """Train / dev / test splits. Dev is carved from train with ``seed``; test = GLUE validation."""
     root = resolve_data_dir(data_dir)
-    splits = _from_dir(root, spec) if root is not None else _from_hub(spec)
-    source = str(root) if root is not None else "hub:nyu-mll/glue"
+    if root is not None:
+        splits, paths = _from_dir(root, spec)
+        source = str(root)
+    else:
+        splits, source = _from_hub(spec), "hub:nyu-mll/glue"
+        paths = {split: f"the {source} {spec.name} {split} split" for split in splits}
     train_all = splits["train"]
     order = list(range(len(train_all)))
     random.Random(seed).shuffle(order)
-    n_dev = max(1, int(round(len(order) * dev_fraction)))
+    n_dev = _dev_rows(len(order), dev_fraction)
     dev_idx, train_idx = order[:n_dev], order[n_dev:]
+    if not train_idx or not dev_idx:
+        needed = next((n for n in range(2, 10_000) if n - _dev_rows(n, dev_fraction) >= 1), None)
+        raise TinycompressError(
+            f"{paths['train']} has {len(order)} row(s): too few to carve a dev split "
+            f"(data.dev_fraction {dev_fraction:g}) and keep training rows",
+            f"it needs at least {needed} rows" if needed else "lower data.dev_fraction",
+        )
     if max_train_samples is not None:
         train_idx = train_idx[:max_train_samples]
         dev_idx = dev_idx[: max(1, min(len(dev_idx), max_train_samples // 4 or 1))]

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tinycompress.checkpoint.store import remove_orphaned_temporaries, temporary_path
 from tinycompress.console import log_to_stderr
 
 TABLE_VERSION = 1
@@ -177,13 +178,13 @@ def _read_cached(path: Path, key: dict[str, Any]) -> CostTable | None:
 
 def _write_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    remove_orphaned_temporaries(path.parent)
+    temporary = temporary_path(path.parent, "costtable", ".json")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=1, sort_keys=True)
+        temporary.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 

@@ -14,6 +14,7 @@ that is present wins: ``model.onnx``, then the int8 TorchScript file, then the f
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ class Predictor:
     kind: str  # "torch", "onnx", "torch-int8", "torchscript"
     model: Any = None  # the fp32 torch module, when there is one (parameter counts)
     max_length: int = FALLBACK_MAX_LENGTH  # tokens per input; longer texts are truncated
+    segments: int | None = None  # texts per input (1, or 2 for pair tasks) when the folder says its task
 
     @property
     def label_names(self) -> list[str]:
@@ -166,23 +168,7 @@ def _manifest_max_length(checkpoint) -> int | None:
     return ((checkpoint.manifest.get("config") or {}).get("model") or {}).get("max_length") if checkpoint else None
 
 
-def load_predictor(path, *, threads: int | None = None) -> Predictor:
-    """A predictor for a checkpoint or export folder (verified first when it has a manifest).
-
-    ``path`` may also be an already verified :class:`~tinycompress.checkpoint.store.Checkpoint`, so
-    callers that read it themselves do not hash its files a second time.
-
-    Inputs are truncated to the manifest's ``model.max_length`` (the length the model was
-    trained and measured with), else the tokenizer's limit. Raises TinycompressError for a
-    missing, corrupt or model-less folder.
-    """
-    from tinycompress.checkpoint.store import Checkpoint, read_checkpoint
-
-    if isinstance(path, Checkpoint):
-        checkpoint, path = path, path.path
-    else:
-        path = Path(path)
-        checkpoint = read_checkpoint(path) if (path / MANIFEST_NAME).is_file() or not path.exists() else None
+def _predictor_of(path: Path, checkpoint, threads: int | None) -> Predictor | None:
     max_length = _manifest_max_length(checkpoint)
     if checkpoint is not None and checkpoint.stage in ("finetune", "prune"):
         # PyTorch stages hold safetensors weights only; nothing else in them is ever loaded.
@@ -201,6 +187,35 @@ def load_predictor(path, *, threads: int | None = None) -> Predictor:
         return torch_predictor(
             AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
         )
+    return None
+
+
+def load_predictor(path, *, threads: int | None = None) -> Predictor:
+    """A predictor for a checkpoint or export folder (verified first when it has a manifest).
+
+    ``path`` may also be an already verified :class:`~tinycompress.checkpoint.store.Checkpoint`, so
+    callers that read it themselves do not hash its files a second time.
+
+    Inputs are truncated to the manifest's ``model.max_length`` (the length the model was
+    trained and measured with), else the tokenizer's limit. Raises TinycompressError for a
+    missing, corrupt or model-less folder.
+    """
+    from tinycompress.checkpoint.store import Checkpoint, read_checkpoint
+
+    if isinstance(path, Checkpoint):
+        checkpoint, path = path, path.path
+    else:
+        path = Path(path)
+        checkpoint = read_checkpoint(path) if (path / MANIFEST_NAME).is_file() or not path.exists() else None
+    predictor = _predictor_of(path, checkpoint, threads)
+    if predictor is not None and checkpoint is not None:
+        from tinycompress.data.tasks import get_task
+
+        # A task this version does not know: texts are split at a tab, as for bare folders.
+        with contextlib.suppress(TinycompressError):
+            predictor.segments = len(get_task(checkpoint.task).tsv_text_columns)
+    if predictor is not None:
+        return predictor
     raise TinycompressError(
         f"{path} holds no model (no {MANIFEST_NAME}, {ONNX_FILE}, TorchScript file or {MODEL_CONFIG_FILE})",
         "pass a checkpoint or export folder, e.g. runs/sst2/export-v1",

@@ -15,10 +15,10 @@ import io
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 from tinycompress.checkpoint.format import task_dir
+from tinycompress.checkpoint.store import check_writable, remove_orphaned_temporaries, temporary_path
 from tinycompress.errors import TinycompressError
 from tinycompress.report.plots import plot_size, plot_sweep
 from tinycompress.report.rows import BATCH_KEYS, TEST_SPLIT_NOTE, Report, Row
@@ -295,6 +295,17 @@ def report_files(report: Report) -> list[str]:
     return list(REPORT_FILES) + ([PLOT_SWEEP] if report.sweep is not None else [])
 
 
+def check_report_out(out: Path) -> Path:
+    """Pre-flight of a report folder: refuse one that holds anything but an earlier report, and
+    make sure its parent folder can be written (before any latency is measured)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
+        raise TinycompressError(
+            f"{out} exists and is not a tinycompress report folder", "pass an empty or new folder to --out"
+        )
+    check_writable(out.parent, "pass --out (or --workdir) a writable place")
+    return out
+
+
 def write_report(report: Report, out_dir: str | Path | None = None) -> Path:
     """Write the report files into ``out_dir`` (default ``<workspace>/<task>/report``); returns it.
 
@@ -303,13 +314,9 @@ def write_report(report: Report, out_dir: str | Path | None = None) -> Path:
     last step fails, the earlier report is put back where it was. A folder that exists and holds
     anything but an earlier report is refused rather than deleted.
     """
-    out = Path(out_dir) if out_dir is not None else default_out_dir(report)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
-        raise TinycompressError(
-            f"{out} exists and is not a tinycompress report folder", "pass an empty or new folder to --out"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    out = check_report_out(Path(out_dir) if out_dir is not None else default_out_dir(report))
+    remove_orphaned_temporaries(out.parent)
+    tmp = temporary_path(out.parent, out.name)
     tmp.mkdir()
     try:
         data = report.to_dict() | {"files": report_files(report)}
@@ -321,7 +328,7 @@ def write_report(report: Report, out_dir: str | Path | None = None) -> Path:
             plot_sweep(report, tmp / PLOT_SWEEP)
         old = None
         if out.exists():
-            old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
+            old = temporary_path(out.parent, f"old_{out.name}")
             os.rename(out, old)
         try:
             os.rename(tmp, out)

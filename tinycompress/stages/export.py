@@ -48,9 +48,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tinycompress.checkpoint.format import ONNX_FILE, TORCHSCRIPT_FILE, TORCHSCRIPT_INT8_FILE
+from tinycompress.checkpoint.format import ONNX_FILE, TORCHSCRIPT_FILE, TORCHSCRIPT_INT8_FILE, task_dir
 from tinycompress.checkpoint.hf import load_hf_model, save_config_and_tokenizer
-from tinycompress.checkpoint.store import Checkpoint, Measured, write_checkpoint
+from tinycompress.checkpoint.store import Checkpoint, Measured, check_writable, write_checkpoint
 from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
 from tinycompress.errors import TinycompressError
@@ -266,6 +266,10 @@ def export(
     if not isinstance(parent, Checkpoint):
         parent = resolve_input(parent, workdir=config.workdir, task=config.task, stage="export")
     check_parent("export", parent, config)
+    if output is not None:
+        check_writable(Path(output).parent, "pass --output a new folder in a writable place")
+    else:
+        check_writable(task_dir(config.workdir, parent.task))
     return write_checkpoint(
         config.workdir,
         parent.task,

@@ -5,11 +5,13 @@ tinycompress finetune --task sst2 --data-dir ../shared/data/glue
 
 from __future__ import annotations
 
+from tinycompress.checkpoint.format import task_dir
 from tinycompress.checkpoint.hf import save_hf_model
-from tinycompress.checkpoint.store import Checkpoint, write_checkpoint
+from tinycompress.checkpoint.store import Checkpoint, check_writable, write_checkpoint
 from tinycompress.config import Config
 from tinycompress.data.batching import encode, padding_id
 from tinycompress.data.glue import load_config_data
+from tinycompress.data.tasks import get_task
 from tinycompress.models.pretrained import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_HUB_ID,
@@ -28,6 +30,7 @@ def finetune(config: Config) -> Checkpoint:
     from tinycompress.training.evaluation import evaluate
     from tinycompress.training.loop import make_progress, train
 
+    check_writable(task_dir(config.workdir, get_task(config.task).name))
     spec, device, threads = prepare(config)
     data = load_config_data(config, spec)
     model, tokenizer, source = load_pretrained_classifier(config.model.name, spec, config.seed)

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tinycompress.checkpoint.store import Checkpoint
+from tinycompress.checkpoint.format import task_dir
+from tinycompress.checkpoint.store import Checkpoint, check_writable
 from tinycompress.checkpoint.workspace import find_reusable
 from tinycompress.config import Config, QuantizeSettings
 from tinycompress.console import log_to_stderr
@@ -96,9 +97,17 @@ def run_pipeline(
     """
     from tinycompress.data.tasks import get_task
     from tinycompress.report.gather import build_report
-    from tinycompress.report.render import default_out_dir, previous_measured_seconds, write_report
+    from tinycompress.report.render import (
+        REPORT_DIR_NAME,
+        check_report_out,
+        default_out_dir,
+        previous_measured_seconds,
+        write_report,
+    )
 
     config = config.model_copy(update={"task": get_task(config.task).name})
+    check_writable(task_dir(config.workdir, config.task))
+    check_report_out(Path(out_dir) if out_dir is not None else task_dir(config.workdir, config.task) / REPORT_DIR_NAME)
     functions = stages or stage_functions()
     checkpoints: dict[str, Checkpoint] = {}
     baselines: dict[str, Checkpoint] = {}

@@ -21,6 +21,7 @@ import numpy as np
 from tinycompress.data.batching import encode, padding_id
 from tinycompress.data.glue import Examples
 from tinycompress.errors import TinycompressError
+from tinycompress.text_files import read_text
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -33,7 +34,7 @@ def read_texts(texts: Sequence[str] | None, file: str | Path | None) -> list[str
         path = Path(file)
         if not path.is_file():
             raise TinycompressError(f"text file not found: {path}", "pass an existing file with one text per line")
-        collected += path.read_text(encoding="utf-8").splitlines()
+        collected += read_text(path, what="text file").splitlines()
     if not collected:
         raise TinycompressError(
             "no texts to predict", 'pass texts as arguments (tinycompress predict FOLDER "text" ...) or --file F'
@@ -41,9 +42,12 @@ def read_texts(texts: Sequence[str] | None, file: str | Path | None) -> list[str
     return collected
 
 
-def _rows(text: str) -> tuple[str, ...]:
-    # A tab separates the two sentences of a pair task; one-sentence texts have none.
-    return tuple(text.split("\t", 1)) if "\t" in text else (text,)
+def _rows(text: str, segments: int | None) -> tuple[str, ...]:
+    # A tab separates the two sentences of a pair task. A one-sentence task's text is one segment
+    # whatever it holds; for a folder that does not say its task, a tab still splits.
+    if segments == 1 or "\t" not in text:
+        return (text,)
+    return tuple(text.split("\t", 1))
 
 
 def text_logits(predictor, texts: Sequence[str], batch_size: int) -> np.ndarray:
@@ -52,7 +56,7 @@ def text_logits(predictor, texts: Sequence[str], batch_size: int) -> np.ndarray:
     by length) through :func:`tinycompress.training.evaluation.predict_logits`."""
     from tinycompress.training.evaluation import predict_logits
 
-    rows = [_rows(t) for t in texts]
+    rows = [_rows(t, predictor.segments) for t in texts]
     out: np.ndarray | None = None
     for arity in sorted({len(r) for r in rows}):
         indices = [i for i, r in enumerate(rows) if len(r) == arity]
@@ -110,6 +114,11 @@ def predict(
         raise TinycompressError("no texts to predict", "pass texts as arguments or --file F")
     if batch_size < 1:
         raise TinycompressError(f"--batch-size must be at least 1, got {batch_size}")
+    if threads is not None:
+        # The schema's own check, so --threads means and is refused the same in every command.
+        from tinycompress.config import load_config
+
+        threads = load_config(overrides={"threads": threads}).threads
     quiet_hf()
     predictor = load_predictor(path, threads=configure_threads(threads))
     return to_predictions(predictor, texts, text_logits(predictor, texts, batch_size))

@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tinycompress.checkpoint.format import task_dir
 from tinycompress.checkpoint.hf import load_hf_model, save_hf_model
-from tinycompress.checkpoint.store import Checkpoint, write_checkpoint
+from tinycompress.checkpoint.store import Checkpoint, check_writable, write_checkpoint
 from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
 from tinycompress.data.batching import Encoded, encode, iterate_batches, padding_id, subset_rows
@@ -491,6 +492,7 @@ def _load_job(config: Config, parent: Checkpoint, *, ratios: bool = True) -> _Jo
     from tinycompress.models.run_setup import prepare
 
     spec, device, threads = prepare(config)
+    data = load_config_data(config, spec)  # a data problem fails before any model is loaded
     teacher, tokenizer = load_hf_model(parent)
     if ratios:
         check_feasible(teacher, config)  # before the data is read and tokenized
@@ -501,7 +503,6 @@ def _load_job(config: Config, parent: Checkpoint, *, ratios: bool = True) -> _Jo
             check_prunable(teacher, tokenizer)
         except ValueError as exc:
             raise TinycompressError(f"cannot prune the vocabulary of {parent.path}: {exc}", "drop --vocab") from None
-    data = load_config_data(config, spec)
     train, dev, test = (
         encode(tokenizer, split, config.model.max_length) for split in (data.train, data.dev, data.test)
     )
@@ -760,4 +761,5 @@ def prune(config: Config, parent: str | Path | Checkpoint | None = None) -> Chec
     """
     if not isinstance(parent, Checkpoint):
         parent = resolve_input(parent, workdir=config.workdir, task=config.task, stage="prune")
+    check_writable(task_dir(config.workdir, parent.task))
     return write_prune(config, run_prune(config, parent))

@@ -47,9 +47,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tinycompress.checkpoint.format import BASELINE_FLAG, ONNX_FILE
+from tinycompress.checkpoint.format import BASELINE_FLAG, ONNX_FILE, task_dir
 from tinycompress.checkpoint.hf import load_hf_model, save_config_and_tokenizer
-from tinycompress.checkpoint.store import Checkpoint, Measured, library_versions, write_checkpoint
+from tinycompress.checkpoint.store import Checkpoint, Measured, check_writable, library_versions, write_checkpoint
 from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
 from tinycompress.console import log_to_stderr
@@ -256,9 +256,9 @@ def run_quantize(config: Config, parent: Checkpoint, folder: Path) -> Measured:
     check_parent("quantize", parent, config)  # again: callers may skip quantize()
     check_settings(config)
     spec, _, threads = prepare(config)
+    data = load_config_data(config, spec)  # a data problem fails before any model is loaded
     model, tokenizer = load_hf_model(parent)
     get_arch(model)  # an unsupported model family fails here, before any work
-    data = load_config_data(config, spec)
     start = time.perf_counter()
     if config.quantize.tolerance is None:
         built, recipe = build_artifact(config, model, tokenizer, folder, data), {}
@@ -307,6 +307,7 @@ def quantize(config: Config, parent: str | Path | Checkpoint | None = None, *, b
         parent = resolve_input(parent, workdir=config.workdir, task=config.task, stage="quantize")
     check_parent("quantize", parent, config)
     check_settings(config)
+    check_writable(task_dir(config.workdir, parent.task))
     return write_checkpoint(
         config.workdir,
         parent.task,

@@ -31,11 +31,16 @@ def run_report(
     as for :func:`build_report`; ``out_dir`` as for
     :func:`~tinycompress.report.render.write_report`. Returns (report, folder written).
     """
+    from tinycompress.checkpoint.format import task_dir
+    from tinycompress.checkpoint.workspace import locate
     from tinycompress.config import load_config, read_yaml
-    from tinycompress.report.render import write_report
+    from tinycompress.report.render import REPORT_DIR_NAME, check_report_out, write_report
 
     settings = load_config(config_file, overrides)
     asked_task = task or (read_yaml(config_file).get("task") if config_file is not None else None)
+    # Pre-flight: the folder the report goes to, before any latency is measured.
+    workspace, found_task, _ = locate(target, workdir=settings.workdir, task=asked_task)
+    check_report_out(Path(out_dir) if out_dir is not None else task_dir(workspace, found_task) / REPORT_DIR_NAME)
     report = build_report(
         target,
         workdir=settings.workdir,

@@ -12,6 +12,7 @@ import torch
 
 from tinycompress.data.batching import Encoded, batch_order, collate
 from tinycompress.data.tasks import TaskSpec
+from tinycompress.errors import TinycompressError
 from tinycompress.training.evaluation import evaluate
 from tinycompress.training.losses import batch_loss
 
@@ -116,8 +117,11 @@ def train(
         model.train()
         running = None
         epoch_start = time.perf_counter()
-        for indices in batch_order(
-            lengths, settings.batch_size, shuffle=True, group_by_length=settings.group_by_length, seed=seed + epoch
+        for step, indices in enumerate(
+            batch_order(
+                lengths, settings.batch_size, shuffle=True, group_by_length=settings.group_by_length, seed=seed + epoch
+            ),
+            start=1,
         ):
             batch = collate(train_data, indices, pad_id, regression=spec.is_regression)
             loss = batch_loss(
@@ -137,7 +141,16 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             seen += len(indices)
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            # The one host sync of a step, as before; checked after the update so a GPU keeps queueing
+            # the backward pass. A non-finite loss ends the run: nothing is saved.
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TinycompressError(
+                    f"{description}: the training loss became {value} at epoch {epoch}/{epochs}, "
+                    f"step {step}/{steps_per_epoch}; stopped before writing a checkpoint",
+                    f"lower the learning rate (--lr, now {settings.learning_rate:g}) or check the training labels",
+                )
+            running = value if running is None else 0.98 * running + 0.02 * value
             if progress:
                 progress.update(
                     task_id, advance=1, loss=running, rate=seen / (train_seconds + time.perf_counter() - epoch_start)
