@@ -55,12 +55,26 @@ class DataSettings(_Section):
 class FinetuneSettings(_Section):
     epochs: int = Field(3, ge=1, description="Fine-tuning epochs")
     learning_rate: float = Field(5e-5, gt=0, description="Fine-tuning learning rate")
-    batch_size: int = Field(32, ge=1, description="Fine-tuning batch size")
+    batch_size: int = Field(
+        32, ge=1, description="Fine-tuning batch size: rows per optimizer step, over all processes of a launched run"
+    )
     eval_batch_size: int = Field(128, ge=1, description="Batch size for evaluation")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of the steps spent warming the learning rate up")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm")
     group_by_length: bool = Field(True, description="Batch similar lengths together (less padding)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Training precision: fp32 | bf16 | fp16 (mixed precision through Accelerate; fp16 needs CUDA)",
+    )
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Micro-batches per optimizer step on each process (gradient accumulation); the batch size stays the "
+            "optimizer step's, so it must be a multiple of processes x grad_accum"
+        ),
+    )
 
 
 class PruneSettings(_Section):

@@ -22,6 +22,7 @@ from tinycompress.cli.output import (
     print_json,
     print_metrics,
     run_console,
+    single_process,
 )
 from tinycompress.config import load_config
 
@@ -35,9 +36,16 @@ app = typer.Typer(
 )
 
 
-def command(*example_lines: str):
-    """Register a command with its examples epilog; its errors are one line on stderr."""
-    return lambda function: app.command(epilog=examples(*example_lines))(one_line_errors(function))
+def command(*example_lines: str, launchable: bool = False):
+    """Register a command with its examples epilog; its errors are one line on stderr. Only a
+    ``launchable`` command runs as several processes (torchrun / accelerate launch); the others
+    refuse to, in one line."""
+
+    def register(function):
+        body = function if launchable else single_process(function)
+        return app.command(epilog=examples(*example_lines))(one_line_errors(body))
+
+    return register
 
 
 @command(
@@ -58,6 +66,8 @@ def run(
     epochs: opt.Epochs = None,
     learning_rate: opt.LearningRate = None,
     batch_size: opt.BatchSize = None,
+    precision: opt.Precision = None,
+    grad_accum: opt.GradAccum = None,
     max_length: opt.MaxLength = None,
     max_train_samples: opt.MaxTrain = None,
     max_test_samples: opt.MaxTest = None,
@@ -102,6 +112,9 @@ def run(
     "tinycompress finetune --task sst2 --data-dir ../shared/data/glue",
     "tinycompress finetune --task sst2 --max-train-samples 2000 --epochs 1",
     "tinycompress finetune --config configs/distilbert-sst2.yaml",
+    "torchrun --nproc-per-node 2 -m tinycompress finetune --task sst2 --precision bf16",
+    "accelerate launch --num_processes 4 -m tinycompress finetune --task mnli --batch-size 64 --grad-accum 2",
+    launchable=True,
 )
 def finetune(
     task: opt.Task = None,
@@ -115,11 +128,17 @@ def finetune(
     epochs: opt.Epochs = None,
     learning_rate: opt.LearningRate = None,
     batch_size: opt.BatchSize = None,
+    precision: opt.Precision = None,
+    grad_accum: opt.GradAccum = None,
     max_length: opt.MaxLength = None,
     max_train_samples: opt.MaxTrain = None,
     max_test_samples: opt.MaxTest = None,
 ) -> None:
-    """Fine-tune a pretrained encoder on a GLUE task; writes runs/<task>/finetune-v<N>/."""
+    """Fine-tune a pretrained encoder on a GLUE task; writes runs/<task>/finetune-v<N>/.
+
+    Runs as several processes under torchrun or accelerate launch (CPUs, GPUs, machines):
+    --batch-size is then the batch of one optimizer step over all of them.
+    """
     flags = config_flags(finetune, locals())
 
     from tinycompress.stages.finetune import finetune as run_finetune
@@ -145,6 +164,8 @@ def _run_on_parent(stage: str, checkpoint: Path | None, config: Path | None, fla
     "tinycompress prune --task sst2 --ratio 0.5 --recover-epochs 0 --importance-samples 256",
     "tinycompress prune --task sst2 --vocab --ratio 0",
     "tinycompress prune --task sst2 --vocab --vocab-min-frequency 2 --ratio 0.5",
+    "torchrun --nproc-per-node 2 -m tinycompress prune --task sst2 --speedup 2",
+    launchable=True,
 )
 def prune(
     checkpoint: Annotated[
@@ -170,6 +191,8 @@ def prune(
     mask_tuning: opt.MaskTuning = None,
     distill_layer_weight: opt.LayerDistill = None,
     importance_samples: opt.ImportanceSamples = None,
+    precision: opt.Precision = None,
+    grad_accum: opt.GradAccum = None,
     vocab: opt.Vocab = None,
     vocab_min_frequency: opt.VocabMinFrequency = None,
     vocab_top_k: opt.VocabTopK = None,
@@ -182,7 +205,9 @@ def prune(
     (after recovery); the folder's tokenizer spells other words with kept pieces, else [UNK].
 
     Settings of the parent checkpoint (data, model, max length) carry over. The new folder is
-    written beside the parent unless --workdir is given.
+    written beside the parent unless --workdir is given. Runs as several processes under
+    torchrun or accelerate launch (scoring and distillation are shared; the cost table and the
+    speed-up are measured by process 0).
     """
     flags = config_flags(prune, locals())
     opt.check_one_pruning_goal(flags)
@@ -394,9 +419,15 @@ def evaluate(
         print_metrics(metrics)
 
 
-@command("tinycompress env", "tinycompress env --data-dir ../shared/data/glue --json")
+@command(
+    "tinycompress env",
+    "tinycompress env --data-dir ../shared/data/glue --json",
+    "torchrun --nproc-per-node 2 -m tinycompress env    # what each launched process sees",
+    launchable=True,
+)
 def env(data_dir: opt.DataDir = None, as_json: opt.Json = False) -> None:
-    """Print versions, device, threads, CPU vector extensions, and where the model and data are."""
+    """Print versions, device, threads, CPU vector extensions, where the model and data are, and the
+    processes a launcher started (world size, rank, backend, devices); every process prints its own."""
     from tinycompress.stages.env import environment_report
 
     report = environment_report(str(data_dir) if data_dir else None)

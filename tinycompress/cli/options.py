@@ -102,6 +102,8 @@ MaxLength = config_option("model.max_length", "--max-length")
 Epochs = config_option("finetune.epochs", "--epochs")
 LearningRate = config_option("finetune.learning_rate", "--lr", "--learning-rate")
 BatchSize = config_option("finetune.batch_size", "--batch-size")
+Precision = config_option("finetune.precision", "--precision")
+GradAccum = config_option("finetune.grad_accum", "--grad-accum")
 
 Ratio = config_option("prune.ratio", "--ratio")
 FfnRatio = config_option("prune.ffn_ratio", "--ffn-ratio")

@@ -21,11 +21,47 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _launched_ranks() -> tuple[int, int]:
+    """(rank, local rank) of this process under torchrun / accelerate launch; (0, 0) otherwise."""
+    from tinycompress.training.distributed import launched_rank
+
+    return launched_rank(), int(os.environ.get("LOCAL_RANK") or 0)
+
+
+def _fail_on_rank(exc: BaseException, code: int) -> NoReturn:
+    """Exit with ``code`` after one line on stderr. Under a launcher, a problem the user can fix
+    (the same on every process) is printed once per machine, by its first process; anything
+    else by every process, each line saying which one (``[rank N]``)."""
+    rank, local_rank = _launched_ranks()
+    if isinstance(exc, TinycompressError) and local_rank != 0:
+        raise typer.Exit(code)
+    fail(f"[rank {rank}] {_one_line(exc)}" if rank else _one_line(exc), code=code)
+
+
+def single_process(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for the commands that run in one process: launched as several (torchrun /
+    accelerate launch), they refuse with one line before doing anything."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from tinycompress.training.distributed import refuse_under_launcher
+
+        refuse_under_launcher(command.__name__)
+        return command(*args, **kwargs)
+
+    return wrapper
+
+
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, TinycompressError):
         return exc.one_line()
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted; no partial checkpoint was written, earlier ones are intact"
+    from tinycompress.training.distributed import peer_failure
+
+    lost = peer_failure(exc)
+    if lost is not None:
+        return lost
     first = str(exc).splitlines()[0] if str(exc) else ""  # a bug: still one line, and how to see more
     return f"unexpected {type(exc).__name__}: {first} (set {DEBUG_ENV}=1 for the traceback)"
 
@@ -44,7 +80,7 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except (KeyboardInterrupt, Exception) as exc:
             if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                 raise
-            fail(_one_line(exc), code=130 if isinstance(exc, KeyboardInterrupt) else 1)
+            _fail_on_rank(exc, code=130 if isinstance(exc, KeyboardInterrupt) else 1)
 
     return wrapper
 
@@ -66,7 +102,12 @@ def run_console(app: typer.Typer, args: list[str]) -> None:
     except typer.Abort:
         typer.echo("error: aborted", err=True)
         sys.exit(1)
-    sys.exit(result if isinstance(result, int) else 0)
+    code = result if isinstance(result, int) else 0
+    if code == 0:
+        from tinycompress.training.distributed import close_processes
+
+        close_processes()
+    sys.exit(code)
 
 
 def examples(*lines: str) -> str:
@@ -79,6 +120,9 @@ def print_json(data: Any, ensure_ascii: bool = True) -> None:
 
 
 def print_checkpoint(checkpoint) -> None:
+    """``wrote <folder>  test/...``; under a launcher, by process 0 only."""
+    if _launched_ranks()[0] != 0:
+        return
     metrics = " ".join(f"{k}={v:.4f}" for k, v in checkpoint.metrics.items() if k.startswith("test/"))
     typer.echo(f"wrote {checkpoint.path}  {metrics}")
 

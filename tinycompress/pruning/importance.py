@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,24 @@ CRITERIA: tuple[str, ...] = ("taylor", "fisher", "magnitude", "random")
 
 
 LossFn = Callable[[object, Mapping[str, Tensor]], Tensor]
+
+# How the gradient criteria sum their raw scores over the processes of a distributed run (each
+# scored its own share of the batches); None: one process. Set with `summed_over_processes`.
+_SUM_OVER_PROCESSES: ContextVar[Callable[[Tensor], Tensor] | None] = ContextVar("sum_over_processes", default=None)
+
+
+@contextmanager
+def summed_over_processes(sum_fn: Callable[[Tensor], Tensor] | None):
+    """Within this block, the gradient criteria (taylor, fisher) add up their raw scores and
+    batch counts with ``sum_fn`` (e.g. :meth:`tinycompress.training.distributed.Processes.sum`,
+    an all-reduce) before any normalisation: processes that each scored a share of the batches
+    then all get the scores of all the batches. Every process must score alike inside it;
+    magnitude and random read no data and are not summed. ``None`` changes nothing."""
+    token = _SUM_OVER_PROCESSES.set(sum_fn)
+    try:
+        yield
+    finally:
+        _SUM_OVER_PROCESSES.reset(token)
 
 
 @dataclass
@@ -213,11 +232,26 @@ def _gradient_importance(model, batches, criterion: str, loss_fn: LossFn | None,
                 seen_batches += 1
     finally:
         model.train(was_training)
+    sum_fn = _SUM_OVER_PROCESSES.get()
+    if sum_fn is not None:
+        head_acc, neuron_acc, seen_batches = _summed(sum_fn, head_acc, neuron_acc, seen_batches)
     if seen_batches == 0:
         raise ValueError("batches was empty: gradient criteria need at least one batch")
     if criterion == "taylor" and normalize:
         head_acc = [_unit_l2(scores) for scores in head_acc]
     return Importance(criterion, [s.cpu() for s in head_acc], [s.cpu() for s in neuron_acc])
+
+
+def _summed(
+    sum_fn: Callable[[Tensor], Tensor], heads: list[Tensor], neurons: list[Tensor], batches: int
+) -> tuple[list[Tensor], list[Tensor], int]:
+    """The accumulators and batch count summed with ``sum_fn``, in one call (one all-reduce)."""
+    parts = [*heads, *neurons]
+    flat = torch.cat([*parts, torch.tensor([float(batches)], device=parts[0].device if parts else None)])
+    total = sum_fn(flat)
+    sizes = [len(p) for p in parts]
+    pieces = list(total[: sum(sizes)].split(sizes))
+    return pieces[: len(heads)], pieces[len(heads) :], int(round(total[-1].item()))
 
 
 def _unit_l2(scores: Tensor) -> Tensor:

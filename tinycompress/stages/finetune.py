@@ -1,9 +1,16 @@
 """Stage 1: fine-tune a pretrained encoder on a GLUE task.
 
 tinycompress finetune --task sst2 --data-dir ../shared/data/glue
+torchrun --nproc-per-node 2 -m tinycompress finetune --task sst2   # several processes
+
+Launched as several processes, every process runs this function alike: batches are shared
+(:mod:`tinycompress.training.distributed`), metrics are over whole splits, and process 0 alone
+writes the folder, which every process returns.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 from tinycompress.checkpoint.format import task_dir
 from tinycompress.checkpoint.hf import save_hf_model
@@ -27,11 +34,15 @@ def finetune(config: Config) -> Checkpoint:
     Model selection uses the dev split carved from train; the test metrics (GLUE validation)
     are measured once, on the best epoch, and stored in the manifest.
     """
+    from tinycompress.training.distributed import start_processes
     from tinycompress.training.evaluation import evaluate
     from tinycompress.training.loop import make_progress, train
 
     check_writable(task_dir(config.workdir, get_task(config.task).name))
     spec, device, threads = prepare(config)
+    processes = start_processes(device)
+    device = processes.device
+    processes.check_training(config.finetune, device)
     data = load_config_data(config, spec)
     model, tokenizer, source = load_pretrained_classifier(config.model.name, spec, config.seed)
     max_length = config.model.max_length
@@ -39,8 +50,17 @@ def finetune(config: Config) -> Checkpoint:
     pad = padding_id(tokenizer)
     # The "original" row of the report: the pretrained encoder with its fresh, seeded head,
     # measured on the same test rows before any training.
-    original = evaluate(model, test_enc, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad, device=device)
-    with make_progress() as progress:
+    model.to(device)  # a GPU run evaluates it there before training
+    original = evaluate(
+        model,
+        test_enc,
+        spec,
+        batch_size=config.finetune.eval_batch_size,
+        pad_id=pad,
+        device=device,
+        processes=processes,
+    )
+    with make_progress() if processes.is_main else nullcontext() as progress:
         result = train(
             model,
             train_enc,
@@ -51,8 +71,17 @@ def finetune(config: Config) -> Checkpoint:
             device=device,
             seed=config.seed,
             progress=progress,
+            processes=processes,
         )
-    test = evaluate(model, test_enc, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad, device=device)
+    test = evaluate(
+        model,
+        test_enc,
+        spec,
+        batch_size=config.finetune.eval_batch_size,
+        pad_id=pad,
+        device=device,
+        processes=processes,
+    )
     metrics = {
         **{f"test/{k}": v for k, v in test.items()},
         **{f"dev/{k}": v for k, v in result.best_dev.items()},
@@ -69,14 +98,21 @@ def finetune(config: Config) -> Checkpoint:
     }
     model.cpu()
     base_model = DEFAULT_MODEL_HUB_ID if config.model.name == DEFAULT_MODEL else config.model.name
-    return write_checkpoint(
-        config.workdir,
-        spec.name,
-        "finetune",
-        lambda folder: save_hf_model(folder, model, tokenizer, max_length),
-        config=config,
-        metrics=metrics,
-        seed=config.seed,
-        base_model=base_model,
-        details={"history": result.history, "data_source": data.source, "model_source": source},
+    return processes.write_on_main(
+        lambda: write_checkpoint(
+            config.workdir,
+            spec.name,
+            "finetune",
+            lambda folder: save_hf_model(folder, model, tokenizer, max_length),
+            config=config,
+            metrics=metrics,
+            seed=config.seed,
+            base_model=base_model,
+            details={
+                "history": result.history,
+                "data_source": data.source,
+                "model_source": source,
+                "distributed": result.setup,
+            },
+        )
     )

@@ -27,6 +27,11 @@ rescaling of the kept units to reconstruct the parent's layers (``prune.mask_tun
 2022; retraining-free, a minute on CPU), then distillation from the parent (``recover_epochs``),
 on logits and, with ``distill_layer_weight`` > 0, on every layer's hidden states (TinyBERT / CoFi).
 
+**Several processes** (``torchrun --nproc-per-node N -m tinycompress prune ...``): each scores a
+share of the importance batches (the sums are all-reduced), evaluation and distillation are shared
+(:mod:`tinycompress.training.distributed`); process 0 alone measures the cost table (then shared)
+and the final speed-up, and writes the folder.
+
 With ``prune.vocab`` the word embedding is cut last, after recovery (the teacher and the
 student must read the same ids while distilling), to the tokens the train and dev texts use
 (:mod:`tinycompress.pruning.vocab`); the folder's tokenizer then emits the new ids. When no head or
@@ -35,6 +40,7 @@ neuron is removed (``--ratio 0``) there is nothing to recover and recovery is sk
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterator
@@ -47,7 +53,7 @@ from tinycompress.checkpoint.hf import load_hf_model, save_hf_model
 from tinycompress.checkpoint.store import Checkpoint, check_writable, write_checkpoint
 from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
-from tinycompress.data.batching import Encoded, encode, iterate_batches, padding_id, subset_rows
+from tinycompress.data.batching import Encoded, batch_order, collate, encode, padding_id, subset_rows
 from tinycompress.data.glue import Examples, load_config_data
 from tinycompress.errors import TinycompressError
 
@@ -65,33 +71,48 @@ class PruneResult:
     parent: Checkpoint
     metrics: dict[str, Any]
     details: dict[str, Any]
+    # The processes that made it (:class:`~tinycompress.training.distributed.Processes`); None: one.
+    processes: Any = None
 
 
 def importance_batches(
-    encoded: Encoded, rows: int, *, batch_size: int, pad_id: int, regression: bool, seed: int
+    encoded: Encoded, rows: int, *, batch_size: int, pad_id: int, regression: bool, seed: int, processes=None
 ) -> Callable[[], Iterator[dict]]:
     """A function returning fresh labelled batches over ``rows`` seeded-random training rows.
 
-    Each call yields the same batches, so re-scoring between pruning steps is comparable.
+    Each call yields the same batches, so re-scoring between pruning steps is comparable. With
+    several ``processes``, each gets its share of those same batches (batch i on process
+    i % world size); score them inside
+    :func:`~tinycompress.pruning.importance.summed_over_processes`.
     """
     subset = subset_rows(encoded, rows, seed)
+    lengths = [len(ids) for ids in subset.input_ids]
 
     def batches() -> Iterator[dict]:
-        for _, batch in iterate_batches(subset, batch_size, pad_id, regression=regression):
-            yield batch
+        order = batch_order(lengths, batch_size, shuffle=False, group_by_length=True, seed=0)
+        for indices in processes.share(order) if processes is not None else order:
+            yield collate(subset, indices, pad_id, regression=regression)
 
     return batches
 
 
 def measure_test(
-    model, encoded: Encoded, spec, config: Config, *, pad_id: int, device, forward=None
+    model, encoded: Encoded, spec, config: Config, *, pad_id: int, device, forward=None, processes=None
 ) -> dict[str, float]:
     """The task's metrics on ``encoded`` (the test split unless said otherwise); ``forward``
-    replaces the torch model (an ONNX Runtime session)."""
+    replaces the torch model (an ONNX Runtime session). With several ``processes`` every one
+    must call this alike; each computes a share (:func:`~tinycompress.training.evaluation.evaluate`)."""
     from tinycompress.training.evaluation import evaluate
 
     return evaluate(
-        model, encoded, spec, batch_size=config.finetune.eval_batch_size, pad_id=pad_id, device=device, forward=forward
+        model,
+        encoded,
+        spec,
+        batch_size=config.finetune.eval_batch_size,
+        pad_id=pad_id,
+        device=device,
+        forward=forward,
+        processes=processes,
     )
 
 
@@ -107,10 +128,12 @@ def recover(
     device,
     progress=None,
     layer_map: list[int] | None = None,
+    processes=None,
 ):
     """Fine-tune ``model`` for ``config.prune.recover_epochs`` with distillation from ``teacher``.
 
     The dev split selects the best epoch; returns the :class:`~tinycompress.training.loop.TrainResult`.
+    ``processes``: see :func:`~tinycompress.training.loop.train`.
     """
     from tinycompress.models.run_setup import set_seed
     from tinycompress.training.loop import train
@@ -133,6 +156,7 @@ def recover(
         layer_map=layer_map,
         progress=progress,
         description="recover",
+        processes=processes,
     )
 
 
@@ -156,22 +180,30 @@ def _structure(model) -> dict[str, Any]:
     }
 
 
-def _prune_in_place(model, batches: Callable[[], Iterator[dict]], config: Config):
+def _prune_in_place(model, batches: Callable[[], Iterator[dict]], config: Config, processes=None):
     """prune_iteratively with the configured targets (checked feasible by :func:`check_feasible`)."""
     from tinycompress.pruning.iterative import prune_iteratively
 
     settings = config.prune
-    return prune_iteratively(
-        model,
-        batches,
-        criterion_of(config),
-        settings.ratio or 0.0,
-        settings.ffn_ratio or 0.0,
-        settings.steps,
-        min_heads_per_layer=settings.min_heads_per_layer,
-        min_neurons_per_layer=settings.min_neurons_per_layer,
-        seed=config.seed,
-    )
+    with _scores_summed(processes):
+        return prune_iteratively(
+            model,
+            batches,
+            criterion_of(config),
+            settings.ratio or 0.0,
+            settings.ffn_ratio or 0.0,
+            settings.steps,
+            min_heads_per_layer=settings.min_heads_per_layer,
+            min_neurons_per_layer=settings.min_neurons_per_layer,
+            seed=config.seed,
+        )
+
+
+def _scores_summed(processes):
+    """Importance scores of every process's batches added up (a no-op in one process)."""
+    from tinycompress.pruning.importance import summed_over_processes
+
+    return summed_over_processes(processes.sum if processes is not None and processes.distributed else None)
 
 
 def check_feasible(model, config: Config) -> None:
@@ -275,15 +307,20 @@ def _prune_to_target(model, job: _Job, config: Config):
 
     settings, batch = config.prune, config.prune.target_batch_size
     kind = target_of(config)
-    importance = compute_importance(
-        model, job.batches(), criterion_of(config), seed=config.seed, **_comparable(criterion_of(config))
-    )
-    table = load_or_measure_cost_table(
-        model,
-        _latency_inputs(job.tokenizer, job, config),
-        workdir=config.workdir,
-        threads=job.threads,
-        opset=config.export.opset,
+    with _scores_summed(job.processes):
+        importance = compute_importance(
+            model, job.batches(), criterion_of(config), seed=config.seed, **_comparable(criterion_of(config))
+        )
+    # Measured (or read from the cache) by process 0 alone -- timings of processes sharing a machine
+    # would disturb each other -- and shared, so every process cuts the model alike.
+    table = job.processes.on_main(
+        lambda: load_or_measure_cost_table(
+            model,
+            _latency_inputs(job.tokenizer, job, config),
+            workdir=config.workdir,
+            threads=job.threads,
+            opset=config.export.opset,
+        )
     )
     if kind == "target_size_mb":
         floor = table.size["floor_bytes"]
@@ -486,12 +523,18 @@ class _Job:
     data_source: str
     batches: Callable[[], Iterator[dict]]
     test_examples: Examples  # raw texts: a vocabulary-pruned model's tokenizer re-encodes them
+    processes: Any  # tinycompress.training.distributed.Processes
 
 
 def _load_job(config: Config, parent: Checkpoint, *, ratios: bool = True) -> _Job:
     from tinycompress.models.run_setup import prepare
+    from tinycompress.training.distributed import start_processes
 
     spec, device, threads = prepare(config)
+    processes = start_processes(device)
+    device = processes.device
+    if config.prune.recover_epochs > 0:
+        processes.check_training(config.finetune, device)
     data = load_config_data(config, spec)  # a data problem fails before any model is loaded
     teacher, tokenizer = load_hf_model(parent)
     if ratios:
@@ -514,15 +557,28 @@ def _load_job(config: Config, parent: Checkpoint, *, ratios: bool = True) -> _Jo
         pad_id=pad_id,
         regression=spec.is_regression,
         seed=config.seed,
+        processes=processes,
     )
     return _Job(
-        spec, device, threads, teacher.to(device), tokenizer, train, dev, test, pad_id, data.source, batches, data.test
+        spec,
+        device,
+        threads,
+        teacher.to(device),
+        tokenizer,
+        train,
+        dev,
+        test,
+        pad_id,
+        data.source,
+        batches,
+        data.test,
+        processes,
     )
 
 
 def _measure(net, job: _Job, config: Config, split: str = "test") -> dict[str, float]:
     encoded = job.test if split == "test" else job.dev
-    return measure_test(net, encoded, job.spec, config, pad_id=job.pad_id, device=job.device)
+    return measure_test(net, encoded, job.spec, config, pad_id=job.pad_id, device=job.device, processes=job.processes)
 
 
 def _layer_map(student, teacher) -> list[int]:
@@ -552,7 +608,10 @@ def _tune_masks(model, job: _Job, config: Config) -> dict[str, Any]:
         regression=job.spec.is_regression,
         seed=config.seed + 1,  # other rows than the importance scores' where the split allows
     )
-    return tune_masks_(model, job.teacher, batches(), layer_map=_layer_map(model, job.teacher))
+    # Every process fits the same scales on all the rows; process 0's are then everyone's.
+    details = tune_masks_(model, job.teacher, batches(), layer_map=_layer_map(model, job.teacher))
+    job.processes.sync_module(model)
+    return details
 
 
 def _recover(model, job: _Job, config: Config, parent: Checkpoint) -> tuple[dict[str, Any], dict[str, float]]:
@@ -560,7 +619,7 @@ def _recover(model, job: _Job, config: Config, parent: Checkpoint) -> tuple[dict
     the best epoch's dev metrics."""
     from tinycompress.training.loop import make_progress
 
-    with make_progress() as progress:
+    with make_progress() if job.processes.is_main else contextlib.nullcontext() as progress:
         result = recover(
             model,
             job.teacher,
@@ -572,6 +631,7 @@ def _recover(model, job: _Job, config: Config, parent: Checkpoint) -> tuple[dict
             device=job.device,
             progress=progress,
             layer_map=_layer_map(model, job.teacher),
+            processes=job.processes,
         )
     details = {
         "epochs": config.prune.recover_epochs,
@@ -583,6 +643,7 @@ def _recover(model, job: _Job, config: Config, parent: Checkpoint) -> tuple[dict
         "history": result.history,
         "train_seconds": round(result.train_seconds, 1),
         "samples_per_second": round(result.samples_per_second, 1),
+        "distributed": result.setup,
     }
     return details, result.best_dev
 
@@ -612,7 +673,7 @@ def _prune_vocab(model, job: _Job, config: Config) -> tuple[Any, dict[str, Any],
         raise TinycompressError(f"cannot prune the vocabulary: {exc}", "drop --vocab") from None
     test = encode(new_tokenizer, job.test_examples, config.model.max_length)
     pad_id = padding_id(new_tokenizer)
-    pruned_test = measure_test(model, test, job.spec, config, pad_id=pad_id, device=job.device)
+    pruned_test = measure_test(model, test, job.spec, config, pad_id=pad_id, device=job.device, processes=job.processes)
     # Under the ORIGINAL tokenizer: test tokens whose row is gone (now [UNK] or re-spelled).
     rate = oov_rate(job.test.input_ids, kept, ignore_ids=special_ids(old_tokenizer) - {old_tokenizer.unk_token_id})
     report = tokenization_report(old_tokenizer, new_tokenizer, job.test_examples.texts, config.model.max_length, kept)
@@ -654,7 +715,7 @@ def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
     start = time.perf_counter()
     target = None
     if target_kind is None:
-        record = _prune_in_place(model, job.batches, config)
+        record = _prune_in_place(model, job.batches, config, job.processes)
     else:
         record, target = _prune_to_target(model, job, config)
     prune_seconds = time.perf_counter() - start
@@ -683,7 +744,8 @@ def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
         # Last, after recovery: distillation feeds the same (old) ids to teacher and student.
         tokenizer, vocab_metrics, vocab = _prune_vocab(model, job, config)
         metrics |= {f"pre_vocab/{k}": v for k, v in metrics.items() if k.startswith("test/")} | vocab_metrics
-    if target is not None:
+    if target is not None and job.processes.is_main:
+        # Timed by process 0 alone; the others' results are not written.
         target["measured"] = _measured_against_parent(model, tokenizer, job, config)
     before, after = _structure(job.teacher), _structure(model)
     # magnitude and random read no data; saying they used rows would mislead.
@@ -701,7 +763,7 @@ def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
     if mask_tuning is not None:
         # Scoring + cost table + selection + least squares: the retraining-free part.
         metrics["search_seconds"] = round(prune_seconds + mask_tuning["seconds"], 1)
-    if target is not None:
+    if target is not None and job.processes.is_main:
         measured = target["measured"][f"batch_{target['batch_size']}"]
         metrics |= {
             "target/predicted_speedup": target["predicted_speedup"].get(str(target["batch_size"])),
@@ -721,9 +783,10 @@ def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
         "recovery": recovery,
         "vocab": vocab,
         "data_source": job.data_source,
+        "world_size": job.processes.world_size,
     }
     model.cpu().eval()
-    return PruneResult(model, tokenizer, parent, metrics, details)
+    return PruneResult(model, tokenizer, parent, metrics, details, job.processes)
 
 
 def _measured_against_parent(model, tokenizer, job: _Job, config: Config) -> dict[str, Any]:
@@ -738,18 +801,23 @@ def _measured_against_parent(model, tokenizer, job: _Job, config: Config) -> dic
 
 
 def write_prune(config: Config, result: PruneResult) -> Checkpoint:
-    """Write ``result`` as the next ``prune-v<N>`` folder of ``config.task`` in ``config.workdir``."""
-    return write_checkpoint(
-        config.workdir,
-        result.parent.task,
-        "prune",
-        lambda folder: save_hf_model(folder, result.model, result.tokenizer, config.model.max_length),
-        config=config,
-        metrics=result.metrics,
-        seed=config.seed,
-        parent=result.parent,
-        details=result.details,
-    )
+    """Write ``result`` as the next ``prune-v<N>`` folder of ``config.task`` in ``config.workdir``
+    (by process 0 when several made it; every process returns the folder)."""
+
+    def write() -> Checkpoint:
+        return write_checkpoint(
+            config.workdir,
+            result.parent.task,
+            "prune",
+            lambda folder: save_hf_model(folder, result.model, result.tokenizer, config.model.max_length),
+            config=config,
+            metrics=result.metrics,
+            seed=config.seed,
+            parent=result.parent,
+            details=result.details,
+        )
+
+    return result.processes.write_on_main(write) if result.processes is not None else write()
 
 
 def prune(config: Config, parent: str | Path | Checkpoint | None = None) -> Checkpoint:

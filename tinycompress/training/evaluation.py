@@ -7,9 +7,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from tinycompress.data.batching import Encoded, encode, iterate_batches, padding_id
+from tinycompress.data.batching import Encoded, batch_order, collate, encode, padding_id
 from tinycompress.data.glue import load_config_data
 from tinycompress.data.tasks import TaskSpec
+from tinycompress.training.distributed import Processes
 from tinycompress.training.metrics import compute_metrics
 
 
@@ -27,26 +28,37 @@ def predict_logits(
     device=None,
     forward: Callable | None = None,
     group_by_length: bool = True,
+    processes: Processes | None = None,
 ) -> np.ndarray:
     """Logits for every row, in the rows' original order.
 
     ``forward`` replaces ``model(**inputs).logits`` (e.g. an ONNX Runtime session). Batches
     group rows of similar length (least padding) unless ``group_by_length`` is False: then
-    they are consecutive rows, in order.
+    they are consecutive rows, in order. With several ``processes`` (every one must call this
+    alike), each computes whole batches of that same order (batch i on process i % world size)
+    and every process gets all the logits, each row exactly once.
     """
     device = device or torch.device("cpu")
+    lengths = [len(x) for x in encoded.input_ids]
+    order = batch_order(lengths, batch_size, shuffle=False, group_by_length=group_by_length, seed=0)
+    if processes is not None:
+        order = processes.share(order)
     out: np.ndarray | None = None
-    for indices, batch in iterate_batches(
-        encoded, batch_size, pad_id, regression=False, group_by_length=group_by_length
-    ):
-        inputs = model_inputs(batch, device)
+    rows: list[int] = []
+    parts: list[np.ndarray] = []
+    for indices in order:
+        inputs = model_inputs(collate(encoded, indices, pad_id, regression=False), device)
         logits = forward(inputs) if forward is not None else model(**inputs).logits
         logits = (
             logits.float().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits, dtype=np.float32)
         )
-        if out is None:
-            out = np.zeros((len(encoded), logits.shape[-1]), dtype=np.float32)
-        out[indices] = logits
+        rows.extend(indices)
+        parts.append(logits)
+    if processes is not None and processes.distributed:
+        return processes.gather_rows(rows, np.concatenate(parts) if parts else None, len(encoded))
+    if parts:
+        out = np.zeros((len(encoded), parts[0].shape[-1]), dtype=np.float32)
+        out[rows] = np.concatenate(parts)
     return out if out is not None else np.zeros((0, 1), dtype=np.float32)
 
 
@@ -59,10 +71,15 @@ def evaluate(
     pad_id: int,
     device=None,
     forward: Callable | None = None,
+    processes: Processes | None = None,
 ) -> dict[str, float]:
+    """The task's metrics over every row of ``encoded``; with several ``processes``, each
+    computes a share of the logits and all get the same metrics (see :func:`predict_logits`)."""
     if model is not None:
         model.eval()
-    logits = predict_logits(model, encoded, batch_size=batch_size, pad_id=pad_id, device=device, forward=forward)
+    logits = predict_logits(
+        model, encoded, batch_size=batch_size, pad_id=pad_id, device=device, forward=forward, processes=processes
+    )
     return compute_metrics(spec, logits, encoded.labels)
 
 

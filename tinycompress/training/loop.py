@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from tinycompress.data.batching import Encoded, batch_order, collate
 from tinycompress.data.tasks import TaskSpec
 from tinycompress.errors import TinycompressError
+from tinycompress.training.distributed import Processes
 from tinycompress.training.evaluation import evaluate
 from tinycompress.training.losses import batch_loss
 
@@ -24,6 +26,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     samples_per_second: float = 0.0
     train_seconds: float = 0.0
+    # How the batches were spread: processes, backend, precision, accumulation, batch sizes.
+    setup: dict[str, Any] = field(default_factory=dict)
 
 
 def _optimizer(model, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -83,6 +87,7 @@ def train(
     layer_map: Sequence[int] | None = None,
     progress=None,
     description: str = "fine-tune",
+    processes: Processes | None = None,
 ) -> TrainResult:
     """AdamW + linear warm-up/decay + clipping; evaluates on dev each epoch and keeps the best.
 
@@ -91,6 +96,12 @@ def train(
     the hidden-state MSE of student layer i to teacher layer ``layer_map[i]``
     (:func:`~tinycompress.training.losses.hidden_state_loss`) when ``layer_weight`` > 0.
     On return the model holds the best epoch's weights.
+
+    ``processes`` (:func:`~tinycompress.training.distributed.start_processes`) spreads each
+    batch of ``settings.batch_size`` rows over the launched processes and ``settings.grad_accum``
+    micro-batches (:mod:`tinycompress.training.distributed`); every process must call this
+    alike. ``settings.precision`` bf16 / fp16 trains under Accelerate's autocast. Without
+    processes, at fp32 and without accumulation, the loop is plain torch in one process.
     """
     if layer_weight < 0:
         raise ValueError(f"layer_weight must be >= 0, got {layer_weight}")
@@ -98,6 +109,8 @@ def train(
         raise ValueError("layer_weight > 0 distils hidden states: it needs a teacher")
     from transformers import get_linear_schedule_with_warmup
 
+    processes = processes or Processes(device)
+    processes.check_training(settings, device)
     epochs = settings.epochs if epochs is None else epochs
     model.to(device)
     if teacher is not None:
@@ -106,15 +119,17 @@ def train(
     total_steps = max(1, steps_per_epoch * epochs)
     optimizer = _optimizer(model, settings.learning_rate, settings.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    engine = processes.engine(model, optimizer, settings.precision)
     lengths = [len(x) for x in train_data.input_ids]
 
-    result = TrainResult(best_dev={}, best_epoch=0)
+    result = TrainResult(best_dev={}, best_epoch=0, setup=processes.setup(settings))
     best = KeepBest(spec.primary_metric)
     seen, train_seconds = 0, 0.0
     task_id = progress.add_task(description, total=total_steps, loss=float("nan"), rate=0.0) if progress else None
-    torch.manual_seed(seed)
+    # Dropout draws differ between processes (each sees other rows); rank 0 draws as one process does.
+    torch.manual_seed(seed + processes.rank)
     for epoch in range(1, epochs + 1):
-        model.train()
+        engine.model.train()
         running = None
         epoch_start = time.perf_counter()
         for step, indices in enumerate(
@@ -123,27 +138,38 @@ def train(
             ),
             start=1,
         ):
-            batch = collate(train_data, indices, pad_id, regression=spec.is_regression)
-            loss = batch_loss(
-                model,
-                batch,
-                device,
-                regression=spec.is_regression,
-                teacher=teacher,
-                temperature=temperature,
-                alpha=alpha,
-                layer_weight=layer_weight,
-                layer_map=layer_map,
-            )
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            parts = processes.micro_batches(indices, settings.grad_accum)
+            step_loss = None
+            for part, (rows, weight) in enumerate(parts, start=1):
+                # Gradients are all-reduced once per optimizer step, after the last micro-batch.
+                with engine.no_sync() if part < len(parts) else nullcontext():
+                    with engine.autocast():
+                        batch = collate(train_data, rows, pad_id, regression=spec.is_regression)
+                        loss = batch_loss(
+                            engine.model,
+                            batch,
+                            device,
+                            regression=spec.is_regression,
+                            teacher=teacher,
+                            temperature=temperature,
+                            alpha=alpha,
+                            layer_weight=layer_weight,
+                            layer_map=layer_map,
+                        )
+                        if weight != 1.0:
+                            loss = loss * weight
+                    engine.backward(loss)
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+            engine.clip_grad_norm_(settings.max_grad_norm)
+            engine.optimizer.step()
+            if not engine.step_was_skipped:
+                scheduler.step()
+            engine.optimizer.zero_grad(set_to_none=True)
             seen += len(indices)
             # The one host sync of a step, as before; checked after the update so a GPU keeps queueing
-            # the backward pass. A non-finite loss ends the run: nothing is saved.
-            value = loss.item()
+            # the backward pass. The batch's loss is summed over processes, so all of them see the same
+            # value, and a non-finite loss ends the run on every process: nothing is saved.
+            value = processes.sum(step_loss).item() / processes.world_size
             if not math.isfinite(value):
                 raise TinycompressError(
                     f"{description}: the training loss became {value} at epoch {epoch}/{epochs}, "
@@ -157,17 +183,26 @@ def train(
                 )
         # Only the training loop counts towards samples/s; dev evaluation does not.
         train_seconds += time.perf_counter() - epoch_start
-        dev = evaluate(model, dev_data, spec, batch_size=settings.eval_batch_size, pad_id=pad_id, device=device)
+        dev = evaluate(
+            engine.module(),
+            dev_data,
+            spec,
+            batch_size=settings.eval_batch_size,
+            pad_id=pad_id,
+            device=device,
+            processes=processes,
+        )
         result.history.append({"epoch": epoch, "train_loss": running, **{f"dev/{k}": v for k, v in dev.items()}})
         if progress:  # one line per epoch, also when stderr is a log file rather than a terminal
             scores = " ".join(f"dev/{k}={v:.4f}" for k, v in dev.items())
             progress.console.log(
                 f"{description} epoch {epoch}/{epochs}: loss {running:.4f} {scores} {seen / train_seconds:.0f} samples/s"
             )
-        best.offer(model, epoch, dev)
+        best.offer(engine.module(), epoch, dev)
     result.best_dev, result.best_epoch = best.dev, best.epoch
     result.train_seconds = train_seconds
     result.samples_per_second = seen / train_seconds if train_seconds else 0.0
+    model = engine.finish()
     best.restore(model)
     model.eval()
     return result
