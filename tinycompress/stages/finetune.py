@@ -48,18 +48,22 @@ def finetune(config: Config) -> Checkpoint:
     max_length = config.model.max_length
     train_enc, dev_enc, test_enc = (encode(tokenizer, split, max_length) for split in (data.train, data.dev, data.test))
     pad = padding_id(tokenizer)
+
+    def test_metrics() -> dict[str, float]:
+        return evaluate(
+            model,
+            test_enc,
+            spec,
+            batch_size=config.finetune.eval_batch_size,
+            pad_id=pad,
+            device=device,
+            processes=processes,
+        )
+
     # The "original" row of the report: the pretrained encoder with its fresh, seeded head,
     # measured on the same test rows before any training.
     model.to(device)  # a GPU run evaluates it there before training
-    original = evaluate(
-        model,
-        test_enc,
-        spec,
-        batch_size=config.finetune.eval_batch_size,
-        pad_id=pad,
-        device=device,
-        processes=processes,
-    )
+    original = test_metrics()
     with make_progress() if processes.is_main else nullcontext() as progress:
         result = train(
             model,
@@ -73,15 +77,7 @@ def finetune(config: Config) -> Checkpoint:
             progress=progress,
             processes=processes,
         )
-    test = evaluate(
-        model,
-        test_enc,
-        spec,
-        batch_size=config.finetune.eval_batch_size,
-        pad_id=pad,
-        device=device,
-        processes=processes,
-    )
+    test = test_metrics()
     metrics = {
         **{f"test/{k}": v for k, v in test.items()},
         **{f"dev/{k}": v for k, v in result.best_dev.items()},
