@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from tinycompress.checkpoint import store
+from tinycompress.checkpoint import store, temporaries
 from tinycompress.checkpoint.format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -30,11 +30,10 @@ from tinycompress.checkpoint.format import (
 from tinycompress.checkpoint.store import (
     read_checkpoint,
     record_command_line,
-    remove_orphaned_temporaries,
     sha256_file,
-    temporary_path,
     write_checkpoint,
 )
+from tinycompress.checkpoint.temporaries import remove_orphaned_temporaries, temporary_path
 from tinycompress.cli.app import app
 from tinycompress.config import load_config
 from tinycompress.errors import TinycompressError
@@ -228,7 +227,7 @@ def _dead_pid() -> int:
 
 
 def test_temporaries_are_removed_by_host_process_and_age(tmp_path):
-    host = store._host()
+    host = temporaries._host()
     dead, live = _dead_pid(), os.getpid()
     names = {
         "dead_here": f".tmp-finetune-{host}-{dead}-0000dead",
@@ -254,12 +253,12 @@ def test_temporaries_are_removed_by_host_process_and_age(tmp_path):
 
 def test_temporary_names_carry_host_and_process(tmp_path):
     name = temporary_path(tmp_path, "report_target2", ".json").name
-    assert name.startswith(f".tmp-report_target2-{store._host()}-{os.getpid()}-") and name.endswith(".json")
+    assert name.startswith(f".tmp-report_target2-{temporaries._host()}-{os.getpid()}-") and name.endswith(".json")
 
 
 def test_a_killed_report_leaves_nothing_behind_the_next_one(tiny_finetuned, tmp_path):
     folder = _workspace_copy(tiny_finetuned, tmp_path)
-    orphan = folder.parent / f".tmp-report-{store._host()}-{_dead_pid()}-0badc0de"
+    orphan = folder.parent / f".tmp-report-{temporaries._host()}-{_dead_pid()}-0badc0de"
     orphan.mkdir()
     (orphan / "report.md").write_text("half")
     result = runner.invoke(app, ["report", str(folder.parent.parent), "--no-bench"])

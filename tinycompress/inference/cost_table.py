@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tinycompress.checkpoint.store import remove_orphaned_temporaries, temporary_path
+from tinycompress.checkpoint.temporaries import remove_orphaned_temporaries, temporary_path
 from tinycompress.console import log_to_stderr
 
 TABLE_VERSION = 1

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from tinycompress.checkpoint.format import task_dir
-from tinycompress.checkpoint.store import check_writable, remove_orphaned_temporaries, temporary_path
+from tinycompress.checkpoint.temporaries import check_writable, remove_orphaned_temporaries, temporary_path
 from tinycompress.errors import TinycompressError
 from tinycompress.report.plots import plot_size, plot_sweep
 from tinycompress.report.rows import BATCH_KEYS, TEST_SPLIT_NOTE, Report, Row

@@ -50,7 +50,8 @@ from typing import Any
 
 from tinycompress.checkpoint.format import ONNX_FILE, TORCHSCRIPT_FILE, TORCHSCRIPT_INT8_FILE, task_dir
 from tinycompress.checkpoint.hf import load_hf_model, save_config_and_tokenizer
-from tinycompress.checkpoint.store import Checkpoint, Measured, check_writable, write_checkpoint
+from tinycompress.checkpoint.store import Checkpoint, Measured, write_checkpoint
+from tinycompress.checkpoint.temporaries import check_writable
 from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
 from tinycompress.errors import TinycompressError

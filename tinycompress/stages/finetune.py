@@ -14,7 +14,8 @@ from contextlib import nullcontext
 
 from tinycompress.checkpoint.format import task_dir
 from tinycompress.checkpoint.hf import save_hf_model
-from tinycompress.checkpoint.store import Checkpoint, check_writable, write_checkpoint
+from tinycompress.checkpoint.store import Checkpoint, write_checkpoint
+from tinycompress.checkpoint.temporaries import check_writable
 from tinycompress.config import Config
 from tinycompress.data.batching import encode, padding_id
 from tinycompress.data.glue import load_config_data

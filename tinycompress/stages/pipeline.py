@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from tinycompress.checkpoint.format import task_dir
-from tinycompress.checkpoint.store import Checkpoint, check_writable
+from tinycompress.checkpoint.store import Checkpoint
+from tinycompress.checkpoint.temporaries import check_writable
 from tinycompress.checkpoint.workspace import find_reusable
 from tinycompress.config import Config, QuantizeSettings
 from tinycompress.console import log_to_stderr

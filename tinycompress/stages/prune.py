@@ -50,7 +50,8 @@ from typing import Any
 
 from tinycompress.checkpoint.format import task_dir
 from tinycompress.checkpoint.hf import load_hf_model, save_hf_model
-from tinycompress.checkpoint.store import Checkpoint, check_writable, write_checkpoint
+from tinycompress.checkpoint.store import Checkpoint, write_checkpoint
+from tinycompress.checkpoint.temporaries import check_writable
 from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
 from tinycompress.data.batching import Encoded, batch_order, collate, encode, padding_id, subset_rows

@@ -49,7 +49,8 @@ from typing import Any
 
 from tinycompress.checkpoint.format import BASELINE_FLAG, ONNX_FILE, task_dir
 from tinycompress.checkpoint.hf import load_hf_model, save_config_and_tokenizer
-from tinycompress.checkpoint.store import Checkpoint, Measured, check_writable, library_versions, write_checkpoint
+from tinycompress.checkpoint.store import Checkpoint, Measured, library_versions, write_checkpoint
+from tinycompress.checkpoint.temporaries import check_writable
 from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
 from tinycompress.console import log_to_stderr
