@@ -289,7 +289,7 @@ def test_cli_bad_config_is_one_line_before_any_model(tmp_path, monkeypatch):
     # The stage module is replaced: loading the config must fail before the stage is called.
     calls = []
     fake = types.ModuleType("tinycompress.stages.finetune")
-    fake.finetune = lambda config: calls.append(config)
+    fake.finetune = fake.search_and_finetune = lambda config: calls.append(config)
     monkeypatch.setitem(sys.modules, "tinycompress.stages.finetune", fake)
     workdir = tmp_path / "ws"
     for text, needles in (

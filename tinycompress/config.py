@@ -39,6 +39,14 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     name: str = Field("default", description="'default' (all-MiniLM-L6-v2, offline), an HF id or a local folder")
     max_length: int = Field(128, ge=8, le=512, description="Tokens per example; longer texts are truncated")
+    head: Literal["auto", "cls", "mean"] = Field(
+        "cls",
+        description=(
+            "Classification head of a fine-tune: cls (Hugging Face's pooled [CLS]; loads anywhere) | mean (mean of "
+            "the token states; loads with tinycompress or as ONNX) | auto (the pooling a sentence-transformers "
+            "model was trained with, else cls)"
+        ),
+    )
 
 
 class DataSettings(_Section):
@@ -62,6 +70,9 @@ class FinetuneSettings(_Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of the steps spent warming the learning rate up")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm")
+    classifier_dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout before the classifier layer (if unset: the model's own, 0.1 for BERT)"
+    )
     group_by_length: bool = Field(True, description="Batch similar lengths together (less padding)")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
@@ -202,6 +213,19 @@ class ReportSettings(_Section):
     )
 
 
+class SearchSettings(_Section):
+    trials: int = Field(
+        20,
+        ge=1,
+        description="Trials of `finetune --search` in all: a search resumed after Ctrl-C runs only the ones missing",
+    )
+    samples: int | None = Field(
+        4000,
+        ge=1,
+        description="Training rows each search trial trains on (if unset: all); the chosen recipe then trains on all rows",
+    )
+
+
 class Config(_Section):
     task: str = Field("sst2", description="GLUE task: sst2, cola, mrpc, rte, stsb, qnli, qqp, mnli")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed")
@@ -213,6 +237,7 @@ class Config(_Section):
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     finetune: FinetuneSettings = FinetuneSettings()
+    search: SearchSettings = SearchSettings()
     prune: PruneSettings = PruneSettings()
     quantize: QuantizeSettings = QuantizeSettings()
     export: ExportSettings = ExportSettings()

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Defined with the models (which sit below checkpoint and must not import it), in a module
 # without torch; named here so that every checkpoint name can be found in this one place.
+from tinycompress.models.config_fields import HEAD_ATTR as HEAD_ATTR
 from tinycompress.models.config_fields import LAYERS_TOTAL_KEY as LAYERS_TOTAL_KEY
 from tinycompress.models.config_fields import STRUCTURE_ATTR as STRUCTURE_ATTR
 
@@ -43,7 +44,7 @@ MODEL_FILE_SUFFIXES = (".safetensors", ".onnx", ".data", ".pt")
 # HF-format PyTorch weights (finetune and prune checkpoints); never pickles.
 WEIGHTS_FILE = "model.safetensors"
 
-# The HF model config: labels, architecture and, for pruned models, ``STRUCTURE_ATTR``.
+# The HF model config: labels, architecture, for pruned models ``STRUCTURE_ATTR``, for a mean head ``HEAD_ATTR``.
 MODEL_CONFIG_FILE = "config.json"
 
 # Tokenizer files (the fast tokenizer, a WordPiece vocabulary, the tokenizer's settings).
@@ -68,8 +69,23 @@ INT8_WEIGHTS_FILE = "int8_weights.safetensors"
 INT8_RECIPE_FILE = "int8_recipe.json"
 
 
+# `finetune --search`: the Optuna study's journal (JSON lines, Optuna's own file storage) and one
+# CSV row per trial, copied into the fine-tune checkpoint the search ends with. While a search
+# runs (and after Ctrl-C, to resume it) the journal lives in the task's SEARCH_DIR.
+SEARCH_JOURNAL_FILE = "search_journal.jsonl"
+
+SEARCH_TRIALS_FILE = "search_trials.csv"
+
+SEARCH_DIR = "searches"
+
+
 def task_dir(workdir: str | Path, task: str) -> Path:
     return Path(workdir) / task
+
+
+def search_journal_path(workdir: str | Path, task: str, study_name: str) -> Path:
+    """Where the journal of the study ``study_name`` lives while it runs and between resumes."""
+    return task_dir(workdir, task) / SEARCH_DIR / f"{study_name}.jsonl"
 
 
 _SHA256 = r"^[0-9a-f]{64}$"

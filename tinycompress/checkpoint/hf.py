@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tinycompress.checkpoint.format import STRUCTURE_ATTR, WEIGHTS_FILE
+from tinycompress.checkpoint.format import HEAD_ATTR, STRUCTURE_ATTR, WEIGHTS_FILE
 from tinycompress.checkpoint.store import Checkpoint
 from tinycompress.errors import TinycompressError
 
@@ -33,8 +33,8 @@ def save_hf_model(directory: Path, model, tokenizer, max_length: int) -> None:
 
 
 def build_model_skeleton(folder: str | Path, config=None):
-    """An fp32 HF classifier with the architecture of ``folder/config.json`` (pruned shapes
-    included) and meaningless weights, in eval mode: the frame the weights are loaded into.
+    """An fp32 HF classifier with the architecture of ``folder/config.json`` (pruned shapes and
+    head type included) and meaningless weights, in eval mode: the frame the weights are loaded into.
 
     ``config`` is that folder's config when the caller has already read it.
     """
@@ -47,6 +47,10 @@ def build_model_skeleton(folder: str | Path, config=None):
         from tinycompress.models.structure import apply_structure_
 
         apply_structure_(model, structure)
+    if getattr(config, HEAD_ATTR, None):
+        from tinycompress.models.heads import apply_head_
+
+        apply_head_(model, getattr(config, HEAD_ATTR))
     return model.eval()
 
 
@@ -55,18 +59,25 @@ def load_hf_model(checkpoint: Checkpoint):
 
     Weights come from safetensors only; never from pickles.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
     path = checkpoint.path
     if not (path / WEIGHTS_FILE).is_file():
         raise TinycompressError(
             f"{path} holds no PyTorch weights ({WEIGHTS_FILE}); it is a {checkpoint.stage} checkpoint",
             "pass a finetune or prune checkpoint",
         )
+    return load_hf_model_folder(path)
+
+
+def load_hf_model_folder(path: Path):
+    """(model, tokenizer) from a Hugging Face model folder (``config.json`` + safetensors weights),
+    in eval mode, with the pruned shapes and head type its config records."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
     config = AutoConfig.from_pretrained(path)
-    if getattr(config, STRUCTURE_ATTR, None):
-        # Pruned layers have shapes config.json alone cannot express: build the full model,
-        # shrink it to the recorded structure, then load the weights strictly.
+    if getattr(config, STRUCTURE_ATTR, None) or getattr(config, HEAD_ATTR, None):
+        # Pruned layers have shapes config.json alone cannot express, and a mean head lacks the
+        # [CLS] pooler: build the full model, shrink it to the recorded structure and head,
+        # then load the weights strictly.
         from safetensors.torch import load_file
 
         model = build_model_skeleton(path, config)

@@ -69,6 +69,7 @@ def run(
     precision: opt.Precision = None,
     grad_accum: opt.GradAccum = None,
     max_length: opt.MaxLength = None,
+    head: opt.Head = None,
     max_train_samples: opt.MaxTrain = None,
     max_test_samples: opt.MaxTest = None,
     ratio: opt.Ratio = None,
@@ -112,6 +113,8 @@ def run(
     "tinycompress finetune --task sst2 --data-dir ../shared/data/glue",
     "tinycompress finetune --task sst2 --max-train-samples 2000 --epochs 1",
     "tinycompress finetune --config configs/distilbert-sst2.yaml",
+    "tinycompress finetune --task sst2 --head mean --lr 1e-4",
+    "tinycompress finetune --task sst2 --search --trials 20 --search-samples 4000",
     "torchrun --nproc-per-node 2 -m tinycompress finetune --task sst2 --precision bf16",
     "accelerate launch --num_processes 4 -m tinycompress finetune --task mnli --batch-size 64 --grad-accum 2",
     launchable=True,
@@ -131,19 +134,25 @@ def finetune(
     precision: opt.Precision = None,
     grad_accum: opt.GradAccum = None,
     max_length: opt.MaxLength = None,
+    head: opt.Head = None,
     max_train_samples: opt.MaxTrain = None,
     max_test_samples: opt.MaxTest = None,
+    search: opt.Search = False,
+    trials: opt.Trials = None,
+    search_samples: opt.SearchSamples = None,
 ) -> None:
     """Fine-tune a pretrained encoder on a GLUE task; writes runs/<task>/finetune-v<N>/.
 
     Runs as several processes under torchrun or accelerate launch (CPUs, GPUs, machines):
-    --batch-size is then the batch of one optimizer step over all of them.
+    --batch-size is then the batch of one optimizer step over all of them. With --search, an
+    Optuna study chooses the recipe first (resumed by the same command after Ctrl-C).
     """
     flags = config_flags(finetune, locals())
 
     from tinycompress.stages.finetune import finetune as run_finetune
+    from tinycompress.stages.finetune import search_and_finetune
 
-    print_checkpoint(run_finetune(load_config(config, flags)))
+    print_checkpoint((search_and_finetune if search else run_finetune)(load_config(config, flags)))
 
 
 def _run_on_parent(stage: str, checkpoint: Path | None, config: Path | None, flags: dict, stage_fn, *args):

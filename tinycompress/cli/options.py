@@ -99,6 +99,7 @@ MaxTest = config_option("data.max_test_samples", "--max-test-samples")
 
 Model = config_option("model.name", "--model", "-m")
 MaxLength = config_option("model.max_length", "--max-length")
+Head = config_option("model.head", "--head")
 Epochs = config_option("finetune.epochs", "--epochs")
 LearningRate = config_option("finetune.learning_rate", "--lr", "--learning-rate")
 BatchSize = config_option("finetune.batch_size", "--batch-size")
@@ -130,6 +131,8 @@ PerChannel = config_option("quantize.per_channel", "--per-channel/--per-tensor")
 Embeddings = config_option("quantize.quantize_embeddings", "--embeddings/--no-embeddings")
 CalibrationSamples = config_option("quantize.calibration_samples", "--calibration-samples")
 Tolerance = config_option("quantize.tolerance", "--tolerance")
+Trials = config_option("search.trials", "--trials")
+SearchSamples = config_option("search.samples", "--search-samples")
 BenchRuns = config_option("report.bench_runs", "--bench-runs")
 Opset = config_option("export.opset", "--opset")
 # `run` measures latency unless the config says otherwise (see stages.pipeline.run_pipeline).
@@ -149,6 +152,16 @@ ConfigFile = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (see configs/); flags override it.")
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")]
+Search = Annotated[
+    bool,
+    typer.Option(
+        "--search",
+        help=(
+            "First search the recipe (learning rate, epochs, warm-up, weight decay, batch size, classifier "
+            "dropout, head) with Optuna on the dev split, then fine-tune with the best on all rows."
+        ),
+    ),
+]
 Sweep = Annotated[
     Path | None,
     typer.Option(

@@ -44,6 +44,14 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def subset(self, indices: Sequence[int]) -> Encoded:
+        """These rows, in the order of ``indices``."""
+        return Encoded(
+            [self.input_ids[i] for i in indices],
+            None if self.token_type_ids is None else [self.token_type_ids[i] for i in indices],
+            None if self.labels is None else [self.labels[i] for i in indices],
+        )
+
 
 def encode_rows(
     tokenizer, rows: Sequence[str | Sequence[str]], max_length: int, *, return_tensors: str | None = "pt"

@@ -189,15 +189,18 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def unpruned_twin(model):
-    """A randomly initialised, unpruned classifier of ``model``'s architecture (its layer count)."""
+    """A randomly initialised, unpruned classifier of ``model``'s architecture (its layer count and head)."""
     from transformers import AutoModelForSequenceClassification
 
     from tinycompress.models.config_fields import STRUCTURE_ATTR
+    from tinycompress.models.heads import apply_head_, head_of
 
     config = copy.deepcopy(model.config)
     if hasattr(config, STRUCTURE_ATTR):
         delattr(config, STRUCTURE_ATTR)
-    return AutoModelForSequenceClassification.from_config(config).eval()
+    twin = AutoModelForSequenceClassification.from_config(config)
+    apply_head_(twin, head_of(config))
+    return twin.eval()
 
 
 def _variant(base, heads: int, ffn: int):

@@ -28,7 +28,7 @@ from tinycompress.checkpoint.format import (
     TORCHSCRIPT_FILE,
     TORCHSCRIPT_INT8_FILE,
 )
-from tinycompress.checkpoint.hf import build_model_skeleton, load_hf_model
+from tinycompress.checkpoint.hf import build_model_skeleton, load_hf_model, load_hf_model_folder
 from tinycompress.errors import TinycompressError
 
 # Used when neither the manifest nor the tokenizer says how long inputs may be.
@@ -182,11 +182,7 @@ def _predictor_of(path: Path, checkpoint, threads: int | None) -> Predictor | No
         if (path / file).is_file():
             return torchscript_predictor(path, file, max_length=max_length)
     if (path / MODEL_CONFIG_FILE).is_file() and checkpoint is None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        return torch_predictor(
-            AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-        )
+        return torch_predictor(*load_hf_model_folder(path))
     return None
 
 

@@ -68,6 +68,10 @@ class ArchSpec:
     # family (None: export unfused). DistilBERT and MiniLM have no entry of their own in ORT;
     # its BERT fusions cover them.
     ort_model_type: str | None
+    # The layer only a [CLS] head uses (relative to the classifier), dropped by a mean head,
+    # and the config field of the dropout before the classifier layer.
+    cls_only_module: str
+    classifier_dropout_field: str
 
     def head_size(self, config) -> int:
         """Width of one attention head. Fixed by the (unpruned) config, so it
@@ -111,6 +115,8 @@ _ARCHS: dict[str, ArchSpec] = {
         hidden_field="hidden_size",
         encoder_layer_count_attr=None,
         ort_model_type="bert",
+        cls_only_module="bert.pooler",  # dense + tanh on h[CLS]
+        classifier_dropout_field="classifier_dropout",
     ),
     "distilbert": ArchSpec(
         model_type="distilbert",
@@ -138,6 +144,8 @@ _ARCHS: dict[str, ArchSpec] = {
         hidden_field="dim",
         encoder_layer_count_attr="n_layers",  # Transformer.n_layers
         ort_model_type="bert",
+        cls_only_module="pre_classifier",  # dense (+ ReLU in forward) on h[CLS]
+        classifier_dropout_field="seq_classif_dropout",
     ),
 }
 

@@ -10,3 +10,6 @@ STRUCTURE_ATTR = "tinycompress_pruning"
 # Inside that record, once a layer has been removed: the unpruned model's layer count (the saved
 # config's own count is then the reduced one, and "heads kept / total" needs the original).
 LAYERS_TOTAL_KEY = "layers_total"
+# The classification head when it is not Hugging Face's own [CLS] one ("mean": mean pooling;
+# see :mod:`tinycompress.models.heads`); absent for a [CLS] head.
+HEAD_ATTR = "tinycompress_head"

@@ -50,13 +50,19 @@ def load_tokenizer(source: str):
         raise _from_pretrained_error(source, exc) from None
 
 
-def load_pretrained_classifier(name: str, spec: TaskSpec, seed: int):
+def load_pretrained_classifier(
+    name: str, spec: TaskSpec, seed: int, *, head: str = "cls", classifier_dropout: float | None = None
+):
     """(model, tokenizer, source): the pretrained encoder with a fresh classification head.
 
-    The head is initialised after seeding, so the "original" model is reproducible.
+    The head (``cls``, ``mean`` or ``auto``, :mod:`tinycompress.models.heads`) is initialised
+    after seeding, so the "original" model is reproducible. ``classifier_dropout`` replaces the
+    model's own dropout before the classifier layer (None: keep it).
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
+
+    from tinycompress.models.heads import apply_head_, resolve_head, set_classifier_dropout
 
     source = resolve_model_source(name)
     set_seed(seed)
@@ -75,6 +81,12 @@ def load_pretrained_classifier(name: str, spec: TaskSpec, seed: int):
         raise _from_pretrained_error(source, exc) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    if classifier_dropout is not None:
+        # Into the config, so a later stage that trains the model again (pruning's recovery)
+        # builds it with the same dropout; the module itself is already built.
+        set_classifier_dropout(model.config, classifier_dropout)
+        model.dropout.p = classifier_dropout
+    apply_head_(model, resolve_head(head, source))
     return model, load_tokenizer(source), source
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +88,7 @@ def train(
     progress=None,
     description: str = "fine-tune",
     processes: Processes | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """AdamW + linear warm-up/decay + clipping; evaluates on dev each epoch and keeps the best.
 
@@ -102,6 +103,9 @@ def train(
     micro-batches (:mod:`tinycompress.training.distributed`); every process must call this
     alike. ``settings.precision`` bf16 / fp16 trains under Accelerate's autocast. Without
     processes, at fp32 and without accumulation, the loop is plain torch in one process.
+
+    ``on_epoch(epoch, dev_metrics)`` is called after each epoch's dev evaluation; an exception it
+    raises (a search pruning a poor trial) ends training there.
     """
     if layer_weight < 0:
         raise ValueError(f"layer_weight must be >= 0, got {layer_weight}")
@@ -199,6 +203,8 @@ def train(
                 f"{description} epoch {epoch}/{epochs}: loss {running:.4f} {scores} {seen / train_seconds:.0f} samples/s"
             )
         best.offer(engine.module(), epoch, dev)
+        if on_epoch is not None:
+            on_epoch(epoch, dev)
     result.best_dev, result.best_epoch = best.dev, best.epoch
     result.train_seconds = train_seconds
     result.samples_per_second = seen / train_seconds if train_seconds else 0.0
