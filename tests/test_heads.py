@@ -30,7 +30,7 @@ def test_masked_mean_ignores_padding():
 
 
 @pytest.mark.parametrize("kind", ["bert", "distilbert"])
-def test_mean_head_drops_the_cls_layer_and_pools_real_tokens(kind, tiny_bert_dir, tiny_distilbert_dir):
+def test_mean_head_drops_the_cls_layer_and_pools_real_tokens(kind, tiny_bert_dir, tiny_distilbert_dir, tmp_path):
     folder = tiny_bert_dir if kind == "bert" else tiny_distilbert_dir
     spec = get_task("sst2")
     cls_model, tokenizer, _ = load_pretrained_classifier(str(folder), spec, 0)
@@ -53,6 +53,25 @@ def test_mean_head_drops_the_cls_layer_and_pools_real_tokens(kind, tiny_bert_dir
         expected = mean_model.classifier(masked_mean(mean_model.base_model(**alone)[0], alone["attention_mask"]))
         torch.testing.assert_close(mean_model(**alone).logits, expected)
         torch.testing.assert_close(mean_model(**padded).logits[:1], expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(mean_model(**alone, return_dict=False)[0], mean_model(**alone).logits)
+        # The class made for the head is findable by name: the model pickles (deepcopy, torch.save).
+        import pickle
+
+        assert torch.equal(pickle.loads(pickle.dumps(mean_model))(**alone).logits, mean_model(**alone).logits)
+    # Exported to ONNX, the pooling is in the graph: plain ONNX Runtime gives the same logits.
+    import onnxruntime as ort
+
+    from tinycompress.exporters.onnx import export_onnx
+
+    path = export_onnx(mean_model, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert names == (
+        ["input_ids", "attention_mask", "token_type_ids"] if kind == "bert" else ["input_ids", "attention_mask"]
+    )
+    feed = {name: padded[name].numpy() for name in names}
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(["logits"], feed)[0], mean_model(**padded).logits.numpy(), atol=1e-5)
     apply_head_(mean_model, "mean")  # idempotent
     with pytest.raises(ValueError, match="cannot be given its \\[CLS\\] head back"):
         apply_head_(mean_model, "cls")
@@ -62,7 +81,8 @@ def test_mean_head_learns_the_toy_task_and_reloads_identically(mean_finetuned):
     assert mean_finetuned.metrics["test/accuracy"] >= 0.95
     assert mean_finetuned.manifest["config"]["model"]["head"] == "mean"
     config = json.loads((mean_finetuned.path / "config.json").read_text())
-    assert config["tinycompress_head"] == "mean"
+    # The Hugging Face class by its own name; tinycompress_head says how the head is rebuilt.
+    assert config["tinycompress_head"] == "mean" and config["architectures"] == ["BertForSequenceClassification"]
     model, tokenizer = load_hf_model(mean_finetuned)
     again, _ = load_hf_model_folder(mean_finetuned.path)
     batch = tokenizer(["the film was good", "bad plot"], padding=True, return_tensors="pt")

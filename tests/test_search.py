@@ -5,9 +5,9 @@ import csv
 import pytest
 from conftest import tiny_finetune_overrides
 
-from tinycompress.checkpoint.format import search_journal_path
 from tinycompress.config import load_config
-from tinycompress.errors import TinycompressError
+from tinycompress.data.batching import Encoded
+from tinycompress.errors import TinycompressError, TrainingDiverged
 from tinycompress.stages.finetune import search_and_finetune
 from tinycompress.training import search as search_module
 from tinycompress.training.search import Recipe, study_name
@@ -16,6 +16,10 @@ from tinycompress.training.search import Recipe, study_name
 def _config(model_dir, data_dir, workdir, trials: int):
     overrides = {"search.trials": trials, "search.samples": 64}
     return load_config(None, tiny_finetune_overrides(model_dir, data_dir, workdir, **overrides))
+
+
+def _journals(workdir):
+    return sorted((workdir / "sst2" / "searches").glob("*.jsonl"))
 
 
 def _scores(trials):
@@ -88,7 +92,8 @@ def test_an_interrupted_trial_is_run_again_first(tiny_bert_dir, toy_glue, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         search_and_finetune(config)
     assert not list((tmp_path / "sst2").glob("finetune-v*"))  # nothing half-written
-    assert search_journal_path(tmp_path, "sst2", study_name(config)).is_file()
+    assert len(_journals(tmp_path)) == 1
+    assert not list((tmp_path / "sst2" / "searches").glob("*.pid"))  # the study's lock is released
     monkeypatch.setattr(loop, "train", real_train)
     checkpoint = search_and_finetune(config)
     trials = checkpoint.manifest["details"]["search"]["trials"]
@@ -102,18 +107,41 @@ def test_an_interrupted_trial_is_run_again_first(tiny_bert_dir, toy_glue, tmp_pa
 def test_a_trial_left_running_by_a_killed_search_is_recovered(tiny_bert_dir, toy_glue, tmp_path):
     import optuna
 
-    config = _config(tiny_bert_dir, toy_glue, tmp_path, trials=2)
-    journal = search_journal_path(tmp_path, "sst2", study_name(config))
-    journal.parent.mkdir(parents=True)
+    first = search_and_finetune(_config(tiny_bert_dir, toy_glue, tmp_path, trials=1))
+    (journal,) = _journals(tmp_path)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    study = optuna.create_study(study_name=study_name(config), storage=storage, direction="maximize")
+    study = optuna.load_study(study_name=first.manifest["details"]["search"]["study"], storage=storage)
     orphan = study.ask()
     search_module.suggest_recipe(orphan)  # the dead process had chosen its recipe, then died
-    checkpoint = search_and_finetune(config)
+    checkpoint = search_and_finetune(_config(tiny_bert_dir, toy_glue, tmp_path, trials=2))
     trials = checkpoint.manifest["details"]["search"]["trials"]
-    assert [(t["trial"], t["state"]) for t in trials][0] == (0, "failed")
-    assert trials[1]["learning_rate"] == trials[0]["learning_rate"]  # rerun first
-    assert len(trials) == 3
+    assert [(t["trial"], t["state"], t["note"]) for t in trials][1] == (1, "failed", "interrupted")
+    assert trials[2]["learning_rate"] == trials[1]["learning_rate"]  # rerun first
+    assert len(trials) == 3 and trials[2]["state"] in ("complete", "pruned")
+
+
+def test_a_live_search_holds_its_study(tiny_bert_dir, toy_glue, tmp_path, monkeypatch):
+    import os
+
+    from tinycompress.training import loop
+
+    config = _config(tiny_bert_dir, toy_glue, tmp_path, trials=1)
+    real_train = loop.train
+    seen = []
+
+    def second_search_meanwhile(*args, **kwargs):
+        if not kwargs.get("description", "").startswith("trial"):  # the final fine-tune, after the search
+            return real_train(*args, **kwargs)
+        (lock,) = (tmp_path / "sst2" / "searches").glob("*.pid")
+        assert lock.read_text().split()[1] == str(os.getpid())
+        with pytest.raises(TinycompressError, match="is in use by process"):
+            search_and_finetune(config)
+        seen.append(lock)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train", second_search_meanwhile)
+    search_and_finetune(config)
+    assert seen and not seen[0].exists()
 
 
 def test_a_diverging_trial_fails_and_the_search_goes_on(tiny_bert_dir, toy_glue, tmp_path, monkeypatch):
@@ -125,7 +153,7 @@ def test_a_diverging_trial_fails_and_the_search_goes_on(tiny_bert_dir, toy_glue,
     def first_diverges(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
-            raise TinycompressError("fine-tune: the training loss became nan", "lower the learning rate")
+            raise TrainingDiverged("fine-tune: the training loss became nan", "lower the learning rate")
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train", first_diverges)
@@ -139,7 +167,7 @@ def test_no_finished_trial_is_one_clear_error(tiny_bert_dir, toy_glue, tmp_path,
     from tinycompress.training import loop
 
     def diverges(*args, **kwargs):
-        raise TinycompressError("fine-tune: the training loss became nan")
+        raise TrainingDiverged("fine-tune: the training loss became nan")
 
     monkeypatch.setattr(loop, "train", diverges)
     with pytest.raises(TinycompressError, match="none of the 2 trials finished"):
@@ -147,12 +175,54 @@ def test_no_finished_trial_is_one_clear_error(tiny_bert_dir, toy_glue, tmp_path,
     assert not list((tmp_path / "sst2").glob("finetune-v*"))
 
 
+def test_other_errors_stop_the_search(tiny_bert_dir, toy_glue, tmp_path, monkeypatch):
+    from tinycompress.training import loop
+
+    def broken(*args, **kwargs):
+        raise TinycompressError("something the user must fix")
+
+    monkeypatch.setattr(loop, "train", broken)
+    with pytest.raises(TinycompressError, match="something the user must fix"):
+        search_and_finetune(_config(tiny_bert_dir, toy_glue, tmp_path, trials=3))
+
+
 def test_study_name_follows_what_scores_a_trial(tiny_bert_dir, toy_glue, tmp_path):
     base = tiny_finetune_overrides(tiny_bert_dir, toy_glue, tmp_path)
-    name = study_name(load_config(None, base))
-    assert name == study_name(load_config(None, {**base, "search.trials": 99, "finetune.learning_rate": 1.0}))
-    assert name != study_name(load_config(None, {**base, "search.samples": 10}))
-    assert name != study_name(load_config(None, {**base, "seed": 7}))
+    rows = Encoded([[1, 5, 2], [1, 6, 2]], None, [0, 1])
+    dev = Encoded([[1, 7, 2]], None, [1])
+
+    def name(overrides=None, model="m", train=rows):
+        config = load_config(None, {**base, **(overrides or {})})
+        return study_name(config, model_source=model, train_data=train, dev_data=dev)
+
+    assert name() == name({"search.trials": 99, "finetune.learning_rate": 1.0, "data.data_dir": "/elsewhere"})
+    assert name() != name({"seed": 7})
+    assert name() != name(model="other")
+    assert name() != name(train=Encoded([[1, 5, 2], [1, 6, 2]], None, [1, 1]))  # other labels: other data
+    assert name() != name({"finetune.grad_accum": 2})
+
+
+def test_recipe_apply_validates_and_grad_accum_narrows_the_batch_sizes(tiny_bert_dir, toy_glue, tmp_path):
+    config = load_config(None, tiny_finetune_overrides(tiny_bert_dir, toy_glue, tmp_path))
+    recipe = Recipe(3e-4, 4, 0.1, 0.05, 64, 0.2, "mean")
+    applied = recipe.apply(config)
+    assert (applied.finetune.learning_rate, applied.finetune.batch_size, applied.model.head) == (3e-4, 64, "mean")
+    assert applied.finetune.eval_batch_size == config.finetune.eval_batch_size
+    with pytest.raises(TinycompressError):
+        Recipe(3e-4, 0, 0.1, 0.05, 64, 0.2, "mean").apply(config)  # epochs 0 is not a config
+    assert search_module.batch_sizes(1) == (16, 32, 64) and search_module.batch_sizes(32) == (32, 64)
+    assert search_module.batch_sizes(3) == ()
+    grad_accum_3 = load_config(
+        None,
+        tiny_finetune_overrides(
+            tiny_bert_dir,
+            toy_glue,
+            tmp_path,
+            **{"finetune.grad_accum": 3, "finetune.batch_size": 48, "search.trials": 1},
+        ),
+    )
+    with pytest.raises(TinycompressError, match="splits none of the searched batch sizes"):
+        search_and_finetune(grad_accum_3)
 
 
 def test_cli_search(tiny_bert_dir, toy_glue, tmp_path):
@@ -168,3 +238,11 @@ def test_cli_search(tiny_bert_dir, toy_glue, tmp_path):
     assert result.exit_code == 0, result.output
     assert "finetune-v1" in result.stdout
     assert "trial 1 " in result.stderr
+    from conftest import assert_one_line_error
+
+    assert_one_line_error(
+        CliRunner().invoke(app, [*args, "--lr", "1e-4", "--head", "mean"]), "--lr, --head and --search"
+    )
+    plain = [a for a in args if a != "--search"]
+    assert_one_line_error(CliRunner().invoke(app, plain), "--trials, --search-samples only apply to --search")
+    assert sorted(p.name for p in (tmp_path / "sst2").glob("finetune-v*")) == ["finetune-v1"]

@@ -602,7 +602,8 @@ def load_config(
     return _validate(merged, source, "fix or remove the keys named")
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """A Config saved in a manifest (already resolved)."""
-    _check_tree(data, "checkpoint manifest")
-    return _validate(data, "checkpoint manifest", None)
+def config_from_dict(data: dict[str, Any], source: str = "checkpoint manifest") -> Config:
+    """A resolved Config as a dict (saved in a manifest, or a search's recipe applied), validated;
+    ``source`` names it in errors."""
+    _check_tree(data, source)
+    return _validate(data, source, None)

@@ -21,3 +21,7 @@ class TinycompressError(Exception):
         if self.fix:
             text += f" — {' '.join(self.fix.split())}"
         return text
+
+
+class TrainingDiverged(TinycompressError):
+    """The training loss became non-finite (a recipe search counts the trial as failed and goes on)."""

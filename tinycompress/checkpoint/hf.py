@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from tinycompress.checkpoint.format import HEAD_ATTR, STRUCTURE_ATTR, WEIGHTS_FILE
+from tinycompress.checkpoint.format import HEAD_ATTR, MODEL_CONFIG_FILE, STRUCTURE_ATTR, WEIGHTS_FILE
 from tinycompress.checkpoint.store import Checkpoint
 from tinycompress.errors import TinycompressError
 
@@ -27,8 +28,23 @@ def save_config_and_tokenizer(directory: Path, model_config, tokenizer, max_leng
 
 
 def save_hf_model(directory: Path, model, tokenizer, max_length: int) -> None:
-    """HF-format weights (safetensors), config and tokenizer files."""
+    """HF-format weights (safetensors), config and tokenizer files.
+
+    ``architectures`` in ``config.json`` names the Hugging Face class (``BertForSequenceClassification``
+    also for a mean head, whose ``tinycompress_head`` field says how tinycompress rebuilds it), so
+    tools that look the class up by name find it.
+    """
+    from tinycompress.models.heads import hf_class_name
+
     model.save_pretrained(directory, safe_serialization=True)
+    architectures = [hf_class_name(model)]
+    if model.config.architectures != architectures:
+        # save_pretrained wrote (and set on the config) the subclass's name.
+        model.config.architectures = architectures
+        config_file = directory / MODEL_CONFIG_FILE
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+        saved["architectures"] = architectures
+        config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     save_tokenizer(directory, tokenizer, max_length)
 
 

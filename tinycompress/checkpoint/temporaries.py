@@ -1,5 +1,6 @@
-"""Temporary names in a workspace and their clean-up, and the pre-flight of a folder a command
-will write into: what every writer (checkpoints, the report, the cost-table cache) shares."""
+"""Temporary names in a workspace and their clean-up, the pre-flight of a folder a command will
+write into, and lock files naming their process: what every writer (checkpoints, the report, the
+cost-table cache, a recipe search's study) shares."""
 
 from __future__ import annotations
 
@@ -95,3 +96,36 @@ def check_writable(folder: str | Path, fix: str = "pass a writable --workdir") -
         why = f"{blocker} is a file, not a folder" if blocker is not None else (exc.strerror or str(exc))
         raise TinycompressError(f"cannot write to {folder}: {why}", fix) from None
     return folder
+
+
+@contextlib.contextmanager
+def held_by_this_process(lock: Path, what: str):
+    """Hold ``lock`` (a file naming this host and process) while the block runs, so two processes
+    never work on ``what`` at once; a lock left by a dead process on this host is taken over."""
+    me = f"{_host()} {os.getpid()}\n"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                host, pid = lock.read_text(encoding="utf-8").split()
+            except (OSError, ValueError):
+                host, pid = _host(), "0"  # unreadable or half-written: its writer is gone
+            if host != _host() or (pid.isdigit() and _pid_alive(int(pid))):
+                raise TinycompressError(
+                    f"{what} is in use by process {pid} on {host} ({lock})",
+                    f"wait for it to finish, or delete {lock} if that process is gone",
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(me)
+        break
+    else:
+        raise TinycompressError(f"could not take {lock} for {what}", f"delete {lock} and try again")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()

@@ -148,6 +148,7 @@ def finetune(
     Optuna study chooses the recipe first (resumed by the same command after Ctrl-C).
     """
     flags = config_flags(finetune, locals())
+    opt.check_search_flags(flags, search)
 
     from tinycompress.stages.finetune import finetune as run_finetune
     from tinycompress.stages.finetune import search_and_finetune

@@ -201,3 +201,31 @@ def check_one_pruning_goal(flags: dict[str, Any]) -> None:
         )
     if targets:
         flags["prune.ratio"] = flags["prune.ffn_ratio"] = UNSET
+
+
+# Flags the recipe search chooses for itself, and the search's own.
+_SEARCHED = {
+    "finetune.learning_rate": "--lr",
+    "finetune.epochs": "--epochs",
+    "finetune.batch_size": "--batch-size",
+    "model.head": "--head",
+}
+_SEARCH_ONLY = {"search.trials": "--trials", "search.samples": "--search-samples"}
+
+
+def check_search_flags(flags: dict[str, Any], search: bool) -> None:
+    """Refuse a flag the search would override (``--lr`` with ``--search``) or one that means
+    nothing without it (``--trials`` alone), rather than ignore it."""
+    from tinycompress.errors import TinycompressError
+
+    if search:
+        given = [flag for key, flag in _SEARCHED.items() if flags.get(key) is not None]
+        if given:
+            raise TinycompressError(
+                f"{', '.join(given)} and --search were both given: the search chooses {', '.join(given)}",
+                "drop them to search, or fine-tune without --search",
+            )
+    else:
+        given = [flag for key, flag in _SEARCH_ONLY.items() if flags.get(key) is not None]
+        if given:
+            raise TinycompressError(f"{', '.join(given)} only apply to --search", "add --search, or drop them")

@@ -135,6 +135,7 @@ def table_key(model, batches: dict[int, dict], *, threads: int, opset: int) -> d
 
     from tinycompress.inference.machine import machine_info
     from tinycompress.models.arch import get_arch
+    from tinycompress.models.heads import head_of
 
     spec = get_arch(model)
     config = model.config
@@ -154,6 +155,8 @@ def table_key(model, batches: dict[int, dict], *, threads: int, opset: int) -> d
         "ffn": spec.ffn_size(config),
         "vocab": model.get_input_embeddings().num_embeddings,
         "num_labels": config.num_labels,
+        # Only a mean head is named, so the tables measured before heads existed stay valid.
+        **({"head": head_of(config)} if head_of(config) != "cls" else {}),
         "input_shapes": {str(size): list(batch["input_ids"].shape) for size, batch in sorted(batches.items())},
     }
 

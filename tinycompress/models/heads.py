@@ -80,7 +80,8 @@ class _MeanPoolingForward:
     def _mean_pooled(self, inputs: dict, labels, kwargs):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
-        outputs = self.base_model(**{k: v for k, v in inputs.items() if v is not None}, **kwargs)
+        return_dict = kwargs.pop("return_dict", None)
+        outputs = self.base_model(**{k: v for k, v in inputs.items() if v is not None}, **kwargs, return_dict=True)
         pooled = self.dropout(masked_mean(outputs[0], inputs.get("attention_mask")))
         logits = self.classifier(pooled)
         loss = None
@@ -89,9 +90,10 @@ class _MeanPoolingForward:
                 loss = nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
             else:
                 loss = nn.functional.cross_entropy(logits, labels)
-        return SequenceClassifierOutput(
+        output = SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+        return output.to_tuple() if return_dict is False else output
 
 
 # Two forwards with explicit arguments: exporters read the inputs a model takes from its
@@ -117,8 +119,17 @@ def _mean_class(base: type) -> type:
 
         takes_token_types = "token_type_ids" in inspect.signature(base.forward).parameters
         mixin = _WithTokenTypes if takes_token_types else _WithoutTokenTypes
-        _MEAN_CLASSES[base] = type(f"MeanPooling{base.__name__}", (mixin, base), {"__module__": __name__})
+        name = f"MeanPooling{base.__name__}"
+        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = cls  # findable by name, so the model pickles like any other
+        _MEAN_CLASSES[base] = cls
     return _MEAN_CLASSES[base]
+
+
+def hf_class_name(model) -> str:
+    """The Hugging Face class a model is (for a mean head: the class under ``MeanPooling<class>``)."""
+    cls = type(model)
+    return (cls.__bases__[-1] if cls in _MEAN_CLASSES.values() else cls).__name__  # bases: (forward, HF class)
 
 
 def apply_head_(model, head: str) -> None:
@@ -129,7 +140,7 @@ def apply_head_(model, head: str) -> None:
     """
     if head not in HEAD_TYPES:
         raise ValueError(f"unknown head {head!r}; expected one of {HEAD_TYPES}")
-    if type(model) in _MEAN_CLASSES.values():
+    if isinstance(model, _MeanPoolingForward):
         if head != "mean":
             raise ValueError("a mean-pooling model cannot be given its [CLS] head back; rebuild it from its config")
         return

@@ -65,8 +65,10 @@ def search_and_finetune(config: Config) -> Checkpoint:
             "finetune --search runs its trials in one process",
             "run the search without torchrun / accelerate launch; launch the final fine-tune with the recipe it prints",
         )
+    processes.check_training(config.finetune, device)  # settings every trial keeps (precision, grad_accum)
     data = load_config_data(config, spec)
-    tokenizer = load_tokenizer(resolve_model_source(config.model.name))
+    source = resolve_model_source(config.model.name)
+    tokenizer = load_tokenizer(source)
     train_enc, dev_enc = (encode(tokenizer, split, config.model.max_length) for split in (data.train, data.dev))
 
     def build_model(recipe):
@@ -76,7 +78,14 @@ def search_and_finetune(config: Config) -> Checkpoint:
         return model
 
     outcome = run_search(
-        config, spec, train_enc, dev_enc, build_model=build_model, pad_id=padding_id(tokenizer), device=device
+        config,
+        spec,
+        train_enc,
+        dev_enc,
+        build_model=build_model,
+        model_source=str(Path(source).resolve()) if Path(source).exists() else source,
+        pad_id=padding_id(tokenizer),
+        device=device,
     )
     return _finetune(outcome.best.apply(config), search=outcome)
 

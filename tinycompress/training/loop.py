@@ -13,7 +13,7 @@ import torch
 
 from tinycompress.data.batching import Encoded, batch_order, collate
 from tinycompress.data.tasks import TaskSpec
-from tinycompress.errors import TinycompressError
+from tinycompress.errors import TrainingDiverged
 from tinycompress.training.distributed import Processes
 from tinycompress.training.evaluation import evaluate
 from tinycompress.training.losses import batch_loss
@@ -175,7 +175,7 @@ def train(
             # value, and a non-finite loss ends the run on every process: nothing is saved.
             value = processes.sum(step_loss).item() / processes.world_size
             if not math.isfinite(value):
-                raise TinycompressError(
+                raise TrainingDiverged(
                     f"{description}: the training loss became {value} at epoch {epoch}/{epochs}, "
                     f"step {step}/{steps_per_epoch}; stopped before writing a checkpoint",
                     f"lower the learning rate (--lr, now {settings.learning_rate:g}) or check the training labels",

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from tinycompress.checkpoint.format import search_journal_path
-from tinycompress.config import Config
+from tinycompress.config import Config, config_from_dict
 from tinycompress.console import log_to_stderr
 from tinycompress.data.batching import Encoded
 from tinycompress.data.tasks import TaskSpec
-from tinycompress.errors import TinycompressError
+from tinycompress.errors import TinycompressError, TrainingDiverged
 
 # Bump when the space below changes: a study of another space is another study.
 SEARCH_SPACE_VERSION = 1
@@ -66,23 +66,25 @@ class Recipe:
     head: str
 
     def apply(self, config: Config) -> Config:
-        """``config`` with this recipe in its finetune and model sections."""
-        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "head"}
-        return config.model_copy(
-            update={
-                "finetune": config.finetune.model_copy(update=overrides),
-                "model": config.model.model_copy(update={"head": self.head}),
-            }
-        )
+        """``config`` with this recipe in its finetune and model sections (validated as any config)."""
+        data = config.model_dump()
+        data["finetune"].update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "head"})
+        data["model"]["head"] = self.head
+        return config_from_dict(data, "search recipe")
 
 
-def suggest_recipe(trial) -> Recipe:
+def batch_sizes(grad_accum: int) -> tuple[int, ...]:
+    """The batch sizes of the space that split into ``grad_accum`` equal micro-batches."""
+    return tuple(size for size in BATCH_SIZES if size % grad_accum == 0)
+
+
+def suggest_recipe(trial, sizes: tuple[int, ...] = BATCH_SIZES) -> Recipe:
     return Recipe(
         learning_rate=trial.suggest_float("learning_rate", *LEARNING_RATE_RANGE, log=True),
         epochs=trial.suggest_int("epochs", *EPOCHS_RANGE),
         warmup_ratio=trial.suggest_float("warmup_ratio", *WARMUP_RANGE),
         weight_decay=trial.suggest_float("weight_decay", *WEIGHT_DECAY_RANGE),
-        batch_size=trial.suggest_categorical("batch_size", BATCH_SIZES),
+        batch_size=trial.suggest_categorical("batch_size", sizes),
         classifier_dropout=trial.suggest_float("classifier_dropout", *CLASSIFIER_DROPOUT_RANGE),
         head=trial.suggest_categorical("head", HEADS),
     )
@@ -114,18 +116,17 @@ class SearchOutcome:
         }
 
 
-def study_name(config: Config) -> str:
-    """``finetune-<digest>``: the same name for every run whose trials would score the same."""
+def study_name(config: Config, *, model_source: str, train_data: Encoded, dev_data: Encoded) -> str:
+    """``finetune-<digest>``: the same name for every run whose trials would score the same -- the
+    space, the seed, the model, the very rows trials train and are scored on, and the settings a
+    trial keeps from the config rather than choosing."""
+    rows = json.dumps([train_data.input_ids, train_data.labels, dev_data.input_ids, dev_data.labels])
     key = {
         "space": SEARCH_SPACE_VERSION,
         "task": config.task,
         "seed": config.seed,
-        "model": config.model.name,
-        "max_length": config.model.max_length,
-        "dev_fraction": config.data.dev_fraction,
-        "max_train_samples": config.data.max_train_samples,
-        "samples": config.search.samples,
-        # Settings a trial keeps from the config rather than choosing.
+        "model": model_source,
+        "rows": hashlib.sha256(rows.encode()).hexdigest(),
         "finetune": config.finetune.model_dump(
             include={"max_grad_norm", "group_by_length", "precision", "grad_accum", "eval_batch_size"}
         ),
@@ -207,26 +208,46 @@ def run_search(
     dev_data: Encoded,
     *,
     build_model: Callable[[Recipe], Any],
+    model_source: str,
     pad_id: int,
     device,
 ) -> SearchOutcome:
-    """Run (or resume) the study of ``config`` until it holds ``config.search.trials`` trials.
+    """Run (or resume) the study of ``config`` until ``config.search.trials`` trials have finished.
 
-    ``build_model(recipe)`` returns a fresh pretrained classifier with the recipe's head and
-    dropout. Each trial trains on ``config.search.samples`` rows of ``train_data`` (the same
-    seeded rows for every trial) and is scored on all of ``dev_data``.
+    ``build_model(recipe)`` returns a fresh pretrained classifier (``model_source``) with the
+    recipe's head and dropout. Each trial trains on ``config.search.samples`` rows of
+    ``train_data`` (the same seeded rows for every trial) and is scored on all of ``dev_data``.
+    One process at a time works on a study (a lock file beside its journal).
     """
     import random
 
     import optuna
 
-    from tinycompress.training.loop import train
+    from tinycompress.checkpoint.temporaries import held_by_this_process
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
-    metric = spec.primary_metric
-    name = study_name(config)
+    sizes = batch_sizes(config.finetune.grad_accum)
+    if not sizes:
+        raise TinycompressError(
+            f"--grad-accum {config.finetune.grad_accum} splits none of the searched batch sizes {BATCH_SIZES}",
+            "use --grad-accum 1, 2, 4, 8 or 16 for a search",
+        )
+    rows = min(len(train_data), config.search.samples or len(train_data))
+    subset = train_data.subset(sorted(random.Random(config.seed).sample(range(len(train_data)), rows)))
+    name = study_name(config, model_source=model_source, train_data=subset, dev_data=dev_data)
     journal = search_journal_path(config.workdir, spec.name, name)
     journal.parent.mkdir(parents=True, exist_ok=True)
+    with held_by_this_process(journal.with_suffix(".pid"), f"the search study {journal}"):
+        return _run_study(config, spec, subset, dev_data, sizes, name, journal, build_model, pad_id, device)
+
+
+def _run_study(config, spec, subset, dev_data, sizes, name, journal, build_model, pad_id, device) -> SearchOutcome:
+    import optuna
+    import torch
+
+    from tinycompress.training.loop import train
+
+    metric = spec.primary_metric
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     previous = study_trials(storage, name)
     study = optuna.create_study(
@@ -235,15 +256,14 @@ def run_search(
         direction="maximize",
         load_if_exists=True,
         # Seeded by the trials already run, so a resumed search does not propose its first recipes again.
-        sampler=optuna.samplers.TPESampler(seed=config.seed + len(previous)),
-        # Poor trials stop after their second epoch or later, once 4 trials have finished.
+        sampler=optuna.samplers.TPESampler(seed=(config.seed + len(previous)) % 2**32),
+        # Once 4 trials have completed, a trial whose dev metric after an epoch (from the first on)
+        # is below their median at that epoch stops there.
         pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1),
     )
     queued = _recover_interrupted(study, storage)
     done = sum(_counted(t) for t in study.get_trials(deepcopy=False))
     remaining = max(0, config.search.trials - done)
-    rows = min(len(train_data), config.search.samples or len(train_data))
-    subset = train_data.subset(sorted(random.Random(config.seed).sample(range(len(train_data)), rows)))
     if previous:
         log_to_stderr(
             f"search: resuming {journal} ({done} trial(s) done, {remaining} to run"
@@ -252,12 +272,12 @@ def run_search(
         )
     else:
         log_to_stderr(
-            f"search: {remaining} trial(s) on {rows} training rows, scored by dev/{metric} on {len(dev_data)} "
-            f"dev rows; study in {journal} (Ctrl-C keeps finished trials; the same command resumes)"
+            f"search: {remaining} trial(s) on {len(subset)} training rows, scored by dev/{metric} on "
+            f"{len(dev_data)} dev rows; study in {journal} (Ctrl-C keeps finished trials; the same command resumes)"
         )
 
     def objective(trial) -> float:
-        recipe = suggest_recipe(trial)
+        recipe = suggest_recipe(trial, sizes)
         settings = recipe.apply(config).finetune
         start = time.perf_counter()
 
@@ -282,8 +302,8 @@ def run_search(
         except KeyboardInterrupt:
             trial.set_user_attr(INTERRUPTED, True)
             raise
-        except TinycompressError as exc:  # the loss diverged: a failed trial, the search goes on
-            trial.set_user_attr("failure", exc.problem)
+        except (TrainingDiverged, torch.OutOfMemoryError) as exc:  # a failed trial; the search goes on
+            trial.set_user_attr("failure", exc.problem if isinstance(exc, TrainingDiverged) else "out of memory")
             return float("nan")
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - start, 1))
