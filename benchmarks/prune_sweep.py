@@ -93,7 +93,7 @@ class Sweep:
         from tinycompress.data.batching import encode, padding_id
         from tinycompress.data.glue import load_config_data
         from tinycompress.models.run_setup import prepare
-        from tinycompress.stages.prune import importance_batches
+        from tinycompress.stages.prune_job import importance_batches
 
         parent = read_checkpoint(args.checkpoint)
         overrides = {
@@ -124,7 +124,7 @@ class Sweep:
         self.checkpoint = parent
 
     def measure(self, model) -> dict[str, float]:
-        from tinycompress.stages.prune import measure_test
+        from tinycompress.stages.prune_job import measure_test
 
         return measure_test(model, self.test, self.spec, self.config, pad_id=self.pad_id, device=self.device)
 

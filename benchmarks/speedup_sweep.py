@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from tinycompress.config import load_config
     from tinycompress.inference.cost_table import load_or_measure_cost_table
     from tinycompress.stages import prune as prune_stage
+    from tinycompress.stages import prune_job, prune_target
 
     if not args.checkpoint:
         print("speedup_sweep: --checkpoint is required (a finetune checkpoint folder)", file=sys.stderr)
@@ -151,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_uniform:
             continue
         start = time.perf_counter()
-        job = prune_stage._load_job(config, parent, ratios=False)  # the inputs, threads and teacher
+        job = prune_job.load_job(config, parent, ratios=False)  # the inputs, threads and teacher
         table = load_or_measure_cost_table(
             job.teacher,
-            prune_stage._latency_inputs(job.tokenizer, job, config),
+            prune_target.latency_inputs(job.tokenizer, job, config),
             workdir=config.workdir,
             threads=job.threads,
             opset=config.export.opset,
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         update = {"speedup": None, "ratio": r, "ffn_ratio": r}
         uniform_config = base.model_copy(update={"prune": base.prune.model_copy(update=update)})
         uniform = prune_stage.run_prune(uniform_config, parent)
-        uniform.details["uniform_measured"] = prune_stage.measure_speedup(
+        uniform.details["uniform_measured"] = prune_target.measure_speedup(
             uniform.model, uniform.tokenizer, job.teacher, job.tokenizer, job, uniform_config
         )
         uniform.details["uniform_predicted"] = {

@@ -49,7 +49,7 @@ from tinycompress.data.batching import encode, padding_id
 from tinycompress.data.glue import load_config_data
 from tinycompress.data.tasks import get_task
 from tinycompress.pruning.importance import compute_importance, summed_over_processes
-from tinycompress.stages.prune import importance_batches
+from tinycompress.stages.prune_job import importance_batches
 from tinycompress.training.distributed import close_processes, start_processes
 from tinycompress.training.evaluation import predict_logits
 

@@ -278,10 +278,10 @@ def no_model_loading(monkeypatch):
         raise AssertionError("a model was loaded before the pre-flight")
 
     import tinycompress.stages.finetune as finetune_stage
-    import tinycompress.stages.prune as prune_stage
+    import tinycompress.stages.prune_job as prune_job
 
     monkeypatch.setattr(finetune_stage, "load_pretrained_classifier", refuse)
-    monkeypatch.setattr(prune_stage, "load_hf_model", refuse)
+    monkeypatch.setattr(prune_job, "load_hf_model", refuse)
 
 
 def test_a_workdir_that_is_a_file_fails_before_training(tiny_bert_dir, toy_glue, tmp_path, no_model_loading):

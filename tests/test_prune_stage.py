@@ -24,7 +24,8 @@ from tinycompress.inference.latency import latency_batches, measure_latency, mea
 from tinycompress.inference.predictor import torch_predictor
 from tinycompress.models.pretrained import count_parameters
 from tinycompress.models.structure import current_head_ids, head_counts
-from tinycompress.stages.prune import FLOPS_SEQ_LEN, check_feasible, prune, run_prune, write_prune
+from tinycompress.stages.prune import FLOPS_SEQ_LEN, prune, run_prune, write_prune
+from tinycompress.stages.prune_job import check_feasible
 
 runner = CliRunner()
 # BertTokenizer in transformers 5 saves tokenizer.json + tokenizer_config.json (no vocab.txt).

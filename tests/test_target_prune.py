@@ -168,7 +168,7 @@ def test_a_target_flag_wins_over_ratios_the_parent_carries_and_both_together_are
     from tinycompress.cli.app import app
     from tinycompress.cli.options import check_one_pruning_goal
     from tinycompress.config import load_config
-    from tinycompress.stages.prune import criterion_of, target_of
+    from tinycompress.stages.prune_target import criterion_of, target_of
 
     base = parent_base(parent, "prune") | {"prune": {"ratio": 0.5, "ffn_ratio": 0.0, "criterion": "taylor"}}
     assert target_of(load_config(None, {}, base=base)) is None  # ratios carried over: ratio mode

@@ -49,14 +49,22 @@ from pathlib import Path
 from typing import Any
 
 from tinycompress.checkpoint.format import task_dir
-from tinycompress.checkpoint.hf import load_hf_model, save_hf_model
+from tinycompress.checkpoint.hf import save_hf_model
 from tinycompress.checkpoint.store import Checkpoint, write_checkpoint
 from tinycompress.checkpoint.temporaries import check_writable
 from tinycompress.checkpoint.workspace import check_parent, resolve_input
 from tinycompress.config import Config
-from tinycompress.data.batching import Encoded, batch_order, collate, encode, padding_id, subset_rows
-from tinycompress.data.glue import Examples, load_config_data
+from tinycompress.data.batching import Encoded, encode, padding_id
 from tinycompress.errors import TinycompressError
+from tinycompress.stages.prune_job import (
+    PruneJob,
+    importance_batches,
+    load_job,
+    measure,
+    measure_test,
+    scores_summed,
+)
+from tinycompress.stages.prune_target import criterion_of, measure_speedup, prune_to_target, target_of, vocab_to_keep
 
 # FLOPs depend on the sequence length; 128 is the default max_length, so numbers from
 # different runs and tasks are comparable whatever their own max_length.
@@ -74,47 +82,6 @@ class PruneResult:
     details: dict[str, Any]
     # The processes that made it (:class:`~tinycompress.training.distributed.Processes`); None: one.
     processes: Any = None
-
-
-def importance_batches(
-    encoded: Encoded, rows: int, *, batch_size: int, pad_id: int, regression: bool, seed: int, processes=None
-) -> Callable[[], Iterator[dict]]:
-    """A function returning fresh labelled batches over ``rows`` seeded-random training rows.
-
-    Each call yields the same batches, so re-scoring between pruning steps is comparable. With
-    several ``processes``, each gets its share of those same batches (batch i on process
-    i % world size); score them inside
-    :func:`~tinycompress.pruning.importance.summed_over_processes`.
-    """
-    subset = subset_rows(encoded, rows, seed)
-    lengths = [len(ids) for ids in subset.input_ids]
-
-    def batches() -> Iterator[dict]:
-        order = batch_order(lengths, batch_size, shuffle=False, group_by_length=True, seed=0)
-        for indices in processes.share(order) if processes is not None else order:
-            yield collate(subset, indices, pad_id, regression=regression)
-
-    return batches
-
-
-def measure_test(
-    model, encoded: Encoded, spec, config: Config, *, pad_id: int, device, forward=None, processes=None
-) -> dict[str, float]:
-    """The task's metrics on ``encoded`` (the test split unless said otherwise); ``forward``
-    replaces the torch model (an ONNX Runtime session). With several ``processes`` every one
-    must call this alike; each computes a share (:func:`~tinycompress.training.evaluation.evaluate`)."""
-    from tinycompress.training.evaluation import evaluate
-
-    return evaluate(
-        model,
-        encoded,
-        spec,
-        batch_size=config.finetune.eval_batch_size,
-        pad_id=pad_id,
-        device=device,
-        forward=forward,
-        processes=processes,
-    )
 
 
 def recover(
@@ -186,7 +153,7 @@ def _prune_in_place(model, batches: Callable[[], Iterator[dict]], config: Config
     from tinycompress.pruning.iterative import prune_iteratively
 
     settings = config.prune
-    with _scores_summed(processes):
+    with scores_summed(processes):
         return prune_iteratively(
             model,
             batches,
@@ -198,256 +165,6 @@ def _prune_in_place(model, batches: Callable[[], Iterator[dict]], config: Config
             min_neurons_per_layer=settings.min_neurons_per_layer,
             seed=config.seed,
         )
-
-
-def _scores_summed(processes):
-    """Importance scores of every process's batches added up (a no-op in one process)."""
-    from tinycompress.pruning.importance import summed_over_processes
-
-    return summed_over_processes(processes.sum if processes is not None and processes.distributed else None)
-
-
-def check_feasible(model, config: Config) -> None:
-    """Refuse ratios that would take a layer below its minimum, before data is loaded or scored.
-
-    Selection on all-equal scores fails exactly when the real selection would, and costs nothing.
-    An unsupported model family raises its own error (no ratio would help).
-    """
-    import torch
-
-    from tinycompress.models.arch import get_arch
-    from tinycompress.models.structure import ffn_sizes, head_counts
-    from tinycompress.pruning.selection import select_heads, select_neurons
-
-    settings = config.prune
-    get_arch(model)
-    heads, neurons = head_counts(model), ffn_sizes(model)
-    try:
-        select_heads([torch.zeros(n) for n in heads], settings.ratio or 0.0, settings.min_heads_per_layer)
-        select_neurons([torch.zeros(n) for n in neurons], settings.ffn_ratio or 0.0, settings.min_neurons_per_layer)
-    except ValueError as exc:
-        raise TinycompressError(
-            f"cannot prune: {exc}",
-            "lower --ratio / --ffn-ratio, or prune.min_heads_per_layer / prune.min_neurons_per_layer",
-        ) from None
-
-
-TARGETS = {"speedup": "--speedup", "target_latency_ms": "--target-latency-ms", "target_size_mb": "--target-size-mb"}
-
-# Rows of the test split whose texts time the int8 models (latency only: no labels are read).
-LATENCY_TEXTS = 512
-# Interleaved rounds measuring the pruned model's speed-up over the unpruned one.
-SPEEDUP_RUNS = 50
-
-
-def target_of(config: Config) -> str | None:
-    """What ``config.prune`` prunes to: None for ratios (``ratio`` or ``ffn_ratio`` set), else the
-    target setting -- ``target_latency_ms`` or ``target_size_mb`` when set (both is refused), else
-    ``speedup`` (the default target)."""
-    settings = config.prune
-    if settings.ratio is not None or settings.ffn_ratio is not None:
-        return None
-    given = [name for name in ("target_latency_ms", "target_size_mb") if getattr(settings, name) is not None]
-    if len(given) > 1:
-        raise TinycompressError(
-            f"prune takes one target, got {' and '.join(TARGETS[name] for name in given)}", "keep one of them"
-        )
-    if given:
-        return given[0]
-    if settings.speedup is None:
-        raise TinycompressError("prune has nothing to prune to", "give --speedup, a target or --ratio / --ffn-ratio")
-    return "speedup"
-
-
-def criterion_of(config: Config) -> str:
-    """The importance criterion: the configured one, else fisher for a target (its scores weigh heads
-    against neurons; Kwon et al. search with it) and taylor for ratios (best for heads in our sweep)."""
-    if config.prune.criterion is not None:
-        return config.prune.criterion
-    return "taylor" if target_of(config) is None else "fisher"
-
-
-def _latency_inputs(tokenizer, job: _Job, config: Config) -> dict[int, dict]:
-    from tinycompress.inference.latency import latency_batches
-
-    return latency_batches(tokenizer, job.test_examples.texts[:LATENCY_TEXTS], config.model.max_length)
-
-
-def _vocab_to_keep(model, job: _Job, config: Config):
-    """(token ids ``--vocab`` keeps, their counts): the train and dev tokens, as the model sees
-    them (pairs, max_length). Raises ValueError like :func:`~tinycompress.pruning.vocab.select_vocab`."""
-    from tinycompress.pruning.vocab import config_token_ids, count_ids, select_vocab
-
-    counts = count_ids(job.train.input_ids + job.dev.input_ids)
-    kept = select_vocab(
-        counts,
-        job.tokenizer,
-        config.prune.vocab_min_frequency,
-        config.prune.vocab_top_k,
-        always_keep=config_token_ids(model).values(),
-    )
-    return kept, counts
-
-
-def _prune_to_target(model, job: _Job, config: Config):
-    """Score every unit, choose the structure keeping the most importance within the target's
-    budget (:func:`tinycompress.pruning.budget.choose_structure` on this machine's cost table), and
-    cut ``model`` to it. Returns (PruningRecord, target details)."""
-    from tinycompress.inference.cost_table import load_or_measure_cost_table
-    from tinycompress.models.structure import (
-        current_head_ids,
-        drop_empty_layers_,
-        ffn_sizes,
-        head_counts,
-        prune_heads_,
-        prune_neurons_,
-    )
-    from tinycompress.pruning.budget import choose_structure
-    from tinycompress.pruning.importance import compute_importance
-    from tinycompress.pruning.iterative import PruningRecord, StepRecord, dropped
-
-    settings, batch = config.prune, config.prune.target_batch_size
-    kind = target_of(config)
-    with _scores_summed(job.processes):
-        importance = compute_importance(
-            model, job.batches(), criterion_of(config), seed=config.seed, **_comparable(criterion_of(config))
-        )
-    # Measured (or read from the cache) by process 0 alone -- timings of processes sharing a machine
-    # would disturb each other -- and shared, so every process cuts the model alike.
-    table = job.processes.on_main(
-        lambda: load_or_measure_cost_table(
-            model,
-            _latency_inputs(job.tokenizer, job, config),
-            workdir=config.workdir,
-            threads=job.threads,
-            opset=config.export.opset,
-        )
-    )
-    if kind == "target_size_mb":
-        floor = table.size["floor_bytes"]
-        if settings.vocab:
-            # --vocab cuts the embedding after recovery; its rows are known now.
-            try:
-                kept_rows = len(_vocab_to_keep(model, job, config)[0])
-            except ValueError as exc:
-                raise TinycompressError(f"cannot prune the vocabulary: {exc}", "drop --vocab") from None
-            removed_rows = model.get_input_embeddings().num_embeddings - kept_rows
-            floor -= removed_rows * table.size["embedding_row_bytes"]
-        costs = {"head_cost": table.head_bytes(), "ffn_cost": table.ffn_bytes(), "floor": floor}
-        budget, unit, scale = settings.target_size_mb * 1e6, "MB", 1e-6
-    else:
-        costs = {"head_cost": table.head_cost(batch), "ffn_cost": table.ffn_cost(batch), "floor": table.floor_ms(batch)}
-        budget = settings.target_latency_ms if kind == "target_latency_ms" else table.full_ms(batch) / settings.speedup
-        unit, scale = "ms", 1.0
-    try:
-        plan = choose_structure(
-            importance.head_scores,
-            importance.neuron_scores,
-            **costs,
-            budget=budget,
-            min_heads=settings.min_heads_per_layer,
-            min_neurons=settings.min_neurons_per_layer,
-        )
-    except ValueError:
-        cheapest = costs["floor"] + sum(
-            costs["head_cost"](settings.min_heads_per_layer) + costs["ffn_cost"](settings.min_neurons_per_layer)
-            for _ in head_counts(model)
-        )
-        what = f"batch-{batch} latency" if unit == "ms" else "size"
-        reachable = f"{table.full_ms(batch) / cheapest:.2f}x" if kind == "speedup" else f"{cheapest * scale:.3g} {unit}"
-        raise TinycompressError(
-            f"cannot reach {TARGETS[kind]} {getattr(settings, kind):g}: the smallest model this machine's cost table "
-            f"allows has a {what} of {cheapest * scale:.3g} {unit} (at most {reachable})",
-            f"ask for less than {reachable}, or lower prune.min_heads_per_layer / prune.min_neurons_per_layer",
-        ) from None
-    heads_before, neurons_before = current_head_ids(model), [list(range(n)) for n in ffn_sizes(model)]
-    # Both cuts first, then empty layers go: a layer is removed only once both its lists are applied.
-    prune_heads_(model, plan.heads_keep, drop_empty_layers=False)
-    prune_neurons_(model, plan.neurons_keep, drop_empty_layers=False)
-    layers_removed = drop_empty_layers_(model)
-    step = StepRecord(
-        1,
-        dropped(heads_before, plan.heads_keep),
-        dropped(neurons_before, plan.neurons_keep),
-        sum(head_counts(model)),
-        sum(ffn_sizes(model)),
-    )
-    record = PruningRecord(steps=[step], initial_importance=importance, layers_removed=layers_removed)
-    target = {
-        "kind": kind,
-        "value": getattr(settings, kind),
-        "batch_size": batch,
-        "budget": round(budget * scale, 4),
-        "unit": unit,
-        "predicted": round(plan.predicted_cost * scale, 4),
-        "kept_importance_share": round(plan.kept_importance / plan.total_importance, 4)
-        if plan.total_importance
-        else None,
-        "predicted_speedup": {
-            str(b): round(table.full_ms(b) / table.predict_ms(b, plan.head_counts, plan.ffn_sizes), 3)
-            for b in (1, 32)
-            if str(b) in table.latency
-        },
-        "cost_table": table.summary(),
-    }
-    return record, target
-
-
-def _comparable(criterion: str) -> dict[str, Any]:
-    """Taylor's head scores are normalised per layer by default (Michel et al.); a search that
-    trades heads against neurons and layers against layers needs them raw."""
-    return {"normalize": False} if criterion == "taylor" else {}
-
-
-def measure_speedup(model, tokenizer, reference, reference_tokenizer, job: _Job, config: Config) -> dict[str, Any]:
-    """The int8 (ONNX Runtime, ``quantize``'s default recipe) latency of ``model`` against
-    ``reference``'s, timed interleaved at batch 1 and 32 on test texts: medians, spreads, and the
-    speed-up as the median of the per-round ratios (:func:`~tinycompress.inference.latency.paired_speedup`)."""
-    import gc
-    import tempfile
-
-    from tinycompress.config import QuantizeSettings
-    from tinycompress.inference.latency import Timing, differs, interleaved_samples, paired_speedup
-    from tinycompress.inference.onnx_session import OnnxClassifier
-    from tinycompress.quantization.onnx import quantize_onnx_model
-
-    settings = QuantizeSettings()
-    with tempfile.TemporaryDirectory(prefix="tinycompress-speedup-") as scratch:
-        sessions, inputs = {}, {}
-        for name, net, tok in (("pruned", model, tokenizer), ("unpruned", reference, reference_tokenizer)):
-            path = Path(scratch) / f"{name}.onnx"
-            quantize_onnx_model(net, path, settings, opset=config.export.opset)
-            sessions[name] = OnnxClassifier(path, num_threads=job.threads)
-            inputs[name] = _latency_inputs(tok, job, config)
-        result: dict[str, Any] = {"runs": SPEEDUP_RUNS, "threads": job.threads}
-        gc.collect()  # sessions of the cost table or of earlier measurements must not linger while timing
-        for size in (1, 32):
-            forwards = {
-                name: (lambda s=session, b=inputs[name][size]: s.run_batch(b)) for name, session in sessions.items()
-            }
-            samples = interleaved_samples(forwards, runs=SPEEDUP_RUNS)
-            timings = {name: Timing.of(values) for name, values in samples.items()}
-            result[f"batch_{size}"] = {
-                "pruned": timings["pruned"].to_dict(),
-                "unpruned": timings["unpruned"].to_dict(),
-                "speedup": round(paired_speedup(samples["unpruned"], samples["pruned"]), 3),
-                "differs": differs(timings["pruned"], timings["unpruned"]),
-            }
-        result["size_bytes"] = {name: (Path(scratch) / f"{name}.onnx").stat().st_size for name in sessions}
-        # The deployed models' own test metrics: what int8 costs on top of pruning.
-        for name, tok in (("pruned", tokenizer), ("unpruned", reference_tokenizer)):
-            session = sessions[name]
-            encoded = encode(tok, job.test_examples, config.model.max_length)
-            result[f"{name}_int8_test"] = measure_test(
-                None,
-                encoded,
-                job.spec,
-                config,
-                pad_id=padding_id(tok),
-                device=None,
-                forward=session.run_batch,
-            )
-    return result
 
 
 def _importance_details(importance, head_ids: list[list[int]], rows: int) -> dict[str, Any]:
@@ -508,80 +225,6 @@ def _size_metrics(before: dict, after: dict) -> dict[str, Any]:
     }
 
 
-@dataclass
-class _Job:
-    """What one prune run works on: the parent model (teacher), tokenized splits, device."""
-
-    spec: Any
-    device: Any
-    threads: int
-    teacher: Any
-    tokenizer: Any
-    train: Encoded
-    dev: Encoded
-    test: Encoded
-    pad_id: int
-    data_source: str
-    batches: Callable[[], Iterator[dict]]
-    test_examples: Examples  # raw texts: a vocabulary-pruned model's tokenizer re-encodes them
-    processes: Any  # tinycompress.training.distributed.Processes
-
-
-def _load_job(config: Config, parent: Checkpoint, *, ratios: bool = True) -> _Job:
-    from tinycompress.models.run_setup import prepare
-    from tinycompress.training.distributed import start_processes
-
-    spec, device, threads = prepare(config)
-    processes = start_processes(device)
-    device = processes.device
-    if config.prune.recover_epochs > 0:
-        processes.check_training(config.finetune, device)
-    data = load_config_data(config, spec)  # a data problem fails before any model is loaded
-    teacher, tokenizer = load_hf_model(parent)
-    if ratios:
-        check_feasible(teacher, config)  # before the data is read and tokenized
-    if config.prune.vocab:
-        from tinycompress.pruning.vocab import check_prunable
-
-        try:
-            check_prunable(teacher, tokenizer)
-        except ValueError as exc:
-            raise TinycompressError(f"cannot prune the vocabulary of {parent.path}: {exc}", "drop --vocab") from None
-    train, dev, test = (
-        encode(tokenizer, split, config.model.max_length) for split in (data.train, data.dev, data.test)
-    )
-    pad_id = padding_id(tokenizer)
-    batches = importance_batches(
-        train,
-        config.prune.importance_samples,
-        batch_size=config.finetune.batch_size,
-        pad_id=pad_id,
-        regression=spec.is_regression,
-        seed=config.seed,
-        processes=processes,
-    )
-    return _Job(
-        spec,
-        device,
-        threads,
-        teacher.to(device),
-        tokenizer,
-        train,
-        dev,
-        test,
-        pad_id,
-        data.source,
-        batches,
-        data.test,
-        processes,
-    )
-
-
-def _measure(net, job: _Job, config: Config, split: str = "test") -> dict[str, float]:
-    encoded = job.test if split == "test" else job.dev
-    return measure_test(net, encoded, job.spec, config, pad_id=job.pad_id, device=job.device, processes=job.processes)
-
-
 def _layer_map(student, teacher) -> list[int]:
     """For each layer of ``student``, the position of the same original layer in ``teacher`` --
     except the last, which always answers to the teacher's last: when trailing layers were removed,
@@ -596,7 +239,7 @@ def _layer_map(student, teacher) -> list[int]:
     return mapping
 
 
-def _tune_masks(model, job: _Job, config: Config) -> dict[str, Any]:
+def _tune_masks(model, job: PruneJob, config: Config) -> dict[str, Any]:
     """Kwon et al.'s least-squares rescaling of the kept units, on ``mask_tuning_samples`` training rows."""
     from tinycompress.pruning.mask_tuning import tune_masks_
 
@@ -615,7 +258,7 @@ def _tune_masks(model, job: _Job, config: Config) -> dict[str, Any]:
     return details
 
 
-def _recover(model, job: _Job, config: Config, parent: Checkpoint) -> tuple[dict[str, Any], dict[str, float]]:
+def _recover(model, job: PruneJob, config: Config, parent: Checkpoint) -> tuple[dict[str, Any], dict[str, float]]:
     """Distil ``model`` from the parent for ``recover_epochs``; returns the recovery details and
     the best epoch's dev metrics."""
     from tinycompress.training.loop import make_progress
@@ -649,7 +292,7 @@ def _recover(model, job: _Job, config: Config, parent: Checkpoint) -> tuple[dict
     return details, result.best_dev
 
 
-def _prune_vocab(model, job: _Job, config: Config) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def _prune_vocab(model, job: PruneJob, config: Config) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """Cut ``model``'s word embedding to the train + dev tokens, in place, and re-measure test.
 
     Returns (new tokenizer, metrics, details); the metrics' ``test/*`` are measured with the
@@ -667,7 +310,7 @@ def _prune_vocab(model, job: _Job, config: Config) -> tuple[Any, dict[str, Any],
     settings, old_tokenizer = config.prune, job.tokenizer
     rows_before, bytes_before = model.get_input_embeddings().num_embeddings, embedding_bytes(model)
     try:
-        kept, counts = _vocab_to_keep(model, job, config)
+        kept, counts = vocab_to_keep(model, job, config)
         new_tokenizer = rewrite_tokenizer(old_tokenizer, kept)
         prune_embeddings_(model, kept)
     except ValueError as exc:
@@ -711,14 +354,14 @@ def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
     """
     check_parent("prune", parent, config)
     target_kind = target_of(config)
-    job = _load_job(config, parent, ratios=target_kind is None)
+    job = load_job(config, parent, ratios=target_kind is None)
     model = copy.deepcopy(job.teacher)
     start = time.perf_counter()
     target = None
     if target_kind is None:
         record = _prune_in_place(model, job.batches, config, job.processes)
     else:
-        record, target = _prune_to_target(model, job, config)
+        record, target = prune_to_target(model, job, config)
     prune_seconds = time.perf_counter() - start
     # The scores step 1 ranked by, on the (still unpruned) copy of the parent: unlike the
     # pruner's final scores they cover the removed heads too.
@@ -726,19 +369,19 @@ def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
     removed_any = any(any(step.heads_removed) or any(step.neurons_removed) for step in record.steps)
 
     # Test (and dev) metrics after each step: the parent, pruned, rescaled, distilled.
-    metrics = {f"parent/test/{k}": v for k, v in _measure(job.teacher, job, config).items()}
-    metrics |= {f"pruned_no_recovery/test/{k}": v for k, v in _measure(model, job, config).items()}
+    metrics = {f"parent/test/{k}": v for k, v in measure(job.teacher, job, config).items()}
+    metrics |= {f"pruned_no_recovery/test/{k}": v for k, v in measure(model, job, config).items()}
     mask_tuning = recovery = None
     if removed_any:
-        metrics |= {f"pruned_no_recovery/dev/{k}": v for k, v in _measure(model, job, config, "dev").items()}
+        metrics |= {f"pruned_no_recovery/dev/{k}": v for k, v in measure(model, job, config, "dev").items()}
     if removed_any and config.prune.mask_tuning:
         mask_tuning = _tune_masks(model, job, config)
-        metrics |= {f"mask_tuned/test/{k}": v for k, v in _measure(model, job, config).items()}
-        metrics |= {f"mask_tuned/dev/{k}": v for k, v in _measure(model, job, config, "dev").items()}
+        metrics |= {f"mask_tuned/test/{k}": v for k, v in measure(model, job, config).items()}
+        metrics |= {f"mask_tuned/dev/{k}": v for k, v in measure(model, job, config, "dev").items()}
     if removed_any and config.prune.recover_epochs > 0:
         recovery, best_dev = _recover(model, job, config, parent)
         metrics |= {f"dev/{k}": v for k, v in best_dev.items()}
-    metrics |= {f"test/{k}": v for k, v in _measure(model, job, config).items()}
+    metrics |= {f"test/{k}": v for k, v in measure(model, job, config).items()}
 
     tokenizer, vocab = job.tokenizer, None
     if config.prune.vocab:
@@ -790,7 +433,7 @@ def run_prune(config: Config, parent: Checkpoint) -> PruneResult:
     return PruneResult(model, tokenizer, parent, metrics, details, job.processes)
 
 
-def _measured_against_parent(model, tokenizer, job: _Job, config: Config) -> dict[str, Any]:
+def _measured_against_parent(model, tokenizer, job: PruneJob, config: Config) -> dict[str, Any]:
     """:func:`measure_speedup` against the unpruned model: the parent when it is unpruned, else
     a randomly initialised twin of its architecture (int8 speed does not depend on the weights)."""
     from tinycompress.inference.cost_table import unpruned_twin

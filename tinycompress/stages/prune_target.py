@@ -1,0 +1,232 @@
+"""Pruning to a target (``--speedup``, ``--target-latency-ms``, ``--target-size-mb``): the budget
+from this machine's cost table, the structure chosen within it, and the speed-up measured at the end.
+
+See :mod:`tinycompress.stages.prune` for the stage as a whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tinycompress.config import Config
+from tinycompress.data.batching import encode, padding_id
+from tinycompress.errors import TinycompressError
+from tinycompress.stages.prune_job import PruneJob, measure_test, scores_summed
+
+TARGETS = {"speedup": "--speedup", "target_latency_ms": "--target-latency-ms", "target_size_mb": "--target-size-mb"}
+
+# Rows of the test split whose texts time the int8 models (latency only: no labels are read).
+LATENCY_TEXTS = 512
+# Interleaved rounds measuring the pruned model's speed-up over the unpruned one.
+SPEEDUP_RUNS = 50
+
+
+def target_of(config: Config) -> str | None:
+    """What ``config.prune`` prunes to: None for ratios (``ratio`` or ``ffn_ratio`` set), else the
+    target setting -- ``target_latency_ms`` or ``target_size_mb`` when set (both is refused), else
+    ``speedup`` (the default target)."""
+    settings = config.prune
+    if settings.ratio is not None or settings.ffn_ratio is not None:
+        return None
+    given = [name for name in ("target_latency_ms", "target_size_mb") if getattr(settings, name) is not None]
+    if len(given) > 1:
+        raise TinycompressError(
+            f"prune takes one target, got {' and '.join(TARGETS[name] for name in given)}", "keep one of them"
+        )
+    if given:
+        return given[0]
+    if settings.speedup is None:
+        raise TinycompressError("prune has nothing to prune to", "give --speedup, a target or --ratio / --ffn-ratio")
+    return "speedup"
+
+
+def criterion_of(config: Config) -> str:
+    """The importance criterion: the configured one, else fisher for a target (its scores weigh heads
+    against neurons; Kwon et al. search with it) and taylor for ratios (best for heads in our sweep)."""
+    if config.prune.criterion is not None:
+        return config.prune.criterion
+    return "taylor" if target_of(config) is None else "fisher"
+
+
+def latency_inputs(tokenizer, job: PruneJob, config: Config) -> dict[int, dict]:
+    from tinycompress.inference.latency import latency_batches
+
+    return latency_batches(tokenizer, job.test_examples.texts[:LATENCY_TEXTS], config.model.max_length)
+
+
+def vocab_to_keep(model, job: PruneJob, config: Config):
+    """(token ids ``--vocab`` keeps, their counts): the train and dev tokens, as the model sees
+    them (pairs, max_length). Raises ValueError like :func:`~tinycompress.pruning.vocab.select_vocab`."""
+    from tinycompress.pruning.vocab import config_token_ids, count_ids, select_vocab
+
+    counts = count_ids(job.train.input_ids + job.dev.input_ids)
+    kept = select_vocab(
+        counts,
+        job.tokenizer,
+        config.prune.vocab_min_frequency,
+        config.prune.vocab_top_k,
+        always_keep=config_token_ids(model).values(),
+    )
+    return kept, counts
+
+
+def prune_to_target(model, job: PruneJob, config: Config):
+    """Score every unit, choose the structure keeping the most importance within the target's
+    budget (:func:`tinycompress.pruning.budget.choose_structure` on this machine's cost table), and
+    cut ``model`` to it. Returns (PruningRecord, target details)."""
+    from tinycompress.inference.cost_table import load_or_measure_cost_table
+    from tinycompress.models.structure import (
+        current_head_ids,
+        drop_empty_layers_,
+        ffn_sizes,
+        head_counts,
+        prune_heads_,
+        prune_neurons_,
+    )
+    from tinycompress.pruning.budget import choose_structure
+    from tinycompress.pruning.importance import compute_importance
+    from tinycompress.pruning.iterative import PruningRecord, StepRecord, dropped
+
+    settings, batch = config.prune, config.prune.target_batch_size
+    kind = target_of(config)
+    with scores_summed(job.processes):
+        importance = compute_importance(
+            model, job.batches(), criterion_of(config), seed=config.seed, **_comparable(criterion_of(config))
+        )
+    # Measured (or read from the cache) by process 0 alone -- timings of processes sharing a machine
+    # would disturb each other -- and shared, so every process cuts the model alike.
+    table = job.processes.on_main(
+        lambda: load_or_measure_cost_table(
+            model,
+            latency_inputs(job.tokenizer, job, config),
+            workdir=config.workdir,
+            threads=job.threads,
+            opset=config.export.opset,
+        )
+    )
+    if kind == "target_size_mb":
+        floor = table.size["floor_bytes"]
+        if settings.vocab:
+            # --vocab cuts the embedding after recovery; its rows are known now.
+            try:
+                kept_rows = len(vocab_to_keep(model, job, config)[0])
+            except ValueError as exc:
+                raise TinycompressError(f"cannot prune the vocabulary: {exc}", "drop --vocab") from None
+            removed_rows = model.get_input_embeddings().num_embeddings - kept_rows
+            floor -= removed_rows * table.size["embedding_row_bytes"]
+        costs = {"head_cost": table.head_bytes(), "ffn_cost": table.ffn_bytes(), "floor": floor}
+        budget, unit, scale = settings.target_size_mb * 1e6, "MB", 1e-6
+    else:
+        costs = {"head_cost": table.head_cost(batch), "ffn_cost": table.ffn_cost(batch), "floor": table.floor_ms(batch)}
+        budget = settings.target_latency_ms if kind == "target_latency_ms" else table.full_ms(batch) / settings.speedup
+        unit, scale = "ms", 1.0
+    try:
+        plan = choose_structure(
+            importance.head_scores,
+            importance.neuron_scores,
+            **costs,
+            budget=budget,
+            min_heads=settings.min_heads_per_layer,
+            min_neurons=settings.min_neurons_per_layer,
+        )
+    except ValueError:
+        cheapest = costs["floor"] + sum(
+            costs["head_cost"](settings.min_heads_per_layer) + costs["ffn_cost"](settings.min_neurons_per_layer)
+            for _ in head_counts(model)
+        )
+        what = f"batch-{batch} latency" if unit == "ms" else "size"
+        reachable = f"{table.full_ms(batch) / cheapest:.2f}x" if kind == "speedup" else f"{cheapest * scale:.3g} {unit}"
+        raise TinycompressError(
+            f"cannot reach {TARGETS[kind]} {getattr(settings, kind):g}: the smallest model this machine's cost table "
+            f"allows has a {what} of {cheapest * scale:.3g} {unit} (at most {reachable})",
+            f"ask for less than {reachable}, or lower prune.min_heads_per_layer / prune.min_neurons_per_layer",
+        ) from None
+    heads_before, neurons_before = current_head_ids(model), [list(range(n)) for n in ffn_sizes(model)]
+    # Both cuts first, then empty layers go: a layer is removed only once both its lists are applied.
+    prune_heads_(model, plan.heads_keep, drop_empty_layers=False)
+    prune_neurons_(model, plan.neurons_keep, drop_empty_layers=False)
+    layers_removed = drop_empty_layers_(model)
+    step = StepRecord(
+        1,
+        dropped(heads_before, plan.heads_keep),
+        dropped(neurons_before, plan.neurons_keep),
+        sum(head_counts(model)),
+        sum(ffn_sizes(model)),
+    )
+    record = PruningRecord(steps=[step], initial_importance=importance, layers_removed=layers_removed)
+    target = {
+        "kind": kind,
+        "value": getattr(settings, kind),
+        "batch_size": batch,
+        "budget": round(budget * scale, 4),
+        "unit": unit,
+        "predicted": round(plan.predicted_cost * scale, 4),
+        "kept_importance_share": round(plan.kept_importance / plan.total_importance, 4)
+        if plan.total_importance
+        else None,
+        "predicted_speedup": {
+            str(b): round(table.full_ms(b) / table.predict_ms(b, plan.head_counts, plan.ffn_sizes), 3)
+            for b in (1, 32)
+            if str(b) in table.latency
+        },
+        "cost_table": table.summary(),
+    }
+    return record, target
+
+
+def _comparable(criterion: str) -> dict[str, Any]:
+    """Taylor's head scores are normalised per layer by default (Michel et al.); a search that
+    trades heads against neurons and layers against layers needs them raw."""
+    return {"normalize": False} if criterion == "taylor" else {}
+
+
+def measure_speedup(model, tokenizer, reference, reference_tokenizer, job: PruneJob, config: Config) -> dict[str, Any]:
+    """The int8 (ONNX Runtime, ``quantize``'s default recipe) latency of ``model`` against
+    ``reference``'s, timed interleaved at batch 1 and 32 on test texts: medians, spreads, and the
+    speed-up as the median of the per-round ratios (:func:`~tinycompress.inference.latency.paired_speedup`)."""
+    import gc
+    import tempfile
+
+    from tinycompress.config import QuantizeSettings
+    from tinycompress.inference.latency import Timing, differs, interleaved_samples, paired_speedup
+    from tinycompress.inference.onnx_session import OnnxClassifier
+    from tinycompress.quantization.onnx import quantize_onnx_model
+
+    settings = QuantizeSettings()
+    with tempfile.TemporaryDirectory(prefix="tinycompress-speedup-") as scratch:
+        sessions, inputs = {}, {}
+        for name, net, tok in (("pruned", model, tokenizer), ("unpruned", reference, reference_tokenizer)):
+            path = Path(scratch) / f"{name}.onnx"
+            quantize_onnx_model(net, path, settings, opset=config.export.opset)
+            sessions[name] = OnnxClassifier(path, num_threads=job.threads)
+            inputs[name] = latency_inputs(tok, job, config)
+        result: dict[str, Any] = {"runs": SPEEDUP_RUNS, "threads": job.threads}
+        gc.collect()  # sessions of the cost table or of earlier measurements must not linger while timing
+        for size in (1, 32):
+            forwards = {
+                name: (lambda s=session, b=inputs[name][size]: s.run_batch(b)) for name, session in sessions.items()
+            }
+            samples = interleaved_samples(forwards, runs=SPEEDUP_RUNS)
+            timings = {name: Timing.of(values) for name, values in samples.items()}
+            result[f"batch_{size}"] = {
+                "pruned": timings["pruned"].to_dict(),
+                "unpruned": timings["unpruned"].to_dict(),
+                "speedup": round(paired_speedup(samples["unpruned"], samples["pruned"]), 3),
+                "differs": differs(timings["pruned"], timings["unpruned"]),
+            }
+        result["size_bytes"] = {name: (Path(scratch) / f"{name}.onnx").stat().st_size for name in sessions}
+        # The deployed models' own test metrics: what int8 costs on top of pruning.
+        for name, tok in (("pruned", tokenizer), ("unpruned", reference_tokenizer)):
+            session = sessions[name]
+            encoded = encode(tok, job.test_examples, config.model.max_length)
+            result[f"{name}_int8_test"] = measure_test(
+                None,
+                encoded,
+                job.spec,
+                config,
+                pad_id=padding_id(tok),
+                device=None,
+                forward=session.run_batch,
+            )
+    return result
