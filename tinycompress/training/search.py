@@ -225,7 +225,7 @@ def run_search(
 
     from tinycompress.checkpoint.temporaries import held_by_this_process
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial instead of its warnings
     sizes = batch_sizes(config.finetune.grad_accum)
     if not sizes:
         raise TinycompressError(
