@@ -15,15 +15,12 @@ into the model config (:data:`HEAD_ATTR`), so a saved folder is rebuilt with the
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
 from tinycompress.models.arch import get_arch, set_module
 from tinycompress.models.config_fields import HEAD_ATTR
 
-HeadType = Literal["cls", "mean"]
 HEAD_TYPES: tuple[str, ...] = ("cls", "mean")
 
 # ``model.head: auto`` takes the pooling the encoder was trained with: sentence-transformers

@@ -101,7 +101,6 @@ class SearchOutcome:
     best_trial: int
     best_dev: float
     trials: list[dict[str, Any]] = field(default_factory=list)  # one row per trial (:func:`trial_rows`)
-    ran: int = 0  # trials run by this call (not counting those of the run it resumed)
 
     def summary(self) -> dict[str, Any]:
         """For the fine-tune manifest's details."""
@@ -338,7 +337,6 @@ def _run_study(config, spec, subset, dev_data, sizes, name, journal, build_model
         best_trial=best.number,
         best_dev=best.value,
         trials=table,
-        ran=remaining,
     )
 
 
