@@ -65,6 +65,7 @@ def search_and_finetune(config: Config) -> Checkpoint:
             "finetune --search runs its trials in one process",
             "run the search without torchrun / accelerate launch; launch the final fine-tune with the recipe it prints",
         )
+    device = processes.device
     processes.check_training(config.finetune, device)  # settings every trial keeps (precision, grad_accum)
     data = load_config_data(config, spec)
     source = resolve_model_source(config.model.name)
