@@ -359,7 +359,11 @@ def format_trials(rows: list[dict[str, Any]], metric: str) -> str:
     )
     score = f"dev/{metric}"
     cells = [columns] + [
-        ["-" if r[c] is None else f"{r[c]:.4f}" if c == score else _short(r[c]) for c in columns] for r in ranked
+        [
+            "-" if r[c] is None else f"{r[c]:.4f}" if c == score else f"{r[c]:,.0f}" if c == "seconds" else _short(r[c])
+            for c in columns
+        ]
+        for r in ranked
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells)
