@@ -124,9 +124,9 @@ class Sweep:
         self.checkpoint = parent
 
     def measure(self, model) -> dict[str, float]:
-        from tinycompress.stages.prune_job import measure_test
+        from tinycompress.training.evaluation import evaluate_split
 
-        return measure_test(model, self.test, self.spec, self.config, pad_id=self.pad_id, device=self.device)
+        return evaluate_split(model, self.test, self.spec, self.config, pad_id=self.pad_id, device=self.device)
 
     def pruned_copy(self, head_scores, ratio: float):
         """A copy of the unpruned model with the lowest-scored ``ratio`` of heads removed."""

@@ -21,7 +21,7 @@ from tinycompress.checkpoint.store import Checkpoint, write_checkpoint
 from tinycompress.checkpoint.temporaries import check_writable
 from tinycompress.config import Config
 from tinycompress.data.batching import encode, padding_id
-from tinycompress.data.glue import load_config_data
+from tinycompress.data.glue import TaskData, load_config_data
 from tinycompress.data.tasks import get_task
 from tinycompress.errors import TinycompressError
 from tinycompress.models.heads import head_of
@@ -88,12 +88,12 @@ def search_and_finetune(config: Config) -> Checkpoint:
         pad_id=padding_id(tokenizer),
         device=device,
     )
-    return _finetune(outcome.best.apply(config), search=outcome)
+    return _finetune(outcome.best.apply(config), search=outcome, data=data)  # the recipe leaves the rows alone
 
 
-def _finetune(config: Config, search: SearchOutcome | None = None) -> Checkpoint:
+def _finetune(config: Config, search: SearchOutcome | None = None, data: TaskData | None = None) -> Checkpoint:
     from tinycompress.training.distributed import start_processes
-    from tinycompress.training.evaluation import evaluate
+    from tinycompress.training.evaluation import evaluate_split
     from tinycompress.training.loop import make_progress, train
 
     check_writable(task_dir(config.workdir, get_task(config.task).name))
@@ -101,7 +101,7 @@ def _finetune(config: Config, search: SearchOutcome | None = None) -> Checkpoint
     processes = start_processes(device)
     device = processes.device
     processes.check_training(config.finetune, device)
-    data = load_config_data(config, spec)
+    data = data if data is not None else load_config_data(config, spec)
     model, tokenizer, source = load_pretrained_classifier(
         config.model.name,
         spec,
@@ -114,15 +114,7 @@ def _finetune(config: Config, search: SearchOutcome | None = None) -> Checkpoint
     pad = padding_id(tokenizer)
 
     def test_metrics() -> dict[str, float]:
-        return evaluate(
-            model,
-            test_enc,
-            spec,
-            batch_size=config.finetune.eval_batch_size,
-            pad_id=pad,
-            device=device,
-            processes=processes,
-        )
+        return evaluate_split(model, test_enc, spec, config, pad_id=pad, device=device, processes=processes)
 
     # The "original" row of the report: the pretrained encoder with its fresh, seeded head,
     # measured on the same test rows before any training.

@@ -61,7 +61,6 @@ from tinycompress.stages.prune_job import (
     importance_batches,
     load_job,
     measure,
-    measure_test,
     scores_summed,
 )
 from tinycompress.stages.prune_target import criterion_of, measure_speedup, prune_to_target, target_of, vocab_to_keep
@@ -306,6 +305,7 @@ def _prune_vocab(model, job: PruneJob, config: Config) -> tuple[Any, dict[str, A
         special_ids,
         tokenization_report,
     )
+    from tinycompress.training.evaluation import evaluate_split
 
     settings, old_tokenizer = config.prune, job.tokenizer
     rows_before, bytes_before = model.get_input_embeddings().num_embeddings, embedding_bytes(model)
@@ -317,7 +317,9 @@ def _prune_vocab(model, job: PruneJob, config: Config) -> tuple[Any, dict[str, A
         raise TinycompressError(f"cannot prune the vocabulary: {exc}", "drop --vocab") from None
     test = encode(new_tokenizer, job.test_examples, config.model.max_length)
     pad_id = padding_id(new_tokenizer)
-    pruned_test = measure_test(model, test, job.spec, config, pad_id=pad_id, device=job.device, processes=job.processes)
+    pruned_test = evaluate_split(
+        model, test, job.spec, config, pad_id=pad_id, device=job.device, processes=job.processes
+    )
     # Under the ORIGINAL tokenizer: test tokens whose row is gone (now [UNK] or re-spelled).
     rate = oov_rate(job.test.input_ids, kept, ignore_ids=special_ids(old_tokenizer) - {old_tokenizer.unk_token_id})
     report = tokenization_report(old_tokenizer, new_tokenizer, job.test_examples.texts, config.model.max_length, kept)

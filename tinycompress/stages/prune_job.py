@@ -36,26 +36,6 @@ def importance_batches(
     return batches
 
 
-def measure_test(
-    model, encoded: Encoded, spec, config: Config, *, pad_id: int, device, forward=None, processes=None
-) -> dict[str, float]:
-    """The task's metrics on ``encoded`` (the test split unless said otherwise); ``forward``
-    replaces the torch model (an ONNX Runtime session). With several ``processes`` every one
-    must call this alike; each computes a share (:func:`~tinycompress.training.evaluation.evaluate`)."""
-    from tinycompress.training.evaluation import evaluate
-
-    return evaluate(
-        model,
-        encoded,
-        spec,
-        batch_size=config.finetune.eval_batch_size,
-        pad_id=pad_id,
-        device=device,
-        forward=forward,
-        processes=processes,
-    )
-
-
 def scores_summed(processes):
     """Importance scores of every process's batches added up (a no-op in one process)."""
     from tinycompress.pruning.importance import summed_over_processes
@@ -159,4 +139,6 @@ def load_job(config: Config, parent: Checkpoint, *, ratios: bool = True) -> Prun
 
 def measure(net, job: PruneJob, config: Config, split: str = "test") -> dict[str, float]:
     encoded = job.test if split == "test" else job.dev
-    return measure_test(net, encoded, job.spec, config, pad_id=job.pad_id, device=job.device, processes=job.processes)
+    from tinycompress.training.evaluation import evaluate_split
+
+    return evaluate_split(net, encoded, job.spec, config, pad_id=job.pad_id, device=job.device, processes=job.processes)

@@ -12,7 +12,7 @@ from typing import Any
 from tinycompress.config import Config
 from tinycompress.data.batching import encode, padding_id
 from tinycompress.errors import TinycompressError
-from tinycompress.stages.prune_job import PruneJob, measure_test, scores_summed
+from tinycompress.stages.prune_job import PruneJob, scores_summed
 
 TARGETS = {"speedup": "--speedup", "target_latency_ms": "--target-latency-ms", "target_size_mb": "--target-size-mb"}
 
@@ -192,6 +192,7 @@ def measure_speedup(model, tokenizer, reference, reference_tokenizer, job: Prune
     from tinycompress.inference.latency import Timing, differs, interleaved_samples, paired_speedup
     from tinycompress.inference.onnx_session import OnnxClassifier
     from tinycompress.quantization.onnx import quantize_onnx_model
+    from tinycompress.training.evaluation import evaluate_split
 
     settings = QuantizeSettings()
     with tempfile.TemporaryDirectory(prefix="tinycompress-speedup-") as scratch:
@@ -220,7 +221,7 @@ def measure_speedup(model, tokenizer, reference, reference_tokenizer, job: Prune
         for name, tok in (("pruned", tokenizer), ("unpruned", reference_tokenizer)):
             session = sessions[name]
             encoded = encode(tok, job.test_examples, config.model.max_length)
-            result[f"{name}_int8_test"] = measure_test(
+            result[f"{name}_int8_test"] = evaluate_split(
                 None,
                 encoded,
                 job.spec,

@@ -83,6 +83,23 @@ def evaluate(
     return compute_metrics(spec, logits, encoded.labels)
 
 
+def evaluate_split(
+    model, encoded: Encoded, spec: TaskSpec, config, *, pad_id: int, device=None, forward=None, processes=None
+) -> dict[str, float]:
+    """:func:`evaluate` at ``config``'s evaluation batch size: how every stage scores a model (or
+    an ONNX Runtime session's ``forward``) on one encoded split, without the split's prefix."""
+    return evaluate(
+        model,
+        encoded,
+        spec,
+        batch_size=config.finetune.eval_batch_size,
+        pad_id=pad_id,
+        device=device,
+        forward=forward,
+        processes=processes,
+    )
+
+
 def evaluate_predictor(predictor, config, spec, data=None, *, split: str = "test") -> dict[str, float]:
     """``<split>/<metric>`` of a :class:`~tinycompress.inference.predictor.Predictor` on ``config``'s
     data: ``split`` "test" (GLUE validation) or "dev" (carved from train with ``config.seed``, the
@@ -91,13 +108,8 @@ def evaluate_predictor(predictor, config, spec, data=None, *, split: str = "test
     data = data if data is not None else load_config_data(config, spec)
     examples = {"test": data.test, "dev": data.dev}[split]
     encoded = encode(predictor.tokenizer, examples, config.model.max_length)
-    metrics = evaluate(
-        None,
-        encoded,
-        spec,
-        batch_size=config.finetune.eval_batch_size,
-        pad_id=padding_id(predictor.tokenizer),
-        forward=predictor.forward,
+    metrics = evaluate_split(
+        None, encoded, spec, config, pad_id=padding_id(predictor.tokenizer), forward=predictor.forward
     )
     return {f"{split}/{k}": v for k, v in metrics.items()}
 
