@@ -290,6 +290,48 @@ def test_cli_export_to_output_folder(own_chain, tmp_path):
     assert listing(workspace) == before and [p.name for p in target.parent.iterdir()] == ["sst2-fp32"]
 
 
+@pytest.mark.parametrize(
+    ("folder", "dependent"),
+    [
+        ("onnx_int8", True),
+        ("torch_int8", True),
+        ("prune", False),
+        ("onnx_export", False),
+        ("torchscript_export", False),
+    ],
+)
+def test_dynamic_int8_is_scored_one_row_at_a_time(chain, folder, dependent, monkeypatch):
+    import numpy as np
+
+    import tinycompress.training.evaluation as evaluation
+    from tinycompress.config import config_from_dict
+    from tinycompress.data.batching import encode, padding_id
+    from tinycompress.data.glue import load_config_data
+    from tinycompress.data.tasks import get_task
+    from tinycompress.inference.predictor import load_predictor
+
+    checkpoint = getattr(chain, folder)
+    predictor = load_predictor(checkpoint.path, threads=1)
+    assert predictor.batch_dependent is dependent
+    config, spec = config_from_dict(checkpoint.manifest["config"]), get_task("sst2")
+    data = load_config_data(config, spec)
+    encoded = encode(predictor.tokenizer, data.test, predictor.max_length)
+
+    def logits(batch_size):
+        pad = padding_id(predictor.tokenizer)
+        return evaluation.predict_logits(None, encoded, batch_size=batch_size, pad_id=pad, forward=predictor.forward)
+
+    # Dynamic int8 scales activations by the batch's range: batched, a row gets other logits
+    # than alone. That is why its metrics run rows one at a time; fp32 is the same either way.
+    assert np.allclose(logits(1), logits(64), rtol=0, atol=1e-5) is not dependent
+    sizes = []
+    real = evaluation.predict_logits
+    monkeypatch.setattr(evaluation, "predict_logits", lambda *a, **k: sizes.append(k["batch_size"]) or real(*a, **k))
+    metrics = evaluation.evaluate_predictor(predictor, config, spec, data)
+    assert sizes == [1 if dependent else config.finetune.eval_batch_size]
+    assert metrics["test/accuracy"] == checkpoint.metrics["test/accuracy"]  # the stage measured it so too
+
+
 # ------------------------------------------------------------------------------ predict
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,10 @@ from typing import Any
 import numpy as np
 
 from tinycompress.exporters.onnx import feed_for
+
+# ONNX Runtime ops that compute an activation's int8 scale from the batch at hand (static QDQ
+# graphs use calibrated scales instead).
+DYNAMIC_QUANTIZATION_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"})
 
 
 class OnnxClassifier:
@@ -39,6 +44,15 @@ class OnnxClassifier:
         self.input_names = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_name = "logits" if "logits" in outputs else outputs[0]
+
+    @functools.cached_property
+    def scales_activations_per_batch(self) -> bool:
+        """Whether the graph quantizes activations dynamically (ONNX Runtime's dynamic int8): their
+        scale is the range of the whole batch, so a row's logits depend on the rows run with it."""
+        import onnx
+
+        graph = onnx.load(str(self.path), load_external_data=False).graph
+        return any(node.op_type in DYNAMIC_QUANTIZATION_OPS for node in graph.node)
 
     def run_batch(self, batch: Mapping[str, Any]) -> np.ndarray:
         """Logits of a tokenizer batch (``input_ids``, ``attention_mask``, maybe ``token_type_ids``)."""

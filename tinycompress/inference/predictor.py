@@ -48,6 +48,10 @@ class Predictor:
     model: Any = None  # the fp32 torch module, when there is one (parameter counts)
     max_length: int = FALLBACK_MAX_LENGTH  # tokens per input; longer texts are truncated
     segments: int | None = None  # texts per input (1, or 2 for pair tasks) when the folder says its task
+    # Dynamic int8 (ONNX Runtime's or torch's) scales activations by the range of the whole batch,
+    # so a row's logits depend on the rows run with it: metrics score such a model one row at a
+    # time (:func:`~tinycompress.training.evaluation.evaluate_predictor`).
+    batch_dependent: bool = False
 
     @property
     def label_names(self) -> list[str]:
@@ -87,7 +91,9 @@ def onnx_predictor(folder: str | Path, *, threads: int | None = None, max_length
     folder = Path(folder)
     session = OnnxClassifier(folder / ONNX_FILE, num_threads=threads or torch.get_num_threads())
 
-    return _folder_predictor(folder, session.run_batch, "onnx", max_length)
+    return _folder_predictor(
+        folder, session.run_batch, "onnx", max_length, batch_dependent=session.scales_activations_per_batch
+    )
 
 
 def load_torch_int8_model(folder: str | Path):
@@ -110,7 +116,7 @@ def torch_int8_predictor(folder: str | Path, *, max_length: int | None = None) -
 
     # model stays None: packed int8 Linears hold no nn.Parameters, so counting them would
     # report a meaningless parameter count.
-    return _folder_predictor(folder, forward, "torch-int8", max_length)
+    return _folder_predictor(folder, forward, "torch-int8", max_length, batch_dependent=True)
 
 
 def torchscript_predictor(folder: str | Path, file: str, *, max_length: int | None = None) -> Predictor:
@@ -133,7 +139,8 @@ def torchscript_predictor(folder: str | Path, file: str, *, max_length: int | No
     def forward(inputs: dict):
         return module(*[_input_or_zeros(inputs, name) for name in names])
 
-    return _folder_predictor(folder, forward, "torchscript", max_length)
+    # The int8 file is torch's dynamic int8, traced or scripted.
+    return _folder_predictor(folder, forward, "torchscript", max_length, batch_dependent=file == TORCHSCRIPT_INT8_FILE)
 
 
 def _input_or_zeros(inputs: dict, name: str):
@@ -146,12 +153,15 @@ def _input_or_zeros(inputs: dict, name: str):
     raise TinycompressError(f"the TorchScript model needs input {name!r}, which the tokenizer does not produce")
 
 
-def _folder_predictor(folder: Path, forward, kind: str, max_length: int | None) -> Predictor:
+def _folder_predictor(
+    folder: Path, forward, kind: str, max_length: int | None, *, batch_dependent: bool = False
+) -> Predictor:
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     config = AutoConfig.from_pretrained(folder)
-    return Predictor(forward, tokenizer, config, kind, None, max_length or _tokenizer_limit(tokenizer, config))
+    limit = max_length or _tokenizer_limit(tokenizer, config)
+    return Predictor(forward, tokenizer, config, kind, None, limit, batch_dependent=batch_dependent)
 
 
 def _tokenizer_limit(tokenizer, config) -> int:

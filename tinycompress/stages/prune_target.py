@@ -229,5 +229,6 @@ def measure_speedup(model, tokenizer, reference, reference_tokenizer, job: Prune
                 pad_id=padding_id(tok),
                 device=None,
                 forward=session.run_batch,
+                batch_dependent=session.scales_activations_per_batch,
             )
     return result
