@@ -132,6 +132,19 @@ def test_recovery_records_both_metric_sets(parent):
     assert recovery["epochs"] == 1 and len(recovery["history"]) == 1 and recovery["teacher"] == "finetune-v1"
 
 
+def test_recovery_learning_rate_is_the_fine_tunes_unless_set(monkeypatch):
+    import tinycompress.training.loop as loop
+    from tinycompress.stages.prune import recover
+
+    rates = []
+    monkeypatch.setattr(loop, "train", lambda *args, **kwargs: rates.append(args[4].learning_rate))
+    for overrides in ({}, {"prune.recover_learning_rate": 5e-5}):
+        config = load_config(None, {"finetune.learning_rate": 1e-4, **overrides})
+        recover(None, None, None, None, None, config, pad_id=0, device="cpu")
+        assert config.finetune.learning_rate == 1e-4  # the recipe itself is left alone
+    assert rates == [1e-4, 5e-5]
+
+
 @pytest.mark.parametrize("criterion", ["magnitude", "random"])
 def test_data_free_criteria(parent, criterion):
     checkpoint = prune(

@@ -127,6 +127,9 @@ class PruneSettings(_Section):
     )
     mask_tuning_samples: int = Field(2048, ge=1, description="Training rows the least-squares rescaling fits")
     recover_epochs: int = Field(2, ge=0, description="Epochs of distillation from the parent after pruning; 0 = none")
+    recover_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of that distillation (if unset: the fine-tune's, finetune.learning_rate)"
+    )
     distill_temperature: float = Field(2.0, gt=0, description="Softmax temperature of the distillation loss")
     distill_alpha: float = Field(
         0.5, ge=0, le=1, description="Weight of the soft (teacher) loss; the rest is the hard label loss"

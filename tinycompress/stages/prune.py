@@ -97,7 +97,8 @@ def recover(
     layer_map: list[int] | None = None,
     processes=None,
 ):
-    """Fine-tune ``model`` for ``config.prune.recover_epochs`` with distillation from ``teacher``.
+    """Fine-tune ``model`` for ``config.prune.recover_epochs`` with distillation from ``teacher``, with
+    the fine-tune's settings (its learning rate unless ``prune.recover_learning_rate`` is set).
 
     The dev split selects the best epoch; returns the :class:`~tinycompress.training.loop.TrainResult`.
     ``processes``: see :func:`~tinycompress.training.loop.train`.
@@ -106,12 +107,15 @@ def recover(
     from tinycompress.training.loop import train
 
     set_seed(config.seed)
+    settings = config.finetune
+    if config.prune.recover_learning_rate is not None:
+        settings = settings.model_copy(update={"learning_rate": config.prune.recover_learning_rate})
     return train(
         model,
         train_enc,
         dev_enc,
         spec,
-        config.finetune,
+        settings,
         pad_id=pad_id,
         device=device,
         seed=config.seed,
