@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""How much a model's test metric depends on the evaluation batch size, and how often int8 changes
-its parent's predictions on the dev split (carved from train) against the test set.
+"""Test accuracy of each model at several evaluation batch sizes, and its changed labels per split.
+
+How much a model's test accuracy depends on the evaluation batch size, and how often int8 changes
+its parent's predicted labels on the dev split (carved from train) against the test set.
 
     python benchmarks/int8_batch_dependence.py runs/sst2/prune-v1 runs/sst2/quantize-v1 runs/sst2/quantize-v4 \\
         --data-dir ../shared/data/glue
 
-The first folder is the reference (an fp32 parent); every folder is any model folder tinycompress
-reads. Rows run in length-grouped batches of each size, as stage evaluation batches them. Dynamic
+The first folder is the reference (an fp32 parent, a checkpoint folder with its manifest: its
+config gives the task, seed and data); the others are any model folder tinycompress reads. Rows run in length-grouped batches of each size, as stage evaluation batches them. Dynamic
 int8 scales activations by the batch's range, so its column values differ; fp32's do not. The
 second table gives, per split and length band, each model's accuracy and the share of rows whose
 predicted label differs from the reference's. The dev split is carved with the first folder's
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         base, labels, lengths = runs[args.folders[0]]
         for low, high in BANDS:
             rows = (lengths >= low) & (lengths < (high or 10**9))
+            if not rows.any():
+                continue
             cells = []
             for folder in args.folders[1:]:
                 predicted = runs[folder][0][rows]

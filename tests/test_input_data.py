@@ -209,7 +209,7 @@ def test_huge_learning_rate_stops_with_one_error_and_no_checkpoint(tiny_bert_dir
     assert len(errors) == 1 and result.stderr.rstrip().splitlines()[-1] == errors[0]
     assert errors[0].startswith("error: fine-tune: the training loss became nan at epoch 1/2, step ")
     assert errors[0].endswith(
-        "; stopped before writing a checkpoint — lower the learning rate (--lr, now 1e+30) or check the training labels"
+        "; stopped before writing a checkpoint — lower the learning rate (now 1e+30: --lr, or --recover-lr for the distillation after pruning) or check the training labels"
     )
     assert _no_checkpoint(tmp_path)
 
@@ -232,7 +232,7 @@ def test_non_finite_loss_names_epoch_and_step(tiny_bert_dir, toy_glue, tmp_path,
     # 192 training rows in batches of 16: 12 steps an epoch, so call 15 is epoch 2, step 3.
     assert str(caught.value) == (
         "fine-tune: the training loss became inf at epoch 2/2, step 3/12; stopped before writing a checkpoint"
-        " — lower the learning rate (--lr, now 0.002) or check the training labels"
+        " — lower the learning rate (now 0.002: --lr, or --recover-lr for the distillation after pruning) or check the training labels"
     )
     assert len(calls) == 15 and _no_checkpoint(tmp_path)
 

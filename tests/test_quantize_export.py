@@ -275,6 +275,11 @@ def test_export_all_of_torch_int8(own_chain):
     assert_parity(written, {"model.onnx": "fp32", "model.torchscript.pt": "fp32", "model_int8.torchscript.pt": "int8"})
     assert written.details["files"]["model_int8.torchscript.pt"]["reference"] == "PyTorch int8 quantize-v1"
     assert written.metrics["torchscript_int8/test/accuracy"] == own_chain.torch_int8.metrics["test/accuracy"]
+    # The int8 TorchScript file is torch's dynamic int8: scored one row at a time, as its source is.
+    from tinycompress.inference.predictor import torchscript_predictor
+
+    for file, dependent in (("model_int8.torchscript.pt", True), ("model.torchscript.pt", False)):
+        assert torchscript_predictor(written.path, file).batch_dependent is dependent
 
 
 def test_cli_export_to_output_folder(own_chain, tmp_path):

@@ -521,6 +521,19 @@ def test_stage_fingerprint_compares_the_stage_sections_with_absolute_paths(tmp_p
     assert stage_fingerprint("quantize", changed) != stage_fingerprint("quantize", relative)
 
 
+def test_prune_fingerprint_compares_the_distillation_rate_used():
+    """A prune written before prune.recover_learning_rate existed (unset: it distilled at the
+    fine-tune's rate) is reused by a run that gives that same rate explicitly, and only then."""
+    from tinycompress.checkpoint.workspace import stage_fingerprint
+
+    old = load_config(None, {"finetune.learning_rate": 5e-5}).to_dict()
+    del old["prune"]["recover_learning_rate"]  # a manifest from before the key
+    explicit = load_config(None, {"finetune.learning_rate": 5e-5, "prune.recover_learning_rate": 5e-5})
+    other = load_config(None, {"finetune.learning_rate": 5e-5, "prune.recover_learning_rate": 1e-4})
+    assert stage_fingerprint("prune", old) == stage_fingerprint("prune", explicit)
+    assert stage_fingerprint("prune", old) != stage_fingerprint("prune", other)
+
+
 def test_quantize_with_another_opset_is_not_reused(tiny_finetuned, tmp_path):
     """B4: quantize exports its ONNX graph with export.opset, so that belongs to its fingerprint."""
     from tinycompress.checkpoint.workspace import find_reusable, stage_fingerprint

@@ -170,7 +170,11 @@ def stage_fingerprint(
             config = Config.model_validate(config)
         except ValueError:
             return _normalised(config, sections or STAGES[stage].fingerprint)
-    return _normalised(config.to_dict(), sections or STAGES[stage].fingerprint)
+    data = config.to_dict()
+    # Compare the distillation rate used, not how it was given: unset, it is the fine-tune's.
+    if data["prune"]["recover_learning_rate"] is None:
+        data["prune"]["recover_learning_rate"] = data["finetune"]["learning_rate"]
+    return _normalised(data, sections or STAGES[stage].fingerprint)
 
 
 def find_reusable(

@@ -84,7 +84,7 @@ def _validate(data: Any, source: str, fix: str | None) -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise TinycompressError(_format_errors(exc, source), fix) from None
-    except RecursionError:  # refused by _check_tree first; a last safety net
+    except RecursionError:  # refused by check_tree first; a last safety net
         raise TinycompressError(f"invalid config ({source}): nested too deeply", TOO_DEEP_FIX) from None
 
 
@@ -136,7 +136,7 @@ def load_config(
                 _remove(data, key)
         clean = {k: v for k, v in overrides.items() if v is not None and v is not UNSET}
         merged = _merge(data, clean)
-    except RecursionError:  # refused by _check_tree first; a last safety net
+    except RecursionError:  # refused by check_tree first; a last safety net
         raise TinycompressError(f"invalid config ({source}): nested too deeply", TOO_DEEP_FIX) from None
     return _validate(merged, source, "fix or remove the keys named")
 

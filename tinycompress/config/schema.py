@@ -50,7 +50,9 @@ class FinetuneSettings(_Section):
     batch_size: int = Field(
         32, ge=1, description="Fine-tuning batch size: rows per optimizer step, over all processes of a launched run"
     )
-    eval_batch_size: int = Field(128, ge=1, description="Batch size for evaluation")
+    eval_batch_size: int = Field(
+        128, ge=1, description="Batch size for evaluation (dynamic int8 models are scored one row at a time)"
+    )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of the steps spent warming the learning rate up")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm")
@@ -128,7 +130,9 @@ class PruneSettings(_Section):
     mask_tuning_samples: int = Field(2048, ge=1, description="Training rows the least-squares rescaling fits")
     recover_epochs: int = Field(2, ge=0, description="Epochs of distillation from the parent after pruning; 0 = none")
     recover_learning_rate: float | None = Field(
-        None, gt=0, description="Learning rate of that distillation (if unset: the fine-tune's, finetune.learning_rate)"
+        None,
+        gt=0,
+        description="Learning rate of the distillation after pruning (if unset: the fine-tune's, finetune.learning_rate)",
     )
     distill_temperature: float = Field(2.0, gt=0, description="Softmax temperature of the distillation loss")
     distill_alpha: float = Field(

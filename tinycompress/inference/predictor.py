@@ -15,6 +15,7 @@ that is present wins: ``model.onnx``, then the int8 TorchScript file, then the f
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +49,16 @@ class Predictor:
     model: Any = None  # the fp32 torch module, when there is one (parameter counts)
     max_length: int = FALLBACK_MAX_LENGTH  # tokens per input; longer texts are truncated
     segments: int | None = None  # texts per input (1, or 2 for pair tasks) when the folder says its task
-    # Dynamic int8 (ONNX Runtime's or torch's) scales activations by the range of the whole batch,
-    # so a row's logits depend on the rows run with it: metrics score such a model one row at a
-    # time (:func:`~tinycompress.training.evaluation.evaluate_predictor`).
-    batch_dependent: bool = False
+    # Whether the model quantizes activations dynamically; asked only when a metric is computed
+    # (for ONNX it reads the graph). See :attr:`batch_dependent`.
+    scales_activations_per_batch: Callable[[], bool] = lambda: False
+
+    @functools.cached_property
+    def batch_dependent(self) -> bool:
+        """Dynamic int8 (ONNX Runtime's or torch's) scales activations by the range of the whole
+        batch, so a row's logits depend on the rows run with it: metrics score such a model one
+        row at a time (:func:`~tinycompress.training.evaluation.evaluate_predictor`)."""
+        return self.scales_activations_per_batch()
 
     @property
     def label_names(self) -> list[str]:
@@ -92,7 +99,11 @@ def onnx_predictor(folder: str | Path, *, threads: int | None = None, max_length
     session = OnnxClassifier(folder / ONNX_FILE, num_threads=threads or torch.get_num_threads())
 
     return _folder_predictor(
-        folder, session.run_batch, "onnx", max_length, batch_dependent=session.scales_activations_per_batch
+        folder,
+        session.run_batch,
+        "onnx",
+        max_length,
+        scales_activations_per_batch=lambda: session.scales_activations_per_batch,
     )
 
 
@@ -116,7 +127,7 @@ def torch_int8_predictor(folder: str | Path, *, max_length: int | None = None) -
 
     # model stays None: packed int8 Linears hold no nn.Parameters, so counting them would
     # report a meaningless parameter count.
-    return _folder_predictor(folder, forward, "torch-int8", max_length, batch_dependent=True)
+    return _folder_predictor(folder, forward, "torch-int8", max_length, scales_activations_per_batch=lambda: True)
 
 
 def torchscript_predictor(folder: str | Path, file: str, *, max_length: int | None = None) -> Predictor:
@@ -140,7 +151,10 @@ def torchscript_predictor(folder: str | Path, file: str, *, max_length: int | No
         return module(*[_input_or_zeros(inputs, name) for name in names])
 
     # The int8 file is torch's dynamic int8, traced or scripted.
-    return _folder_predictor(folder, forward, "torchscript", max_length, batch_dependent=file == TORCHSCRIPT_INT8_FILE)
+    dynamic_int8 = file == TORCHSCRIPT_INT8_FILE
+    return _folder_predictor(
+        folder, forward, "torchscript", max_length, scales_activations_per_batch=lambda: dynamic_int8
+    )
 
 
 def _input_or_zeros(inputs: dict, name: str):
@@ -154,14 +168,16 @@ def _input_or_zeros(inputs: dict, name: str):
 
 
 def _folder_predictor(
-    folder: Path, forward, kind: str, max_length: int | None, *, batch_dependent: bool = False
+    folder: Path, forward, kind: str, max_length: int | None, *, scales_activations_per_batch=lambda: False
 ) -> Predictor:
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     config = AutoConfig.from_pretrained(folder)
     limit = max_length or _tokenizer_limit(tokenizer, config)
-    return Predictor(forward, tokenizer, config, kind, None, limit, batch_dependent=batch_dependent)
+    return Predictor(
+        forward, tokenizer, config, kind, None, limit, scales_activations_per_batch=scales_activations_per_batch
+    )
 
 
 def _tokenizer_limit(tokenizer, config) -> int:

@@ -282,6 +282,7 @@ def _recover(model, job: PruneJob, config: Config, parent: Checkpoint) -> tuple[
         )
     details = {
         "epochs": config.prune.recover_epochs,
+        "learning_rate": config.prune.recover_learning_rate or config.finetune.learning_rate,
         "teacher": parent.name,
         "temperature": config.prune.distill_temperature,
         "alpha": config.prune.distill_alpha,

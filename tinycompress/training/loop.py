@@ -178,7 +178,8 @@ def train(
                 raise TrainingDiverged(
                     f"{description}: the training loss became {value} at epoch {epoch}/{epochs}, "
                     f"step {step}/{steps_per_epoch}; stopped before writing a checkpoint",
-                    f"lower the learning rate (--lr, now {settings.learning_rate:g}) or check the training labels",
+                    f"lower the learning rate (now {settings.learning_rate:g}: --lr, or --recover-lr for the "
+                    "distillation after pruning) or check the training labels",
                 )
             running = value if running is None else 0.98 * running + 0.02 * value
             if progress:
