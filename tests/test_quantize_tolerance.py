@@ -37,14 +37,14 @@ NODE_GROUP = {node: group for group, nodes in GROUPS.items() for node in nodes}
 class Fakes:
     """build writes a meta file; the dev metric is the recipe's base plus what each fp32 group wins back."""
 
-    def __init__(self, base: dict[str, float], gain: dict[str, float], speed: dict[str, float]):
-        self.base, self.gain, self.speed = base, gain, speed
+    def __init__(self, base: dict[str, float], gain: dict[str, float], speed: dict[str, float], sizes=None):
+        self.base, self.gain, self.speed, self.sizes = base, gain, speed, sizes or {}
         self.built: list[tuple[str, tuple[str, ...]]] = []
         self.timed: list[list[str]] = []
 
     def build(self, recipe: Recipe, nodes, folder: Path) -> dict:
         folder.mkdir(parents=True)
-        (folder / "model.bin").write_bytes(b"x" * (100 + 10 * len(nodes)))
+        (folder / "model.bin").write_bytes(b"x" * (self.sizes.get(recipe.name, 100) + 10 * len(nodes)))
         (folder / "meta.json").write_text(json.dumps({"recipe": recipe.name, "nodes": list(nodes)}))
         self.built.append((recipe.name, tuple(nodes)))
         return {"quantized_ops": {"MatMul": 4 - len(nodes)}}
@@ -149,6 +149,15 @@ def test_candidates_the_measurement_cannot_tell_apart_are_decided_by_dev_metric(
     assert fakes.run(["a", "b"], 0.3, tmp_path / "plain").chosen.name == "a"
     tied = fakes.run(["a", "b"], 0.3, tmp_path / "tied", same_speed=lambda x, y: True)
     assert tied.chosen.name == "b" and "tied" in tied.to_dict()["choice_rule"]
+
+
+def test_among_candidates_tied_on_speed_a_much_smaller_file_wins(tmp_path):
+    # b (fp32 embeddings, say) is as fast within the spread and more accurate on dev, but 3x larger:
+    # a wins; c is 5 % larger than a, which counts as the same size, and more accurate: c wins.
+    fakes = Fakes({"a": 0.8975, "b": 0.899}, {}, {"a": 2.0, "b": 2.0}, sizes={"a": 1000, "b": 3000})
+    assert fakes.run(["a", "b"], 0.3, tmp_path / "big", same_speed=lambda x, y: True).chosen.name == "a"
+    fakes = Fakes({"a": 0.8975, "c": 0.899}, {}, {"a": 2.0, "c": 2.0}, sizes={"a": 1000, "c": 1050})
+    assert fakes.run(["a", "c"], 0.3, tmp_path / "near", same_speed=lambda x, y: True).chosen.name == "c"
 
 
 def test_a_nan_dev_metric_is_never_within_nor_best(tmp_path):
