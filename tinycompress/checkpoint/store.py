@@ -45,6 +45,7 @@ from tinycompress.checkpoint.format import (
     manifest_digest,
     task_dir,
 )
+from tinycompress.checkpoint.model_card import model_card
 from tinycompress.checkpoint.temporaries import remove_orphaned_temporaries, temporary_path
 from tinycompress.console import log_to_stderr
 from tinycompress.errors import TinycompressError
@@ -315,34 +316,6 @@ def check_safetensors_file(file: Path, remake: str | None = None) -> None:
         raise TinycompressError(f"{file} is not a safetensors file (its header is not a JSON object)", fix)
 
 
-def _model_card(task: str, stage: str, version: int, base_model: str, metrics: dict[str, Any]) -> str:
-    metric_names = sorted({k.split("/")[-1] for k in metrics if k.startswith("test/")})
-    front = {
-        "base_model": base_model,
-        "datasets": ["nyu-mll/glue"],
-        "metrics": metric_names,
-        "pipeline_tag": "text-classification",
-        "library_name": "transformers",
-        "tags": ["tinycompress", stage, task],
-    }
-    lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
-        "---",
-        "",
-        f"# {task} · {stage}-v{version}",
-        "",
-        f"Written by `tinycompress {stage}`. Test metrics are on the GLUE validation set "
-        "(GLUE test labels are hidden).",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
-    lines += ["", f"Provenance, config and file checksums: `{MANIFEST_NAME}`.", ""]
-    return "\n".join(lines)
-
-
 def write_checkpoint(
     workdir: str | Path,
     task: str,
@@ -465,7 +438,7 @@ def _seal(folder: Path, manifest: dict[str, Any], version: int) -> None:
     """Add the model card, then the manifest (checksums of everything else, then its own) as the last file."""
     manifest["version"] = version
     (folder / MODEL_CARD_FILE).write_text(
-        _model_card(manifest["task"], manifest["stage"], version, manifest["base_model"], manifest["metrics"]),
+        model_card(manifest["task"], manifest["stage"], version, manifest["base_model"], manifest["metrics"]),
         encoding="utf-8",
     )
     files = _files_under(folder)

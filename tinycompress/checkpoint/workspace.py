@@ -172,8 +172,7 @@ def stage_fingerprint(
             return _normalised(config, sections or STAGES[stage].fingerprint)
     data = config.to_dict()
     # Compare the distillation rate used, not how it was given: unset, it is the fine-tune's.
-    if data["prune"]["recover_learning_rate"] is None:
-        data["prune"]["recover_learning_rate"] = data["finetune"]["learning_rate"]
+    data["prune"]["recover_learning_rate"] = config.recover_learning_rate
     return _normalised(data, sections or STAGES[stage].fingerprint)
 
 

@@ -236,3 +236,9 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    @property
+    def recover_learning_rate(self) -> float:
+        """The learning rate of the distillation after pruning: ``prune.recover_learning_rate``,
+        else the fine-tune's."""
+        return self.prune.recover_learning_rate or self.finetune.learning_rate

@@ -107,9 +107,7 @@ def recover(
     from tinycompress.training.loop import train
 
     set_seed(config.seed)
-    settings = config.finetune
-    if config.prune.recover_learning_rate is not None:
-        settings = settings.model_copy(update={"learning_rate": config.prune.recover_learning_rate})
+    settings = config.finetune.model_copy(update={"learning_rate": config.recover_learning_rate})
     return train(
         model,
         train_enc,
@@ -282,7 +280,7 @@ def _recover(model, job: PruneJob, config: Config, parent: Checkpoint) -> tuple[
         )
     details = {
         "epochs": config.prune.recover_epochs,
-        "learning_rate": config.prune.recover_learning_rate or config.finetune.learning_rate,
+        "learning_rate": config.recover_learning_rate,
         "teacher": parent.name,
         "temperature": config.prune.distill_temperature,
         "alpha": config.prune.distill_alpha,

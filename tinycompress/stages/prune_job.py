@@ -138,7 +138,7 @@ def load_job(config: Config, parent: Checkpoint, *, ratios: bool = True) -> Prun
 
 
 def measure(net, job: PruneJob, config: Config, split: str = "test") -> dict[str, float]:
-    encoded = job.test if split == "test" else job.dev
     from tinycompress.training.evaluation import evaluate_split
 
+    encoded = job.test if split == "test" else job.dev
     return evaluate_split(net, encoded, job.spec, config, pad_id=job.pad_id, device=job.device, processes=job.processes)
