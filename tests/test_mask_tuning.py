@@ -285,3 +285,19 @@ def test_zero_width_blocks_and_removed_layers(kind):
     assert len(tuned) == 4
     assert all(block["error_after"] < block["error_before"] for block in tuned)
     assert head_counts(student) == [0, 2, 3] and ffn_sizes(student) == [19, 0, 10]
+
+
+def test_teacher_layer_positions_of_a_student_without_its_last_layer():
+    from tinycompress.models.structure import drop_empty_layers_, teacher_layer_positions
+
+    teacher = make_teacher("bert", n_layers=3)
+    student = copy.deepcopy(teacher)
+    every_head, every_neuron = list(range(head_counts(teacher)[0])), list(range(ffn_sizes(teacher)[0]))
+    prune_heads_(student, [every_head, every_head, []], drop_empty_layers=False)
+    prune_neurons_(student, [every_neuron, every_neuron, []], drop_empty_layers=False)
+    assert drop_empty_layers_(student) == [2]
+    # Least squares pairs layer 1 with the teacher's layer 1; distillation the last with the teacher's last.
+    assert teacher_layer_positions(student, teacher) == [0, 1]
+    assert teacher_layer_positions(student, teacher, last_to_last=True) == [0, 2]
+    with pytest.raises(ValueError, match="not in the teacher"):
+        teacher_layer_positions(teacher, student)

@@ -120,6 +120,14 @@ class PruneSettings(_Section):
     target_batch_size: Literal[1, 32] = Field(
         32, description="Batch size the latency targets and the measured speed-up refer to: 1 | 32"
     )
+    measure_block_removal: bool = Field(
+        True,
+        description=(
+            "With a target: measure the loss of removing each layer's attention block, FFN and whole layer on the "
+            "scoring rows, and let the search price those removals at the measured loss where the summed "
+            "scores say less (fisher and taylor)"
+        ),
+    )
     mask_tuning: bool = Field(
         True,
         description=(

@@ -210,6 +210,22 @@ def current_layer_ids(model: nn.Module) -> list[int]:
     return [int(i) for i in ids]
 
 
+def teacher_layer_positions(student: nn.Module, teacher: nn.Module, *, last_to_last: bool = False) -> list[int]:
+    """For each layer of ``student`` (pruned from ``teacher``), the position in ``teacher`` of the
+    same original layer. ``last_to_last``: the student's last layer answers to the teacher's last
+    instead -- when trailing layers were removed, the student's last layer feeds the classifier, as
+    the teacher's last does (CoFi maps layers to the teacher's in the same spirit for distillation).
+    Raises ValueError when a student layer is not in ``teacher``."""
+    teacher_ids = current_layer_ids(teacher)
+    missing = [i for i in current_layer_ids(student) if i not in teacher_ids]
+    if missing:
+        raise ValueError(f"the student's layers {missing} are not in the teacher (layers {teacher_ids})")
+    positions = [teacher_ids.index(i) for i in current_layer_ids(student)]
+    if positions and last_to_last:
+        positions[-1] = len(teacher_ids) - 1
+    return positions
+
+
 def current_head_ids(model: nn.Module) -> list[list[int]]:
     """Original head id of every head currently in the model, per layer.
 

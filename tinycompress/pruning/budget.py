@@ -14,7 +14,7 @@ same problem. A block keeping 0 units is skipped; a layer keeping neither is rem
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,27 +86,40 @@ def choose_structure(
     ffn_step: int = 32,
     min_heads: int = 0,
     min_neurons: int = 0,
+    removal_costs: Sequence[Mapping[str, float | None]] | None = None,
 ) -> Plan:
     """The per-layer structure keeping the most importance whose cost is at most ``budget``.
 
     ``head_scores[l]`` / ``neuron_scores[l]``: importance of every unit present in layer l.
     ``head_cost(h)`` / ``ffn_cost(n)``: cost of one layer's attention with ``h`` heads / FFN with
-    ``n`` neurons (0 for 0). Raises ValueError when even the cheapest structure allowed by the
-    minimums costs more than ``budget``.
+    ``n`` neurons (0 for 0). ``removal_costs[l]``: importance lost, in the scores' units, when
+    layer l's ``"attention"`` block, its ``"ffn"`` or the whole ``"layer"`` goes
+    (:class:`~tinycompress.pruning.block_removal.RemovalLosses`); where that is more than the
+    units' summed scores, the option pays the difference. Raises ValueError when even the cheapest
+    structure allowed by the minimums costs more than ``budget``.
     """
     if len(head_scores) != len(neuron_scores):
         raise ValueError(f"{len(head_scores)} layers of head scores but {len(neuron_scores)} of neuron scores")
-    # One knapsack group per block: (ranked positions, options [(units, cost, value)]).
-    groups: list[tuple[list[int], list[tuple[int, float, float]]]] = []
-    for scores in head_scores:
-        order, cumulative = _ranked(scores)
-        counts = range(min(min_heads, len(order)), len(order) + 1)
-        groups.append((order, [(k, float(head_cost(k)), float(cumulative[k])) for k in counts]))
-    for scores in neuron_scores:
-        order, cumulative = _ranked(scores)
-        counts = width_options(len(order), ffn_step, min(min_neurons, len(order)))
-        groups.append((order, [(k, float(ffn_cost(k)), float(cumulative[k])) for k in counts]))
-    cheapest = floor + sum(min(cost for _, cost, _ in options) for _, options in groups)
+    if removal_costs is not None and len(removal_costs) != len(head_scores):
+        raise ValueError(f"{len(head_scores)} layers of scores but {len(removal_costs)} of removal costs")
+    # One knapsack group per layer, its options every (heads, neurons) pair: removing a whole
+    # layer is priced on its own, so the two blocks of a layer are chosen together.
+    ranked: list[tuple[list[int], list[int]]] = []
+    groups: list[list[tuple[int, int, float, float]]] = []  # [(heads, neurons, cost, value)]
+    for index, (h_scores, n_scores) in enumerate(zip(head_scores, neuron_scores)):
+        h_order, h_cumulative = _ranked(h_scores)
+        n_order, n_cumulative = _ranked(n_scores)
+        ranked.append((h_order, n_order))
+        extra = _removal_penalties(
+            removal_costs[index] if removal_costs is not None else {}, h_cumulative[-1], n_cumulative[-1]
+        )
+        options = []
+        for h in range(min(min_heads, len(h_order)), len(h_order) + 1):
+            for n in width_options(len(n_order), ffn_step, min(min_neurons, len(n_order))):
+                value = float(h_cumulative[h] + n_cumulative[n]) - extra.get((h == 0, n == 0), 0.0)
+                options.append((h, n, float(head_cost(h)) + float(ffn_cost(n)), value))
+        groups.append(options)
+    cheapest = floor + sum(min(cost for _, _, cost, _ in options) for options in groups)
     if cheapest > budget:
         raise ValueError(f"the cheapest structure allowed costs {cheapest:.4g}, over the budget {budget:.4g}")
 
@@ -114,19 +127,25 @@ def choose_structure(
     spare = budget - cheapest
     unit = spare / BUDGET_STEPS if spare > 0 else 1.0
     steps = BUDGET_STEPS if spare > 0 else 0
+
+    def width(cost: float, base: float) -> int:
+        if spare > 0:
+            return math.ceil((cost - base) / unit - 1e-9)
+        return 0 if cost - base <= 1e-12 else steps + 1
+
     best = np.full(steps + 1, -np.inf)
     best[0] = 0.0
     choices: list[np.ndarray] = []
-    for _, options in groups:
-        base = min(cost for _, cost, _ in options)
+    for options in groups:
+        base = min(cost for _, _, cost, _ in options)
         new = np.full(steps + 1, -np.inf)
         choice = np.full(steps + 1, -1, dtype=np.int64)
-        for index, (_, cost, value) in enumerate(options):
-            width = math.ceil((cost - base) / unit - 1e-9) if spare > 0 else (0 if cost - base <= 1e-12 else steps + 1)
-            if width > steps:
+        for index, (_, _, cost, value) in enumerate(options):
+            shift = width(cost, base)
+            if shift > steps:
                 continue
             candidate = np.full(steps + 1, -np.inf)
-            candidate[width:] = best[: steps + 1 - width] + value
+            candidate[shift:] = best[: steps + 1 - shift] + value
             better = candidate > new
             new[better] = candidate[better]
             choice[better] = index
@@ -134,19 +153,30 @@ def choose_structure(
         choices.append(choice)
     # Walk back from the best final state to the option chosen in each group.
     position = int(np.argmax(best))
-    picked: list[int] = []
-    for (_, options), choice in zip(reversed(groups), reversed(choices)):
-        index = int(choice[position])
-        picked.append(index)
-        _, cost, _ = options[index]
-        base = min(c for _, c, _ in options)
-        position -= math.ceil((cost - base) / unit - 1e-9) if spare > 0 else 0
+    picked: list[tuple[int, int, float, float]] = []
+    for options, choice in zip(reversed(groups), reversed(choices)):
+        option = options[int(choice[position])]
+        picked.append(option)
+        position -= width(option[2], min(cost for _, _, cost, _ in options))
     picked.reverse()
-    n_layers = len(head_scores)
-    kept = [groups[g][0][: groups[g][1][picked[g]][0]] for g in range(len(groups))]
-    heads_keep = [sorted(k) for k in kept[:n_layers]]
-    neurons_keep = [sorted(k) for k in kept[n_layers:]]
+    heads_keep = [sorted(h_order[:h]) for (h_order, _), (h, _, _, _) in zip(ranked, picked)]
+    neurons_keep = [sorted(n_order[:n]) for (_, n_order), (_, n, _, _) in zip(ranked, picked)]
     cost = structure_cost([len(k) for k in heads_keep], [len(k) for k in neurons_keep], head_cost, ffn_cost, floor)
-    kept_value = sum(groups[g][1][picked[g]][2] for g in range(len(groups)))
+    kept_value = sum(value for _, _, _, value in picked)
     total = sum(float(torch.as_tensor(s).float().sum()) for s in [*head_scores, *neuron_scores])
     return Plan(heads_keep, neurons_keep, cost, float(kept_value), total)
+
+
+def _removal_penalties(costs: Mapping[str, float | None], heads_total: float, neurons_total: float) -> dict:
+    """Importance to subtract from an option, keyed by (no heads kept, no neurons kept): what a
+    measured removal cost exceeds the removed units' summed scores by (never negative -- a
+    removal measured to cost less than its scores is not made cheaper than the scores say)."""
+
+    def excess(measured: float | None, scored: float) -> float:
+        return max(0.0, measured - scored) if measured is not None else 0.0
+
+    return {
+        (True, False): excess(costs.get("attention"), heads_total),
+        (False, True): excess(costs.get("ffn"), neurons_total),
+        (True, True): excess(costs.get("layer"), heads_total + neurons_total),
+    }

@@ -206,6 +206,18 @@ def _loss_sum_and_mean(outputs, batch, loss_fn: LossFn | None, batch_size: int) 
     raise ValueError(f"loss_fn must return a scalar or shape [{batch_size}], got {tuple(loss.shape)}")
 
 
+def batch_loss_sum(model: nn.Module, batch: Mapping[str, Tensor], loss_fn: LossFn | None = None) -> tuple[float, int]:
+    """(sum of the per-sample losses, batch size) of ``model`` on one labelled ``batch``."""
+    size = _batch_size(batch)
+    return float(_loss_sum_and_mean(model(**batch), batch, loss_fn, size)[0]), size
+
+
+def process_sum(values: Tensor) -> Tensor:
+    """``values`` summed over the processes inside :func:`summed_over_processes` (else as they are)."""
+    sum_fn = _SUM_OVER_PROCESSES.get()
+    return values if sum_fn is None else sum_fn(values)
+
+
 def _gradient_importance(model, batches, criterion: str, loss_fn: LossFn | None, normalize: bool) -> Importance:
     device = next(model.parameters()).device
     head_acc = [torch.zeros(n, device=device) for n in head_counts(model)]

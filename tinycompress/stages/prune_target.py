@@ -84,16 +84,19 @@ def prune_to_target(model, job: PruneJob, config: Config):
         prune_heads_,
         prune_neurons_,
     )
+    from tinycompress.pruning.block_removal import removal_losses
     from tinycompress.pruning.budget import choose_structure
     from tinycompress.pruning.importance import compute_importance
     from tinycompress.pruning.iterative import PruningRecord, StepRecord, dropped
 
     settings, batch = config.prune, config.prune.target_batch_size
     kind = target_of(config)
+    criterion = criterion_of(config)
+    removal = None
     with scores_summed(job.processes):
-        importance = compute_importance(
-            model, job.batches(), criterion_of(config), seed=config.seed, **_comparable(criterion_of(config))
-        )
+        importance = compute_importance(model, job.batches(), criterion, seed=config.seed, **_comparable(criterion))
+        if settings.measure_block_removal and criterion in ("fisher", "taylor"):
+            removal = removal_losses(model, job.batches())
     # Measured (or read from the cache) by process 0 alone -- timings of processes sharing a machine
     # would disturb each other -- and shared, so every process cuts the model alike.
     table = job.processes.on_main(
@@ -129,6 +132,7 @@ def prune_to_target(model, job: PruneJob, config: Config):
             budget=budget,
             min_heads=settings.min_heads_per_layer,
             min_neurons=settings.min_neurons_per_layer,
+            removal_costs=removal.in_score_units(criterion) if removal is not None else None,
         )
     except ValueError:
         cheapest = costs["floor"] + sum(
@@ -171,6 +175,7 @@ def prune_to_target(model, job: PruneJob, config: Config):
             if str(b) in table.latency
         },
         "cost_table": table.summary(),
+        "block_removal": removal.to_dict() if removal is not None else None,
     }
     return record, target
 
