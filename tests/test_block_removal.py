@@ -94,7 +94,10 @@ def test_a_measured_removal_cost_keeps_a_block_the_scores_would_drop():
     assert choose_structure(heads, neurons, **kwargs).head_counts == [2, 0]
     measured = [{"attention": 1.0, "ffn": 1.0, "layer": 1.0}, {"attention": 50.0, "ffn": 1.0, "layer": 60.0}]
     plan = choose_structure(heads, neurons, **kwargs, removal_costs=measured)
-    assert plan.head_counts[1] >= 1 and plan.predicted_cost <= 6.0
+    assert plan.head_counts[1] >= 1 and plan.predicted_cost <= 6.0 and plan.removal_penalty == 0.0
+    # A removal that could not be measured (not finite) is never chosen.
+    unmeasured = [measured[0], {"attention": float("nan"), "ffn": 1.0, "layer": 60.0}]
+    assert choose_structure(heads, neurons, **kwargs, removal_costs=unmeasured).head_counts[1] >= 1
     # A cost below the summed scores changes nothing: removal is never made cheaper than scored.
     cheap = [{"attention": 0.0, "ffn": 0.0, "layer": 0.0}] * 2
     assert choose_structure(heads, neurons, **kwargs, removal_costs=cheap).head_counts == [2, 0]
@@ -109,6 +112,7 @@ def test_the_layer_cost_applies_only_when_both_blocks_go():
     costs = [{}, {"attention": 0.0, "ffn": 100.0, "layer": 100.0}]
     plan = choose_structure(heads, neurons, **kwargs, removal_costs=costs)
     assert plan.head_counts[1] == 0 and plan.ffn_sizes[1] >= 1
+    assert plan.removal_penalty == pytest.approx(0.0)  # the attention's measured cost was below its scores
 
 
 def test_matches_exhaustive_search_with_removal_costs():
@@ -146,5 +150,5 @@ def test_matches_exhaustive_search_with_removal_costs():
         for h0, h1, n0, n1 in itertools.product(range(4), range(4), width_options(6, 2, 0), width_options(6, 2, 0))
         if structure_cost([h0, h1], [n0, n1], head_cost, ffn_cost, floor) <= budget
     )
-    assert plan.kept_importance == pytest.approx(best, rel=1e-6)
-    assert plan.predicted_cost <= budget
+    assert plan.kept_importance - plan.removal_penalty == pytest.approx(best, rel=1e-6)
+    assert plan.removal_penalty >= 0 and plan.predicted_cost <= budget

@@ -141,6 +141,16 @@ def test_prune_to_a_speedup_records_predicted_and_measured(parent, monkeypatch):
     second = prune(_config(parent, **{"prune.speedup": 1.3, "prune.criterion": "fisher"}), parent)
     assert second.details["target"]["cost_table"]["cached"] is True
     assert second.details["heads_kept"] == checkpoint.details["heads_kept"]  # same scores, same table
+    # Whole-block removals were measured on the 64 scoring rows (2 layers), and only when asked.
+    removal = target["block_removal"]
+    assert removal["rows"] == 64 and len(removal["attention_removed"]) == len(removal["layer_removed"]) == 2
+    assert target["removal_penalty_share"] >= 0 and target["kept_importance_share"] <= 1
+    unmeasured = prune(
+        _config(parent, **{"prune.speedup": 1.3, "prune.criterion": "fisher", "prune.measure_block_removal": False}),
+        parent,
+    )
+    assert unmeasured.details["target"]["block_removal"] is None
+    assert unmeasured.details["target"]["removal_penalty_share"] == 0
     # The written model reloads (whatever layers it lost).
     model, _ = load_hf_model(checkpoint)
     assert sum(len(h) for h in checkpoint.details["heads_kept"]) == checkpoint.metrics["heads"]

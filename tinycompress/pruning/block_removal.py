@@ -48,7 +48,9 @@ class RemovalLosses:
         fisher: a score is ``sum over rows of g^2``, and the quadratic model says removing units
         adds half their summed scores to the summed loss, so a loss increase counts twice.
         taylor (raw): a score is ``sum over batches of |d batch-mean loss / d gate|``, a first-order
-        change of the batch means, so an increase counts per batch mean.
+        change of the batch means, so an increase counts per batch mean (``batches / rows`` of the
+        summed increase: exact when the batches are of one size, as the scoring batches are but
+        for the last).
         """
         if criterion == "fisher":
             factor = 2.0
@@ -104,10 +106,10 @@ def removal_losses(
     n_layers = len(layers(model))
     heads, neurons = head_counts(model), ffn_sizes(model)
     base = 0.0
-    attention = torch.zeros(n_layers, dtype=torch.float64)
-    ffn = torch.zeros(n_layers, dtype=torch.float64)
-    layer = torch.zeros(n_layers, dtype=torch.float64)
-    rows = seen = 0
+    attention_removed = torch.zeros(n_layers, dtype=torch.float64)
+    ffn_removed = torch.zeros(n_layers, dtype=torch.float64)
+    layer_removed = torch.zeros(n_layers, dtype=torch.float64)
+    rows = n_batches = 0
     was_training = model.training
     model.eval()
     try:
@@ -116,11 +118,11 @@ def removal_losses(
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 loss, size = batch_loss_sum(model, batch, loss_fn)
                 base += loss
-                rows, seen = rows + size, seen + 1
+                rows, n_batches = rows + size, n_batches + 1
                 for index in range(n_layers):
                     for count, gate, total in (
-                        (heads[index], gates.heads[index], attention),
-                        (neurons[index], gates.neurons[index], ffn),
+                        (heads[index], gates.heads[index], attention_removed),
+                        (neurons[index], gates.neurons[index], ffn_removed),
                     ):
                         if count:
                             gate.zero_()
@@ -128,22 +130,25 @@ def removal_losses(
                             gate.fill_(1.0)
                     handle = _bypass(layers(model)[index])
                     try:
-                        layer[index] += batch_loss_sum(model, batch, loss_fn)[0] - loss
+                        layer_removed[index] += batch_loss_sum(model, batch, loss_fn)[0] - loss
                     finally:
                         handle.remove()
     finally:
         model.train(was_training)
-    values = torch.cat([attention, ffn, layer, torch.tensor([base, rows, seen], dtype=torch.float64)])
-    totals = process_sum(values.to(device)).cpu()
-    attention, ffn, layer = totals[:n_layers], totals[n_layers : 2 * n_layers], totals[2 * n_layers : 3 * n_layers]
-    base, rows, seen = (float(v) for v in totals[3 * n_layers :])
+    values = torch.cat(
+        [attention_removed, ffn_removed, layer_removed, torch.tensor([base, rows, n_batches], dtype=torch.float64)]
+    )
+    # All-reduced on the model's device (NCCL needs CUDA tensors); MPS has no float64.
+    totals = process_sum(values.to(device, torch.float32 if device.type == "mps" else torch.float64)).cpu().double()
+    attention_removed, ffn_removed, layer_removed = totals[: 3 * n_layers].view(3, n_layers)
+    base, rows, n_batches = (float(v) for v in totals[3 * n_layers :])
     if not rows:
         raise ValueError("batches was empty: removal losses need at least one batch")
     return RemovalLosses(
         rows=int(rows),
-        batches=int(seen),
+        batches=int(n_batches),
         loss=base,
-        attention=[float(a) if heads[i] else None for i, a in enumerate(attention)],
-        ffn=[float(f) if neurons[i] else None for i, f in enumerate(ffn)],
-        layer=[float(d) for d in layer],
+        attention=[float(a) if heads[i] else None for i, a in enumerate(attention_removed)],
+        ffn=[float(f) if neurons[i] else None for i, f in enumerate(ffn_removed)],
+        layer=[float(d) for d in layer_removed],
     )

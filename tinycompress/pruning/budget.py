@@ -5,10 +5,13 @@ head_cost(h_l) + ffn_cost(n_l)``, where ``head_cost`` / ``ffn_cost`` come from a
 the deployment runtime (:mod:`tinycompress.inference.cost_table`) -- milliseconds for a latency
 target, bytes for a size target. The value of keeping ``k`` units of a block is the summed
 importance of its ``k`` best units (Fisher or Taylor scores, additive under the diagonal
-approximation Kwon et al. use). Maximising kept importance under the budget is then a
-multiple-choice knapsack over the blocks, which :func:`choose_structure` solves exactly by
-dynamic programming over a finely discretised budget; Kwon et al.'s greedy search approximates the
-same problem. A block keeping 0 units is skipped; a layer keeping neither is removed.
+approximation Kwon et al. use), less a penalty when the block (or the whole layer) goes and its
+removal was measured to cost more than its units' scores say
+(:mod:`tinycompress.pruning.block_removal`). Maximising that value under the budget is a
+multiple-choice knapsack over the layers, each choosing a (heads, FFN width) pair, which
+:func:`choose_structure` solves exactly by dynamic programming over a finely discretised budget;
+Kwon et al.'s greedy search approximates the same problem. A block keeping 0 units is skipped; a
+layer keeping neither is removed.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ class Plan:
     heads_keep: list[list[int]]
     neurons_keep: list[list[int]]
     predicted_cost: float
-    kept_importance: float
+    kept_importance: float  # summed scores of the kept units
     total_importance: float
+    removal_penalty: float = 0.0  # paid for the whole blocks removed (see ``removal_costs``)
 
     @property
     def head_counts(self) -> list[int]:
@@ -105,21 +109,23 @@ def choose_structure(
     # One knapsack group per layer, its options every (heads, neurons) pair: removing a whole
     # layer is priced on its own, so the two blocks of a layer are chosen together.
     ranked: list[tuple[list[int], list[int]]] = []
-    groups: list[list[tuple[int, int, float, float]]] = []  # [(heads, neurons, cost, value)]
+    # [(heads, neurons, cost, value, kept scores, penalty)], value = kept scores - penalty
+    groups: list[list[tuple[int, int, float, float, float, float]]] = []
     for index, (h_scores, n_scores) in enumerate(zip(head_scores, neuron_scores)):
         h_order, h_cumulative = _ranked(h_scores)
         n_order, n_cumulative = _ranked(n_scores)
         ranked.append((h_order, n_order))
-        extra = _removal_penalties(
+        penalties = _removal_penalties(
             removal_costs[index] if removal_costs is not None else {}, h_cumulative[-1], n_cumulative[-1]
         )
         options = []
         for h in range(min(min_heads, len(h_order)), len(h_order) + 1):
             for n in width_options(len(n_order), ffn_step, min(min_neurons, len(n_order))):
-                value = float(h_cumulative[h] + n_cumulative[n]) - extra.get((h == 0, n == 0), 0.0)
-                options.append((h, n, float(head_cost(h)) + float(ffn_cost(n)), value))
+                kept = float(h_cumulative[h] + n_cumulative[n])
+                penalty = penalties.get((h == 0, n == 0), 0.0)
+                options.append((h, n, float(head_cost(h)) + float(ffn_cost(n)), kept - penalty, kept, penalty))
         groups.append(options)
-    cheapest = floor + sum(min(cost for _, _, cost, _ in options) for options in groups)
+    cheapest = floor + sum(min(option[2] for option in options) for options in groups)
     if cheapest > budget:
         raise ValueError(f"the cheapest structure allowed costs {cheapest:.4g}, over the budget {budget:.4g}")
 
@@ -137,10 +143,10 @@ def choose_structure(
     best[0] = 0.0
     choices: list[np.ndarray] = []
     for options in groups:
-        base = min(cost for _, _, cost, _ in options)
+        base = min(option[2] for option in options)
         new = np.full(steps + 1, -np.inf)
         choice = np.full(steps + 1, -1, dtype=np.int64)
-        for index, (_, _, cost, value) in enumerate(options):
+        for index, (_, _, cost, value, _, _) in enumerate(options):
             shift = width(cost, base)
             if shift > steps:
                 continue
@@ -153,27 +159,31 @@ def choose_structure(
         choices.append(choice)
     # Walk back from the best final state to the option chosen in each group.
     position = int(np.argmax(best))
-    picked: list[tuple[int, int, float, float]] = []
+    picked: list[tuple[int, int, float, float, float, float]] = []
     for options, choice in zip(reversed(groups), reversed(choices)):
         option = options[int(choice[position])]
         picked.append(option)
-        position -= width(option[2], min(cost for _, _, cost, _ in options))
+        position -= width(option[2], min(other[2] for other in options))
     picked.reverse()
-    heads_keep = [sorted(h_order[:h]) for (h_order, _), (h, _, _, _) in zip(ranked, picked)]
-    neurons_keep = [sorted(n_order[:n]) for (_, n_order), (_, n, _, _) in zip(ranked, picked)]
+    heads_keep = [sorted(h_order[: option[0]]) for (h_order, _), option in zip(ranked, picked)]
+    neurons_keep = [sorted(n_order[: option[1]]) for (_, n_order), option in zip(ranked, picked)]
     cost = structure_cost([len(k) for k in heads_keep], [len(k) for k in neurons_keep], head_cost, ffn_cost, floor)
-    kept_value = sum(value for _, _, _, value in picked)
+    kept = sum(option[4] for option in picked)
+    penalty = sum(option[5] for option in picked)
     total = sum(float(torch.as_tensor(s).float().sum()) for s in [*head_scores, *neuron_scores])
-    return Plan(heads_keep, neurons_keep, cost, float(kept_value), total)
+    return Plan(heads_keep, neurons_keep, cost, float(kept), total, float(penalty))
 
 
 def _removal_penalties(costs: Mapping[str, float | None], heads_total: float, neurons_total: float) -> dict:
     """Importance to subtract from an option, keyed by (no heads kept, no neurons kept): what a
     measured removal cost exceeds the removed units' summed scores by (never negative -- a
-    removal measured to cost less than its scores is not made cheaper than the scores say)."""
+    removal measured to cost less than its scores is not made cheaper than the scores say; one
+    whose measurement is not finite is never chosen)."""
 
     def excess(measured: float | None, scored: float) -> float:
-        return max(0.0, measured - scored) if measured is not None else 0.0
+        if measured is None:
+            return 0.0
+        return max(0.0, measured - scored) if math.isfinite(measured) else math.inf
 
     return {
         (True, False): excess(costs.get("attention"), heads_total),

@@ -95,7 +95,9 @@ def prune_to_target(model, job: PruneJob, config: Config):
     removal = None
     with scores_summed(job.processes):
         importance = compute_importance(model, job.batches(), criterion, seed=config.seed, **_comparable(criterion))
-        if settings.measure_block_removal and criterion in ("fisher", "taylor"):
+        # Nothing to price when every layer must keep heads and neurons (no block can go).
+        can_remove = settings.min_heads_per_layer == 0 or settings.min_neurons_per_layer == 0
+        if settings.measure_block_removal and criterion in ("fisher", "taylor") and can_remove:
             removal = removal_losses(model, job.batches())
     # Measured (or read from the cache) by process 0 alone -- timings of processes sharing a machine
     # would disturb each other -- and shared, so every process cuts the model alike.
@@ -167,6 +169,9 @@ def prune_to_target(model, job: PruneJob, config: Config):
         "unit": unit,
         "predicted": round(plan.predicted_cost * scale, 4),
         "kept_importance_share": round(plan.kept_importance / plan.total_importance, 4)
+        if plan.total_importance
+        else None,
+        "removal_penalty_share": round(plan.removal_penalty / plan.total_importance, 4)
         if plan.total_importance
         else None,
         "predicted_speedup": {
