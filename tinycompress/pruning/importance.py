@@ -244,9 +244,7 @@ def _gradient_importance(model, batches, criterion: str, loss_fn: LossFn | None,
                 seen_batches += 1
     finally:
         model.train(was_training)
-    sum_fn = _SUM_OVER_PROCESSES.get()
-    if sum_fn is not None:
-        head_acc, neuron_acc, seen_batches = _summed(sum_fn, head_acc, neuron_acc, seen_batches)
+    head_acc, neuron_acc, seen_batches = _summed(head_acc, neuron_acc, seen_batches)
     if seen_batches == 0:
         raise ValueError("batches was empty: gradient criteria need at least one batch")
     if criterion == "taylor" and normalize:
@@ -254,13 +252,11 @@ def _gradient_importance(model, batches, criterion: str, loss_fn: LossFn | None,
     return Importance(criterion, [s.cpu() for s in head_acc], [s.cpu() for s in neuron_acc])
 
 
-def _summed(
-    sum_fn: Callable[[Tensor], Tensor], heads: list[Tensor], neurons: list[Tensor], batches: int
-) -> tuple[list[Tensor], list[Tensor], int]:
-    """The accumulators and batch count summed with ``sum_fn``, in one call (one all-reduce)."""
+def _summed(heads: list[Tensor], neurons: list[Tensor], batches: int) -> tuple[list[Tensor], list[Tensor], int]:
+    """The accumulators and batch count summed with :func:`process_sum`, in one call (one all-reduce)."""
     parts = [*heads, *neurons]
     flat = torch.cat([*parts, torch.tensor([float(batches)], device=parts[0].device if parts else None)])
-    total = sum_fn(flat)
+    total = process_sum(flat)
     sizes = [len(p) for p in parts]
     pieces = list(total[: sum(sizes)].split(sizes))
     return pieces[: len(heads)], pieces[len(heads) :], int(round(total[-1].item()))
