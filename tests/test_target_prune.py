@@ -94,6 +94,19 @@ def test_table_is_cached_and_measured_again_when_its_key_changes(tmp_path, monke
     assert not list((tmp_path / ct.CACHE_DIR).glob(".tmp-*"))
 
 
+def test_ffn_grid_measures_the_narrowest_searched_width_and_prices_no_line_from_a_skipped_block():
+    assert ct.ffn_grid(1536) == [0, 32, *range(128, 1536, 128), 1536]
+    assert ct.ffn_grid(20) == [0, 20]
+    widths, costs = [0, 32, 128, 256], [0.0, 2.0, 2.4, 2.8]
+    # A block that exists pays its fixed cost: below the narrowest measured width, that width's cost.
+    assert ct._interpolate(widths, costs, 0) == 0.0
+    assert ct._interpolate(widths, costs, 16) == 2.0
+    assert ct._interpolate(widths, costs, 32) == 2.0
+    assert ct._interpolate(widths, costs, 80) == pytest.approx(2.2)
+    assert ct._interpolate(widths, costs, 192) == pytest.approx(2.6)
+    assert ct._interpolate(widths, costs, 999) == 2.8
+
+
 def test_non_decreasing_smoothing():
     assert ct._non_decreasing([0, 2, 1, 3]) == [0, 1.5, 1.5, 3]
     assert ct._non_decreasing([0, 1, 2]) == [0, 1, 2]

@@ -8,12 +8,13 @@ costs come from a lookup table measured once per machine:
 
 * variants of the model's architecture are built with every layer alike -- ``h`` heads and the
   full FFN, for ``h = 0 .. H-1``; the full attention and ``n`` FFN neurons, for ``n`` on a grid
-  (``FFN_GRID_STEP``) -- plus the unpruned model; each is exported, fused and int8-quantized
+  (``FFN_GRID_STEP``, plus the narrowest width the search keeps) -- plus the unpruned model; each is exported, fused and int8-quantized
   exactly as ``tinycompress quantize`` does, and all are timed *interleaved* in one process
   (:func:`~tinycompress.inference.latency.measure_interleaved`) at batch 1 and batch 32 on real
   task texts;
 * one layer's attention with ``h`` heads then costs ``(T(h) - T(0)) / layers`` and its FFN with
-  ``n`` neurons ``(T(n) - T(0)) / layers`` (linear in between grid points); ``floor`` is what the
+  ``n`` neurons ``(T(n) - T(0)) / layers`` (linear in between non-zero grid points: an FFN that
+  exists pays its fixed cost, so no line is drawn from the skipped block); ``floor`` is what the
   unpruned model's time leaves for embeddings, classifier and LayerNorms. Both curves are made
   non-decreasing (pool-adjacent-violators), so timing noise cannot make a head look free;
 * file sizes of the same variants give the size model (bytes per block), exactly linear.
@@ -38,8 +39,11 @@ from typing import Any
 
 from tinycompress.checkpoint.temporaries import remove_orphaned_temporaries, temporary_path
 from tinycompress.console import log_to_stderr
+from tinycompress.pruning.budget import FFN_STEP
 
-TABLE_VERSION = 1
+# 2: the narrowest FFN width the search keeps is measured (version 1 drew a line from the skipped
+# block to 128 neurons and priced a 32-neuron FFN at a quarter of its cost on MiniLM).
+TABLE_VERSION = 2
 FFN_GRID_STEP = 128
 CACHE_DIR = ".cache/cost-tables"
 TABLE_RUNS = 20
@@ -64,13 +68,17 @@ def _non_decreasing(values: Sequence[float]) -> list[float]:
 
 
 def _interpolate(widths: Sequence[int], costs: Sequence[float], n: int) -> float:
-    """Linear interpolation of ``costs`` over the sorted grid ``widths`` at ``n`` (0 for 0)."""
+    """Linear interpolation of ``costs`` over the sorted grid ``widths`` (``widths[0]`` = 0) at ``n``.
+
+    0 costs 0; below the narrowest measured width, that width's cost: most of a block's time at small
+    widths is fixed (its quantize, GEMM and activation calls), which a line from 0 would leave out.
+    """
     if n <= 0:
         return 0.0
     if n >= widths[-1]:
         return float(costs[-1])
     i = bisect_left(widths, n)
-    if widths[i] == n:
+    if widths[i] == n or i == 1:
         return float(costs[i])
     w0, w1, c0, c1 = widths[i - 1], widths[i], costs[i - 1], costs[i]
     return float(c0 + (c1 - c0) * (n - w0) / (w1 - w0))
@@ -219,9 +227,9 @@ def _variant(base, heads: int, ffn: int):
     return model
 
 
-def ffn_grid(ffn: int, step: int = FFN_GRID_STEP) -> list[int]:
-    """FFN widths measured: 0, step, 2 step, ... below ``ffn``, and ``ffn`` itself."""
-    return sorted(set(range(0, ffn, step)) | {ffn})
+def ffn_grid(ffn: int, step: int = FFN_GRID_STEP, narrowest: int = FFN_STEP) -> list[int]:
+    """FFN widths measured: 0, ``narrowest``, step, 2 step, ... below ``ffn``, and ``ffn`` itself."""
+    return sorted(set(range(0, ffn, step)) | {min(narrowest, ffn), ffn})
 
 
 def measure_cost_table(

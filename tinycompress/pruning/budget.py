@@ -60,9 +60,14 @@ def structure_cost(
     return float(floor + sum(head_cost(h) + ffn_cost(n) for h, n in zip(head_counts, ffn_sizes)))
 
 
+# The FFN widths the search chooses between are multiples of this (ONNX Runtime's int8 GEMM works in
+# blocks, so odd widths buy no time); the cost table measures the narrowest of them.
+FFN_STEP = 32
+
+
 def width_options(current: int, step: int, minimum: int) -> list[int]:
-    """Widths an FFN of ``current`` neurons may be cut to: multiples of ``step`` (ONNX Runtime's
-    int8 GEMM works in blocks, so odd widths buy no time), ``current`` itself, and 0, all >= minimum."""
+    """Widths an FFN of ``current`` neurons may be cut to: multiples of ``step``, ``current`` itself
+    and 0, all >= minimum."""
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
     options = set(range(0, current + 1, step)) | {current}
@@ -87,7 +92,7 @@ def choose_structure(
     ffn_cost: Callable[[int], float],
     floor: float,
     budget: float,
-    ffn_step: int = 32,
+    ffn_step: int = FFN_STEP,
     min_heads: int = 0,
     min_neurons: int = 0,
     removal_costs: Sequence[Mapping[str, float | None]] | None = None,
