@@ -120,6 +120,16 @@ class PruneSettings(_Section):
     target_batch_size: Literal[1, 32] = Field(
         32, description="Batch size the latency targets and the measured speed-up refer to: 1 | 32"
     )
+    speedup_checks: int = Field(
+        2,
+        ge=0,
+        le=5,
+        description=(
+            "With --speedup or --target-latency-ms: times the chosen structure's int8 model against the unpruned "
+            "one up to this many times before any recovery, and searches again with the budget corrected by how far "
+            "the measured speed-up fell from the cost table's prediction (0: trust the table)"
+        ),
+    )
     measure_block_removal: bool = Field(
         True,
         description=(
