@@ -204,14 +204,16 @@ def _checked_plan(model, plan, budget: float, search, table, job: PruneJob, conf
     The table adds per-block costs measured on structures with every layer alike; mixed structures
     ran up to 13 % slower than it predicted on this project's machine (int8 GEMMs of other shapes,
     fixed per-call costs). So the chosen structure's int8 model is timed against the unpruned one,
-    as at the end of the prune; when the measured speed-up misses the target, the table's bias on
-    this plan (measured / predicted) scales the original budget for the next search. Returns
+    as at the end of the prune; when the measured speed-up misses the target, the table's bias
+    (measured / predicted, averaged over the plans measured so far: one measurement of the same
+    plan varies by about 5 % here) scales the original budget for the next search. Returns
     (plan, budget, one record per check).
     """
     batch = config.prune.target_batch_size
     target = table.full_ms(batch) / budget
     first_budget = budget
     checks: list[dict[str, Any]] = []
+    biases: list[float] = []
     for _ in range(config.prune.speedup_checks):
         predicted = table.full_ms(batch) / table.predict_ms(batch, plan.head_counts, plan.ffn_sizes)
         # Timed by process 0 alone (processes sharing a machine would disturb each other), shared.
@@ -231,7 +233,8 @@ def _checked_plan(model, plan, budget: float, search, table, job: PruneJob, conf
         )
         if abs(measured / target - 1) <= SPEEDUP_CHECK_TOLERANCE:
             break
-        corrected = first_budget * measured / predicted
+        biases.append(measured / predicted)
+        corrected = first_budget * sum(biases) / len(biases)
         try:
             plan, budget = search(corrected), corrected
         except ValueError:
