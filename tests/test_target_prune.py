@@ -225,9 +225,29 @@ def test_the_plan_measurement_times_the_plan_against_the_parent_and_leaves_the_p
     assert (head_counts(job.teacher), ffn_sizes(job.teacher)) == before
 
 
-def test_target_refusals_write_nothing(parent):
+def test_target_refusals_write_nothing(parent, monkeypatch):
     from tinycompress.errors import TinycompressError
     from tinycompress.stages.prune import prune
+
+    def even_table(model, batches, *, threads, opset, **_):
+        # A fixed table: a tiny model timed on busy cores can come out flat, and then every target looks reachable.
+        entry = {
+            "full_ms": 10.0,
+            "floor_ms": 2.0,
+            "head_ms": [0, 1, 2, 3, 4],
+            "ffn_widths": [0, 37],
+            "ffn_ms": [0, 2.0],
+        }
+        size = {
+            "full_bytes": 10,
+            "floor_bytes": 2,
+            "bytes_per_head": 1,
+            "bytes_per_neuron": 0.1,
+            "embedding_row_bytes": 1,
+        }
+        return ct.CostTable(ct.table_key(model, batches, threads=threads, opset=opset), {"1": entry, "32": entry}, size)
+
+    monkeypatch.setattr(ct, "measure_cost_table", even_table)
 
     workspace = parent.path.parent.parent
     before = sorted(p.name for p in (workspace / "sst2").iterdir())
