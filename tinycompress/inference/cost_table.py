@@ -8,8 +8,9 @@ costs come from a lookup table measured once per machine:
 
 * variants of the model's architecture are built with every layer alike -- ``h`` heads and the
   full FFN, for ``h = 0 .. H-1``; the full attention and ``n`` FFN neurons, for ``n`` on a grid
-  (``FFN_GRID_STEP``, plus the narrowest width the search keeps) -- plus the unpruned model; each is exported, fused and int8-quantized
-  exactly as ``tinycompress quantize`` does, and all are timed *interleaved* in one process
+  (``FFN_GRID_STEP``, plus the narrowest width the search keeps) -- plus the unpruned model; each
+  is exported, fused and int8-quantized exactly as ``tinycompress quantize`` does, and all are
+  timed *interleaved* in one process
   (:func:`~tinycompress.inference.latency.measure_interleaved`) at batch 1 and batch 32 on real
   task texts;
 * one layer's attention with ``h`` heads then costs ``(T(h) - T(0)) / layers`` and its FFN with

@@ -79,11 +79,8 @@ def prune_to_target(model, job: PruneJob, config: Config):
     from tinycompress.inference.cost_table import load_or_measure_cost_table
     from tinycompress.models.structure import (
         current_head_ids,
-        drop_empty_layers_,
         ffn_sizes,
         head_counts,
-        prune_heads_,
-        prune_neurons_,
     )
     from tinycompress.pruning.block_removal import removal_losses
     from tinycompress.pruning.budget import choose_structure
@@ -157,10 +154,7 @@ def prune_to_target(model, job: PruneJob, config: Config):
     if kind != "target_size_mb":
         plan, budget, checks = _checked_plan(model, plan, budget, search, table, job, config)
     heads_before, neurons_before = current_head_ids(model), [list(range(n)) for n in ffn_sizes(model)]
-    # Both cuts first, then empty layers go: a layer is removed only once both its lists are applied.
-    prune_heads_(model, plan.heads_keep, drop_empty_layers=False)
-    prune_neurons_(model, plan.neurons_keep, drop_empty_layers=False)
-    layers_removed = drop_empty_layers_(model)
+    layers_removed = _cut_to_plan(model, plan)
     step = StepRecord(
         1,
         dropped(heads_before, plan.heads_keep),
@@ -242,6 +236,16 @@ def _checked_plan(model, plan, budget: float, search, table, job: PruneJob, conf
     return plan, budget, checks
 
 
+def _cut_to_plan(model, plan) -> list[int]:
+    """Cut ``model`` in place to ``plan``; returns the positions of the layers removed."""
+    from tinycompress.models.structure import drop_empty_layers_, prune_heads_, prune_neurons_
+
+    # Both cuts first, then empty layers go: a layer is removed only once both its lists are applied.
+    prune_heads_(model, plan.heads_keep, drop_empty_layers=False)
+    prune_neurons_(model, plan.neurons_keep, drop_empty_layers=False)
+    return drop_empty_layers_(model)
+
+
 def measured_plan_speedup(model, plan, job: PruneJob, config: Config) -> float:
     """Median per-round speed-up at the target batch of ``model`` cut to ``plan`` over ``model``
     itself, both int8 (ONNX Runtime, ``quantize``'s default recipe), timed interleaved."""
@@ -251,13 +255,10 @@ def measured_plan_speedup(model, plan, job: PruneJob, config: Config) -> float:
     from tinycompress.config import QuantizeSettings
     from tinycompress.inference.latency import interleaved_samples, paired_speedup
     from tinycompress.inference.onnx_session import OnnxClassifier
-    from tinycompress.models.structure import drop_empty_layers_, prune_heads_, prune_neurons_
     from tinycompress.quantization.onnx import quantize_onnx_model
 
     candidate = copy.deepcopy(model)
-    prune_heads_(candidate, plan.heads_keep, drop_empty_layers=False)
-    prune_neurons_(candidate, plan.neurons_keep, drop_empty_layers=False)
-    drop_empty_layers_(candidate)
+    _cut_to_plan(candidate, plan)
     batch = latency_inputs(job.tokenizer, job, config)[config.prune.target_batch_size]
     with tempfile.TemporaryDirectory(prefix="tinycompress-speedup-check-") as scratch:
         sessions = {}
