@@ -236,6 +236,21 @@ def _checked_plan(model, plan, budget: float, search, table, job: PruneJob, conf
     return plan, budget, checks
 
 
+def int8_sessions(models: dict[str, Any], scratch: Path, job: PruneJob, config: Config) -> dict[str, Any]:
+    """Each model int8-quantized as ``quantize`` does by default, written to ``<scratch>/<name>.onnx``
+    and opened in ONNX Runtime with the job's threads."""
+    from tinycompress.config import QuantizeSettings
+    from tinycompress.inference.onnx_session import OnnxClassifier
+    from tinycompress.quantization.onnx import quantize_onnx_model
+
+    sessions = {}
+    for name, net in models.items():
+        path = scratch / f"{name}.onnx"
+        quantize_onnx_model(net, path, QuantizeSettings(), opset=config.export.opset)
+        sessions[name] = OnnxClassifier(path, num_threads=job.threads)
+    return sessions
+
+
 def _cut_to_plan(model, plan) -> list[int]:
     """Cut ``model`` in place to ``plan``; returns the positions of the layers removed."""
     from tinycompress.models.structure import drop_empty_layers_, prune_heads_, prune_neurons_
@@ -252,20 +267,13 @@ def measured_plan_speedup(model, plan, job: PruneJob, config: Config) -> float:
     import copy
     import tempfile
 
-    from tinycompress.config import QuantizeSettings
     from tinycompress.inference.latency import interleaved_samples, paired_speedup
-    from tinycompress.inference.onnx_session import OnnxClassifier
-    from tinycompress.quantization.onnx import quantize_onnx_model
 
     candidate = copy.deepcopy(model)
     _cut_to_plan(candidate, plan)
     batch = latency_inputs(job.tokenizer, job, config)[config.prune.target_batch_size]
     with tempfile.TemporaryDirectory(prefix="tinycompress-speedup-check-") as scratch:
-        sessions = {}
-        for name, net in (("pruned", candidate), ("unpruned", model)):
-            path = Path(scratch) / f"{name}.onnx"
-            quantize_onnx_model(net, path, QuantizeSettings(), opset=config.export.opset)
-            sessions[name] = OnnxClassifier(path, num_threads=job.threads)
+        sessions = int8_sessions({"pruned": candidate, "unpruned": model}, Path(scratch), job, config)
         forwards = {name: (lambda s=session: s.run_batch(batch)) for name, session in sessions.items()}
         samples = interleaved_samples(forwards, runs=SPEEDUP_RUNS)
     return paired_speedup(samples["unpruned"], samples["pruned"])
@@ -284,20 +292,15 @@ def measure_speedup(model, tokenizer, reference, reference_tokenizer, job: Prune
     import gc
     import tempfile
 
-    from tinycompress.config import QuantizeSettings
     from tinycompress.inference.latency import Timing, differs, interleaved_samples, paired_speedup
-    from tinycompress.inference.onnx_session import OnnxClassifier
-    from tinycompress.quantization.onnx import quantize_onnx_model
     from tinycompress.training.evaluation import evaluate_split
 
-    settings = QuantizeSettings()
     with tempfile.TemporaryDirectory(prefix="tinycompress-speedup-") as scratch:
-        sessions, inputs = {}, {}
-        for name, net, tok in (("pruned", model, tokenizer), ("unpruned", reference, reference_tokenizer)):
-            path = Path(scratch) / f"{name}.onnx"
-            quantize_onnx_model(net, path, settings, opset=config.export.opset)
-            sessions[name] = OnnxClassifier(path, num_threads=job.threads)
-            inputs[name] = latency_inputs(tok, job, config)
+        sessions = int8_sessions({"pruned": model, "unpruned": reference}, Path(scratch), job, config)
+        inputs = {
+            name: latency_inputs(tok, job, config)
+            for name, tok in (("pruned", tokenizer), ("unpruned", reference_tokenizer))
+        }
         result: dict[str, Any] = {"runs": SPEEDUP_RUNS, "threads": job.threads}
         gc.collect()  # sessions of the cost table or of earlier measurements must not linger while timing
         for size in (1, 32):
