@@ -30,14 +30,27 @@ def test_keeps_within_budget_and_prefers_cheaper_units_per_importance():
     )
 
 
-def test_matches_exhaustive_search_on_a_small_problem():
+def _both_cut(h: int, n: int) -> float:
+    """An interaction like ONNX Runtime int8's: a layer cut in both blocks costs more than their sum."""
+    return 0.4 if 0 < h < 3 and 0 < n < 8 else 0.0
+
+
+@pytest.mark.parametrize("interaction_cost", [None, _both_cut])
+def test_matches_exhaustive_search_on_a_small_problem(interaction_cost):
     generator = torch.Generator().manual_seed(0)
     heads = [torch.rand(3, generator=generator) for _ in range(2)]
     neurons = [torch.rand(8, generator=generator) for _ in range(2)]
     head_cost, ffn_cost = _linear(0.7, fixed=0.3), _linear(0.11, fixed=0.2)
     budget, floor = 3.1, 0.5
     plan = choose_structure(
-        heads, neurons, head_cost=head_cost, ffn_cost=ffn_cost, floor=floor, budget=budget, ffn_step=2
+        heads,
+        neurons,
+        head_cost=head_cost,
+        ffn_cost=ffn_cost,
+        floor=floor,
+        budget=budget,
+        interaction_cost=interaction_cost,
+        ffn_step=2,
     )
 
     def value(scores, k):
@@ -45,10 +58,13 @@ def test_matches_exhaustive_search_on_a_small_problem():
 
     best = -1.0
     for h0, h1, n0, n1 in itertools.product(range(4), range(4), width_options(8, 2, 0), width_options(8, 2, 0)):
-        if structure_cost([h0, h1], [n0, n1], head_cost, ffn_cost, floor) <= budget:
+        if structure_cost([h0, h1], [n0, n1], head_cost, ffn_cost, floor, interaction_cost) <= budget:
             best = max(best, value(heads[0], h0) + value(heads[1], h1) + value(neurons[0], n0) + value(neurons[1], n1))
     assert plan.kept_importance == pytest.approx(best, rel=1e-6)
     assert plan.predicted_cost <= budget
+    assert plan.predicted_cost == pytest.approx(
+        structure_cost(plan.head_counts, plan.ffn_sizes, head_cost, ffn_cost, floor, interaction_cost)
+    )
 
 
 def test_minimums_and_an_unreachable_budget():
@@ -71,6 +87,19 @@ def test_a_layer_may_lose_everything():
         heads, neurons, head_cost=_linear(1.0), ffn_cost=_linear(1.0), floor=0.0, budget=6.01, ffn_step=1
     )
     assert plan.head_counts == [2, 0] and plan.ffn_sizes == [4, 0]
+
+
+def test_an_interaction_moves_the_cut_into_one_block_per_layer():
+    # Added up, cutting a head and half the FFN of every layer keeps the most importance; with an
+    # interaction that charges a layer cut in both blocks, the search cuts one block per layer.
+    heads = [torch.tensor([3.0, 1.0]), torch.tensor([3.0, 1.0])]
+    neurons = [torch.tensor([2.0, 2.0, 1.0, 1.0]), torch.tensor([2.0, 2.0, 1.0, 1.0])]
+    kwargs = dict(head_cost=_linear(1.0), ffn_cost=_linear(0.5), floor=0.0, budget=4.0, ffn_step=2)
+    added = choose_structure(heads, neurons, **kwargs)
+    assert added.head_counts == [1, 1] and added.ffn_sizes == [2, 2]
+    charged = choose_structure(heads, neurons, **kwargs, interaction_cost=lambda h, n: 1.0 if h < 2 and n < 4 else 0.0)
+    assert charged.head_counts == [0, 0] and charged.ffn_sizes == [4, 4]
+    assert charged.predicted_cost == pytest.approx(4.0)
 
 
 def test_width_options():

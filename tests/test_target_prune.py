@@ -44,6 +44,7 @@ def test_measured_table_has_every_block_and_predicts_the_full_model():
         assert entry["head_ms"] == sorted(entry["head_ms"]) and entry["ffn_ms"] == sorted(entry["ffn_ms"])
         # The unpruned structure costs exactly the measured full model, by construction.
         assert table.predict_ms(int(size), [4, 4], [96, 96]) == pytest.approx(entry["full_ms"], rel=1e-6)
+        joint = {f"heads={h},ffn={n}" for h in range(4) for n in (0, 32, 64) if h or n}
         assert set(entry["timings"]) == {
             "full",
             "heads=0",
@@ -53,7 +54,17 @@ def test_measured_table_has_every_block_and_predicts_the_full_model():
             "ffn=0",
             "ffn=32",
             "ffn=64",
+            *joint,
         }
+        assert entry["joint_heads"] == [0, 1, 2, 3, 4] and entry["joint_ffn"] == [0, 32, 64, 96]
+        # Every variant cut in both blocks is predicted exactly as measured (the interaction makes
+        # up the difference); the interaction is 0 where either block is whole.
+        for h in range(4):
+            for n in (0, 32, 64):
+                if h or n:
+                    measured = entry["timings"][f"heads={h},ffn={n}"]["median_ms"]
+                    assert table.predict_ms(int(size), [h, h], [n, n]) == pytest.approx(measured, abs=2e-3)
+        assert all(row[-1] == 0.0 for row in entry["interaction_ms"]) and set(entry["interaction_ms"][-1]) == {0.0}
     assert table.size["bytes_per_head"] > 0 and table.size["bytes_per_neuron"] > 0
     assert table.predict_bytes([4, 4], [96, 96], table.size["floor_bytes"]) == pytest.approx(table.size["full_bytes"])
 
@@ -105,6 +116,33 @@ def test_ffn_grid_measures_the_narrowest_searched_width_and_prices_no_line_from_
     assert ct._interpolate(widths, costs, 80) == pytest.approx(2.2)
     assert ct._interpolate(widths, costs, 192) == pytest.approx(2.6)
     assert ct._interpolate(widths, costs, 999) == 2.8
+
+
+def test_joint_axis_and_the_interaction_between_grid_points():
+    assert ct.joint_axis(range(13), 12) == [0, 1, 3, 6, 9, 12]
+    assert ct.joint_axis(ct.ffn_grid(1536), 1536) == [0, 32, 384, 768, 1152, 1536]
+    assert ct.joint_axis([0, 20], 20) == [0, 20]
+    entry = {
+        "full_ms": 10.0,
+        "floor_ms": 1.0,
+        "head_ms": [0, 1, 2, 3, 4],
+        "ffn_widths": [0, 32, 64],
+        "ffn_ms": [0, 1, 2],
+        "joint_heads": [0, 1, 3, 4],
+        "joint_ffn": [0, 32, 64],
+        "interaction_ms": [[0.0, 0.5, 0.0], [0.2, 0.4, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 0.0]],
+    }
+    table = ct.CostTable({}, {"32": entry}, {})
+    interaction = table.interaction_cost(32)
+    assert interaction(0, 32) == 0.5 and interaction(3, 0) == 0.6
+    assert interaction(2, 32) == pytest.approx(0.6)  # halfway between heads 1 and 3
+    assert interaction(2, 48) == pytest.approx(0.3)  # and halfway to the whole FFN
+    assert interaction(0, 16) == 0.5  # below the narrowest measured width: that width's
+    # A layer keeping neither block is removed: it costs nothing, whatever the grid says.
+    assert table.predict_ms(32, [0, 2], [0, 32]) == pytest.approx(1.0 + 2 + 1 + 0.6)
+    # Tables measured before the interaction (version 2) add the blocks' costs.
+    del entry["interaction_ms"]
+    assert ct.CostTable({}, {"32": entry}, {}).predict_ms(32, [2], [32]) == pytest.approx(4.0)
 
 
 def test_non_decreasing_smoothing():

@@ -1,9 +1,11 @@
 """Choose how many heads and FFN neurons each layer keeps so the model fits a cost budget.
 
-The cost of a structure is additive over blocks (Kwon et al. 2022): ``floor + sum over layers of
-head_cost(h_l) + ffn_cost(n_l)``, where ``head_cost`` / ``ffn_cost`` come from a table measured on
-the deployment runtime (:mod:`tinycompress.inference.cost_table`) -- milliseconds for a latency
-target, bytes for a size target. The value of keeping ``k`` units of a block is the summed
+The cost of a structure is additive over layers: ``floor + sum over layers of head_cost(h_l) +
+ffn_cost(n_l) + interaction_cost(h_l, n_l)``, where ``head_cost`` / ``ffn_cost`` come from a table
+measured on the deployment runtime (:mod:`tinycompress.inference.cost_table`) -- milliseconds for
+a latency target, bytes for a size target. Kwon et al. (2022) add the blocks' costs; on ONNX
+Runtime int8 a layer cut in both blocks runs slower than that sum, so a latency table also prices
+the pair (``interaction_cost``; bytes need none). The value of keeping ``k`` units of a block is the summed
 importance of its ``k`` best units (Fisher or Taylor scores, additive under the diagonal
 approximation Kwon et al. use), less a penalty when the block (or the whole layer) goes and its
 removal was measured to cost more than its units' scores say
@@ -49,15 +51,33 @@ class Plan:
         return [len(k) for k in self.neurons_keep]
 
 
+def layer_cost(
+    h: int,
+    n: int,
+    head_cost: Callable[[int], float],
+    ffn_cost: Callable[[int], float],
+    interaction_cost: Callable[[int, int], float] | None = None,
+) -> float:
+    """One layer keeping ``h`` heads and ``n`` neurons: its blocks' costs plus their interaction
+    (never below 0); a removed layer (``h = n = 0``) costs nothing."""
+    if h == 0 and n == 0:
+        return 0.0
+    extra = interaction_cost(h, n) if interaction_cost is not None else 0.0
+    return max(0.0, float(head_cost(h)) + float(ffn_cost(n)) + float(extra))
+
+
 def structure_cost(
     head_counts: Sequence[int],
     ffn_sizes: Sequence[int],
     head_cost: Callable[[int], float],
     ffn_cost: Callable[[int], float],
     floor: float,
+    interaction_cost: Callable[[int, int], float] | None = None,
 ) -> float:
-    """``floor + sum of head_cost(h) + ffn_cost(n)`` over layers (a removed layer costs nothing)."""
-    return float(floor + sum(head_cost(h) + ffn_cost(n) for h, n in zip(head_counts, ffn_sizes)))
+    """``floor`` plus every layer's :func:`layer_cost`."""
+    return float(
+        floor + sum(layer_cost(h, n, head_cost, ffn_cost, interaction_cost) for h, n in zip(head_counts, ffn_sizes))
+    )
 
 
 # The FFN widths the search chooses between are multiples of this (ONNX Runtime's int8 GEMM works in
@@ -92,6 +112,7 @@ def choose_structure(
     ffn_cost: Callable[[int], float],
     floor: float,
     budget: float,
+    interaction_cost: Callable[[int, int], float] | None = None,
     ffn_step: int = FFN_STEP,
     min_heads: int = 0,
     min_neurons: int = 0,
@@ -101,7 +122,8 @@ def choose_structure(
 
     ``head_scores[l]`` / ``neuron_scores[l]``: importance of every unit present in layer l.
     ``head_cost(h)`` / ``ffn_cost(n)``: cost of one layer's attention with ``h`` heads / FFN with
-    ``n`` neurons (0 for 0). ``removal_costs[l]``: importance lost, in the scores' units, when
+    ``n`` neurons (0 for 0); ``interaction_cost(h, n)``, when given, what a layer keeping both costs
+    beyond their sum (see :func:`layer_cost`). ``removal_costs[l]``: importance lost, in the scores' units, when
     layer l's ``"attention"`` block, its ``"ffn"`` or the whole ``"layer"`` goes
     (:class:`~tinycompress.pruning.block_removal.RemovalLosses`); where that is more than the
     units' summed scores, the option pays the difference. Raises ValueError when even the cheapest
@@ -128,7 +150,8 @@ def choose_structure(
             for n in width_options(len(n_order), ffn_step, min(min_neurons, len(n_order))):
                 kept = float(h_cumulative[h] + n_cumulative[n])
                 penalty = penalties.get((h == 0, n == 0), 0.0)
-                options.append((h, n, float(head_cost(h)) + float(ffn_cost(n)), kept - penalty, kept, penalty))
+                cost = layer_cost(h, n, head_cost, ffn_cost, interaction_cost)
+                options.append((h, n, cost, kept - penalty, kept, penalty))
         groups.append(options)
     cheapest = floor + sum(min(option[2] for option in options) for options in groups)
     if cheapest > budget:
@@ -172,7 +195,9 @@ def choose_structure(
     picked.reverse()
     heads_keep = [sorted(h_order[: option[0]]) for (h_order, _), option in zip(ranked, picked)]
     neurons_keep = [sorted(n_order[: option[1]]) for (_, n_order), option in zip(ranked, picked)]
-    cost = structure_cost([len(k) for k in heads_keep], [len(k) for k in neurons_keep], head_cost, ffn_cost, floor)
+    cost = structure_cost(
+        [len(k) for k in heads_keep], [len(k) for k in neurons_keep], head_cost, ffn_cost, floor, interaction_cost
+    )
     kept = sum(option[4] for option in picked)
     penalty = sum(option[5] for option in picked)
     total = sum(float(torch.as_tensor(s).float().sum()) for s in [*head_scores, *neuron_scores])

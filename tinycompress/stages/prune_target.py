@@ -83,7 +83,7 @@ def prune_to_target(model, job: PruneJob, config: Config):
         head_counts,
     )
     from tinycompress.pruning.block_removal import removal_losses
-    from tinycompress.pruning.budget import choose_structure
+    from tinycompress.pruning.budget import choose_structure, structure_cost
     from tinycompress.pruning.importance import compute_importance
     from tinycompress.pruning.iterative import PruningRecord, StepRecord, dropped
 
@@ -121,7 +121,12 @@ def prune_to_target(model, job: PruneJob, config: Config):
         costs = {"head_cost": table.head_bytes(), "ffn_cost": table.ffn_bytes(), "floor": floor}
         budget, unit, scale = settings.target_size_mb * 1e6, "MB", 1e-6
     else:
-        costs = {"head_cost": table.head_cost(batch), "ffn_cost": table.ffn_cost(batch), "floor": table.floor_ms(batch)}
+        costs = {
+            "head_cost": table.head_cost(batch),
+            "ffn_cost": table.ffn_cost(batch),
+            "interaction_cost": table.interaction_cost(batch),
+            "floor": table.floor_ms(batch),
+        }
         budget = settings.target_latency_ms if kind == "target_latency_ms" else table.full_ms(batch) / settings.speedup
         unit, scale = "ms", 1.0
 
@@ -139,9 +144,9 @@ def prune_to_target(model, job: PruneJob, config: Config):
     try:
         plan = search(budget)
     except ValueError:
-        cheapest = costs["floor"] + sum(
-            costs["head_cost"](settings.min_heads_per_layer) + costs["ffn_cost"](settings.min_neurons_per_layer)
-            for _ in head_counts(model)
+        n_layers = len(head_counts(model))
+        cheapest = structure_cost(
+            [settings.min_heads_per_layer] * n_layers, [settings.min_neurons_per_layer] * n_layers, **costs
         )
         what = f"batch-{batch} latency" if unit == "ms" else "size"
         reachable = f"{table.full_ms(batch) / cheapest:.2f}x" if kind == "speedup" else f"{cheapest * scale:.3g} {unit}"
@@ -195,10 +200,11 @@ SPEEDUP_CHECK_TOLERANCE = 0.03
 def _checked_plan(model, plan, budget: float, search, table, job: PruneJob, config: Config):
     """``plan``, measured and searched again while it misses the target (``prune.speedup_checks``).
 
-    The table adds per-block costs measured on structures with every layer alike; mixed structures
-    ran up to 13 % slower than it predicted on this project's machine (int8 GEMMs of other shapes,
-    fixed per-call costs). So the chosen structure's int8 model is timed against the unpruned one,
-    as at the end of the prune; when the measured speed-up misses the target, the table's bias
+    The table prices layers from structures with every layer alike (its interaction term brought
+    mixed structures within 3 % on this project's machine, where adding the blocks' costs ran up to
+    13 % slow), and another machine may keep a bias. So the chosen structure's int8 model is timed
+    against the unpruned one, as at the end of the prune; when the measured speed-up misses the
+    target, the table's bias
     (measured / predicted, averaged over the plans measured so far: one measurement of the same
     plan varies by about 5 % here) scales the original budget for the next search. Returns
     (plan, budget, one record per check).
