@@ -5,8 +5,8 @@ ffn_cost(n_l) + interaction_cost(h_l, n_l)``, where ``head_cost`` / ``ffn_cost``
 measured on the deployment runtime (:mod:`tinycompress.inference.cost_table`) -- milliseconds for
 a latency target, bytes for a size target. Kwon et al. (2022) add the blocks' costs; on ONNX
 Runtime int8 a layer cut in both blocks runs slower than that sum, so a latency table also prices
-the pair (``interaction_cost``; bytes need none). The value of keeping ``k`` units of a block is the summed
-importance of its ``k`` best units (Fisher or Taylor scores, additive under the diagonal
+the pair (``interaction_cost``; bytes need none). The value of keeping ``k`` units of a block is
+the summed importance of its ``k`` best units (Fisher or Taylor scores, additive under the diagonal
 approximation Kwon et al. use), less a penalty when the block (or the whole layer) goes and its
 removal was measured to cost more than its units' scores say
 (:mod:`tinycompress.pruning.block_removal`). Maximising that value under the budget is a
@@ -123,9 +123,9 @@ def choose_structure(
     ``head_scores[l]`` / ``neuron_scores[l]``: importance of every unit present in layer l.
     ``head_cost(h)`` / ``ffn_cost(n)``: cost of one layer's attention with ``h`` heads / FFN with
     ``n`` neurons (0 for 0); ``interaction_cost(h, n)``, when given, what a layer keeping both costs
-    beyond their sum (see :func:`layer_cost`). ``removal_costs[l]``: importance lost, in the scores' units, when
-    layer l's ``"attention"`` block, its ``"ffn"`` or the whole ``"layer"`` goes
-    (:class:`~tinycompress.pruning.block_removal.RemovalLosses`); where that is more than the
+    beyond their sum (see :func:`layer_cost`). ``removal_costs[l]``: importance lost, in the
+    scores' units, when layer l's ``"attention"`` block, its ``"ffn"`` or the whole ``"layer"``
+    goes (:class:`~tinycompress.pruning.block_removal.RemovalLosses`); where that is more than the
     units' summed scores, the option pays the difference. Raises ValueError when even the cheapest
     structure allowed by the minimums costs more than ``budget``.
     """

@@ -200,14 +200,14 @@ SPEEDUP_CHECK_TOLERANCE = 0.03
 def _checked_plan(model, plan, budget: float, search, table, job: PruneJob, config: Config):
     """``plan``, measured and searched again while it misses the target (``prune.speedup_checks``).
 
-    The table prices layers from structures with every layer alike (its interaction term brought
-    mixed structures within 3 % on this project's machine, where adding the blocks' costs ran up to
-    13 % slow), and another machine may keep a bias. So the chosen structure's int8 model is timed
-    against the unpruned one, as at the end of the prune; when the measured speed-up misses the
-    target, the table's bias
-    (measured / predicted, averaged over the plans measured so far: one measurement of the same
-    plan varies by about 5 % here) scales the original budget for the next search. Returns
-    (plan, budget, one record per check).
+    The table prices layers from structures with every layer alike; on this project's machine,
+    with the blocks' interaction priced (table v3), structures it never measured ran within 5 % of
+    its prediction, where adding the blocks' costs (v1-v2) ran up to 13 % slow. Another machine
+    may keep a bias. So the chosen structure's int8 model is timed against the unpruned one, as at
+    the end of the prune; when the measured speed-up misses the target, the table's bias (measured
+    / predicted, averaged over the plans measured so far: one measurement of the same plan varies
+    by about 5 % here) scales the original budget for the next search. Returns (plan, budget, one
+    record per check).
     """
     batch = config.prune.target_batch_size
     target = table.full_ms(batch) / budget
