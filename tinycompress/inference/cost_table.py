@@ -18,9 +18,8 @@ costs come from a lookup table measured once per machine:
   exists pays its fixed cost, so no line is drawn from the skipped block); ``floor`` is what the
   unpruned model's time leaves for embeddings, classifier and LayerNorms. Both curves are made
   non-decreasing (pool-adjacent-violators), so timing noise cannot make a head look free;
-* the two blocks' savings do not add up: on this project's machine a layer cut to half its heads
-  *and* half its FFN ran 4-7 % of the whole model slower than the two curves' sum (cut in one block
-  only, within 1 %). So variants cut in both blocks are measured too, on a coarse grid
+* the two blocks' savings do not add up: on this project's machine models with every layer cut in
+  both blocks ran 2-8 % slower than the two curves' sum (cut in one block only, within 1 %). So variants cut in both blocks are measured too, on a coarse grid
   (:func:`joint_axis`: no, the fewest, and about a quarter, half and three quarters of the heads,
   likewise of the FFN), and a layer keeping ``h`` heads and ``n`` neurons pays, on top of the two
   curves, the interaction measured there (bilinear in between; 0 where either block is whole);
