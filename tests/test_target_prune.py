@@ -338,3 +338,27 @@ def test_prune_to_a_size_and_to_a_latency(parent, monkeypatch):
     ).details["target"]
     assert timed["kind"] == "target_latency_ms" and timed["batch_size"] == 1
     assert timed["predicted"] <= timed["budget"] + 1e-6
+
+
+def test_the_accuracy_benchmark_builds_structures_off_the_grids_the_search_could_choose():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_table_accuracy.py"
+    spec = importlib.util.spec_from_file_location("cost_table_accuracy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plans = module.structures(6, 12, 1536, mixed=8, seed=0)
+    assert len(plans) == len(module.UNIFORM) + 8
+    assert plans == module.structures(6, 12, 1536, mixed=8, seed=0)  # seeded
+    for heads, widths in plans.values():
+        assert len(heads) == len(widths) == 6
+        assert all(0 <= h <= 12 for h in heads) and all(0 <= n <= 1536 and n % 32 == 0 for n in widths)
+    # Uniform structures that do not fit a narrower model are left out.
+    assert list(module.structures(6, 12, 1024, mixed=0, seed=0)) == [
+        "uniform 2h/256",
+        "uniform 2h/992",
+        "uniform 5h/416",
+        "uniform 8h/608",
+        "uniform 12h/416",
+    ]
