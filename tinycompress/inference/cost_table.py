@@ -19,10 +19,11 @@ costs come from a lookup table measured once per machine:
   unpruned model's time leaves for embeddings, classifier and LayerNorms. Both curves are made
   non-decreasing (pool-adjacent-violators), so timing noise cannot make a head look free;
 * the two blocks' savings do not add up: on this project's machine models with every layer cut in
-  both blocks ran 2-8 % slower than the two curves' sum (cut in one block only, within 1 %). So variants cut in both blocks are measured too, on a coarse grid
-  (:func:`joint_axis`: no, the fewest, and about a quarter, half and three quarters of the heads,
-  likewise of the FFN), and a layer keeping ``h`` heads and ``n`` neurons pays, on top of the two
-  curves, the interaction measured there (bilinear in between; 0 where either block is whole);
+  both blocks ran 2-8 % slower than the two curves' sum (cut in one block only, within 1 %). So
+  variants cut in both blocks are measured too, on a coarse grid (:func:`joint_axis`: no, the
+  fewest, and about a quarter, half and three quarters of the heads, likewise of the FFN), and a
+  layer keeping ``h`` heads and ``n`` neurons pays, on top of the two curves, the interaction
+  measured there (bilinear in between; 0 where either block is whole);
 * file sizes of the same variants give the size model (bytes per block), exactly linear.
 
 The table is cached as JSON under ``<workdir>/.cache/cost-tables/``, named by a hash of its key:
@@ -84,18 +85,13 @@ def _interpolate(widths: Sequence[int], costs: Sequence[float], n: int) -> float
     """
     if n <= 0:
         return 0.0
-    if n >= widths[-1]:
-        return float(costs[-1])
-    i = bisect_left(widths, n)
-    if widths[i] == n or i == 1:
-        return float(costs[i])
-    w0, w1, c0, c1 = widths[i - 1], widths[i], costs[i - 1], costs[i]
-    return float(c0 + (c1 - c0) * (n - w0) / (w1 - w0))
+    return float(sum(weight * costs[i] for i, weight in _axis_weights(widths, n)))
 
 
 def _axis_weights(axis: Sequence[int], x: int) -> list[tuple[int, float]]:
     """(index, weight) pairs interpolating linearly at ``x`` over the sorted ``axis`` (``axis[0]`` = 0):
-    0 exactly at 0, the narrowest non-zero point below it, the last point above it."""
+    0 exactly at 0, the narrowest non-zero point below it, the last point above it. Shared by the
+    FFN curve (:func:`_interpolate`) and the interaction grid."""
     if x <= 0:
         return [(0, 1.0)]
     if x >= axis[-1]:
