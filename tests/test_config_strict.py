@@ -320,13 +320,16 @@ def test_cli_typed_flags_pass_the_strict_schema(tmp_path):
 
 
 def _field_kinds(model: type = Config, prefix: str = "") -> dict[str, tuple[str, tuple]]:
-    """Dotted field name -> ("int" / "float" / "bool" / "str" / "section", its Literal choices)."""
+    """Dotted field name -> ("int" / "float" / "bool" / "str" / "list" / "section", its Literal choices)."""
     kinds = {}
     for name, field in model.model_fields.items():
         annotation = field.annotation
         members = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
         if typing.get_origin(annotation) is typing.Literal:
             members = [annotation]
+        if typing.get_origin(annotation) is list:  # a list of numbers (prune.head_weights)
+            kinds[f"{prefix}{name}"] = ("list", ())
+            continue
         choices = typing.get_args(members[0]) if typing.get_origin(members[0]) is typing.Literal else ()
         kind = type(choices[0]) if choices else members[0]
         if isinstance(kind, type) and issubclass(kind, BaseModel):
@@ -351,6 +354,9 @@ def assert_well_typed(config: Config) -> None:
             continue
         if kind == "float":
             assert type(value) is float and math.isfinite(value), (dotted, value)
+        elif kind == "list":
+            assert type(value) is list and value, (dotted, value)
+            assert all(type(item) is float and math.isfinite(item) and item > 0 for item in value), (dotted, value)
         else:
             assert type(value).__name__ == kind, (dotted, value)  # an int field never holds a bool
 
@@ -371,7 +377,8 @@ def test_field_kinds_cover_every_type():
     assert FIELDS["finetune.epochs"] == "int" and FIELDS["prune.ratio"] == "float"
     assert FIELDS["prune.target_batch_size"] == "int" and FIELDS["prune.criterion"] == "str"
     assert FIELDS["prune.vocab"] == "bool" and FIELDS["prune"] == "section"
-    assert set(FIELDS.values()) == {"int", "float", "bool", "str", "section"}
+    assert FIELDS["prune.head_weights"] == "list"
+    assert set(FIELDS.values()) == {"int", "float", "bool", "str", "list", "section"}
     assert CHOICES["prune.target_batch_size"] == (1, 32) and "taylor" in CHOICES["prune.criterion"]
 
 
@@ -420,6 +427,7 @@ def plausible_value(dotted: str):
         "float": st.floats(0, 1) | st.floats() | st.integers(0, 8),
         "bool": st.booleans(),
         "str": st.text(max_size=8),
+        "list": st.lists(st.floats(0.1, 8) | st.integers(1, 4), max_size=4) | st.lists(SCALARS, max_size=3),
     }[kind]
     if choices:
         typed = st.sampled_from(choices)

@@ -362,3 +362,59 @@ def test_the_accuracy_benchmark_builds_structures_off_the_grids_the_search_could
         "uniform 8h/608",
         "uniform 12h/416",
     ]
+
+
+def test_candidate_structures_are_scored_on_held_out_rows_and_the_lowest_loss_is_written(parent, monkeypatch):
+    from tinycompress.checkpoint.hf import load_hf_model
+    from tinycompress.pruning.importance import batch_loss_sum
+    from tinycompress.stages import prune_target
+    from tinycompress.stages.prune import prune
+    from tinycompress.stages.prune_job import importance_batches, load_job
+
+    monkeypatch.setattr(ct, "TABLE_RUNS", 3)
+    rescaled = []
+    original = prune_target.rescale_kept_units_
+    monkeypatch.setattr(prune_target, "rescale_kept_units_", lambda *a: rescaled.append(1) or original(*a))
+    weights = [0.25, 1.0, 4.0, 64.0]
+    config = _config(parent, **{"prune.speedup": 1.4, "prune.criterion": "fisher", "prune.head_weights": weights})
+    checkpoint = prune(config, parent)
+    target = checkpoint.details["target"]
+    records = target["candidates"]
+    assert [r["head_weight"] for r in records] == weights
+    distinct = {r["same_as"] for r in records}
+    assert len(distinct) >= 2  # the weights moved the structure, or this test proves nothing
+    assert len(rescaled) == len(distinct)  # each distinct structure cut and rescaled once
+    # Candidates sharing a structure share its loss; the chosen one has the lowest.
+    chosen = [r for r in records if r["chosen"]]
+    assert {r["same_as"] for r in chosen} == {target["head_weight"]}
+    assert min(r["selection_loss"] for r in records) == chosen[0]["selection_loss"]
+    for record in records:
+        twin = next(r for r in records if r["head_weight"] == record["same_as"])
+        assert (record["heads"], record["ffn_neurons"], record["selection_loss"]) == (
+            twin["heads"],
+            twin["ffn_neurons"],
+            twin["selection_loss"],
+        )
+    # What was written is that candidate, rescaled (no distillation here): same structure, same
+    # loss on the held-out rows.
+    assert [len(h) for h in checkpoint.details["heads_kept"]] == chosen[0]["heads"]
+    model, _ = load_hf_model(checkpoint)
+    job = load_job(config, parent, ratios=False)
+    rows = importance_batches(
+        job.train,
+        config.prune.selection_samples,
+        batch_size=32,
+        pad_id=job.pad_id,
+        regression=False,
+        seed=config.seed + 2,
+    )
+    with torch.no_grad():
+        sums = [batch_loss_sum(model.eval(), batch) for batch in rows()]
+    assert sum(s for s, _ in sums) / sum(n for _, n in sums) == pytest.approx(chosen[0]["selection_loss"], abs=1e-4)
+
+    # One weight: the scores' own plan, nothing cut or rescaled to choose it.
+    rescaled.clear()
+    single = prune(_config(parent, **{"prune.speedup": 1.4, "prune.head_weights": [1.0]}), parent)
+    assert rescaled == []
+    assert [r["chosen"] for r in single.details["target"]["candidates"]] == [True]
+    assert "selection_loss" not in single.details["target"]["candidates"][0]

@@ -7,7 +7,7 @@ quietly becoming 1, 7 and True; an integer is accepted where a number is expecte
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -129,6 +129,18 @@ class PruneSettings(_Section):
             "one up to this many times before any recovery, and searches again with the budget corrected by how far "
             "the measured speed-up fell from the cost table's prediction (0: trust the table)"
         ),
+    )
+    head_weights: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        [0.25, 0.5, 1.0, 2.0, 4.0],
+        min_length=1,
+        description=(
+            "With a target: weights the search gives the heads' importance against the neurons', one candidate "
+            "structure each; every distinct candidate is cut from the parent, rescaled by least squares and scored "
+            "on held-out training rows, and the lowest loss wins ([1.0]: take the scores as they are)"
+        ),
+    )
+    selection_samples: int = Field(
+        1024, ge=1, description="Training rows (other than the scoring rows) that score the candidate structures"
     )
     measure_block_removal: bool = Field(
         True,

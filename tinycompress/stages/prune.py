@@ -60,9 +60,9 @@ from tinycompress.data.batching import Encoded, encode, padding_id
 from tinycompress.errors import TinycompressError
 from tinycompress.stages.prune_job import (
     PruneJob,
-    importance_batches,
     load_job,
     measure,
+    rescale_kept_units_,
     scores_summed,
 )
 from tinycompress.stages.prune_target import criterion_of, measure_speedup, prune_to_target, target_of, vocab_to_keep
@@ -230,24 +230,8 @@ def _size_metrics(before: dict, after: dict) -> dict[str, Any]:
 
 def _tune_masks(model, job: PruneJob, config: Config) -> dict[str, Any]:
     """Kwon et al.'s least-squares rescaling of the kept units, on ``mask_tuning_samples`` training rows."""
-    from tinycompress.models.structure import teacher_layer_positions
-    from tinycompress.pruning.mask_tuning import tune_masks_
-
-    rows = config.prune.mask_tuning_samples
-    batches = importance_batches(
-        job.train,
-        rows,
-        batch_size=config.finetune.batch_size,
-        pad_id=job.pad_id,
-        regression=job.spec.is_regression,
-        seed=config.seed + 1,  # other rows than the importance scores' where the split allows
-    )
-    # Each layer reconstructs its own teacher layer (Kwon et al.), also when later layers were removed:
-    # asking the last kept layer to rebuild the teacher's last one, through a few per-unit scales,
-    # fitted scales up to ±8 and took seed 43's model at 1.5x from 0.66 to 0.51 on test (own layer: 0.71).
-    layer_map = teacher_layer_positions(model, job.teacher)
     # Every process fits the same scales on all the rows; process 0's are then everyone's.
-    details = tune_masks_(model, job.teacher, batches(), layer_map=layer_map)
+    details = rescale_kept_units_(model, job, config)
     job.processes.sync_module(model)
     return details
 
