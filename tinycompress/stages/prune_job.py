@@ -144,6 +144,20 @@ def measure(net, job: PruneJob, config: Config, split: str = "test") -> dict[str
     return evaluate_split(net, encoded, job.spec, config, pad_id=job.pad_id, device=job.device, processes=job.processes)
 
 
+def training_batches(job: PruneJob, config: Config, *, rows: int, seed_offset: int) -> Callable[[], Iterator[dict]]:
+    """:func:`importance_batches` over ``rows`` training rows drawn with ``config.seed + seed_offset``,
+    all of them in whichever process calls it: 0 draws the scoring rows, 1 the least squares',
+    2 the rows that choose between candidate structures."""
+    return importance_batches(
+        job.train,
+        rows,
+        batch_size=config.finetune.batch_size,
+        pad_id=job.pad_id,
+        regression=job.spec.is_regression,
+        seed=config.seed + seed_offset,
+    )
+
+
 def rescale_kept_units_(model, job: PruneJob, config: Config) -> dict[str, Any]:
     """Kwon et al.'s least-squares rescaling of ``model``'s kept heads and neurons, in place, on
     ``mask_tuning_samples`` training rows (all of them, in whichever process calls it); returns
@@ -151,14 +165,8 @@ def rescale_kept_units_(model, job: PruneJob, config: Config) -> dict[str, Any]:
     from tinycompress.models.structure import teacher_layer_positions
     from tinycompress.pruning.mask_tuning import tune_masks_
 
-    batches = importance_batches(
-        job.train,
-        config.prune.mask_tuning_samples,
-        batch_size=config.finetune.batch_size,
-        pad_id=job.pad_id,
-        regression=job.spec.is_regression,
-        seed=config.seed + 1,  # other rows than the importance scores' where the split allows
-    )
+    # Other rows than the importance scores' (seed offset 0) where the split allows.
+    batches = training_batches(job, config, rows=config.prune.mask_tuning_samples, seed_offset=1)
     # Each layer reconstructs its own teacher layer (Kwon et al.), also when later layers were removed:
     # asking the last kept layer to rebuild the teacher's last one, through a few per-unit scales,
     # fitted scales up to ±8 and took seed 43's model at 1.5x from 0.66 to 0.51 on test (own layer: 0.71).

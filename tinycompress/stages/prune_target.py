@@ -15,7 +15,7 @@ from tinycompress.config import Config
 from tinycompress.console import log_to_stderr
 from tinycompress.data.batching import encode, padding_id
 from tinycompress.errors import TinycompressError
-from tinycompress.stages.prune_job import PruneJob, importance_batches, rescale_kept_units_, scores_summed
+from tinycompress.stages.prune_job import PruneJob, rescale_kept_units_, scores_summed, training_batches
 
 TARGETS = {"speedup": "--speedup", "target_latency_ms": "--target-latency-ms", "target_size_mb": "--target-size-mb"}
 
@@ -252,14 +252,7 @@ def _chosen_weight(model, plans: dict, table, batch: int, job: PruneJob, config:
     ]
     if len(distinct) == 1:  # nothing to choose between
         return next(iter(plans)), [record | {"chosen": True} for record in records]
-    rows = importance_batches(
-        job.train,
-        config.prune.selection_samples,
-        batch_size=config.finetune.batch_size,
-        pad_id=job.pad_id,
-        regression=job.spec.is_regression,
-        seed=config.seed + 2,  # other rows than the scores' (seed) and the least squares' (seed + 1)
-    )
+    rows = training_batches(job, config, rows=config.prune.selection_samples, seed_offset=2)
     device = next(model.parameters()).device
     losses: dict[float, float] = {}
     for weight in distinct.values():
