@@ -237,16 +237,19 @@ def _chosen_weight(model, plans: dict, table, batch: int, job: PruneJob, config:
             return None
         return round(table.full_ms(batch) / table.predict_ms(batch, plan.head_counts, plan.ffn_sizes), 3)
 
+    def structure(plan) -> tuple:
+        return tuple(map(tuple, plan.heads_keep)), tuple(map(tuple, plan.neurons_keep))
+
     distinct: dict[tuple, float] = {}  # structure -> first weight giving it
     for weight, plan in plans.items():
-        distinct.setdefault((tuple(map(tuple, plan.heads_keep)), tuple(map(tuple, plan.neurons_keep))), weight)
+        distinct.setdefault(structure(plan), weight)
     records = [
         {
             "head_weight": weight,
             "heads": plan.head_counts,
             "ffn_neurons": plan.ffn_sizes,
             "predicted_speedup": predicted(plan),
-            "same_as": distinct[(tuple(map(tuple, plan.heads_keep)), tuple(map(tuple, plan.neurons_keep)))],
+            "same_as": distinct[structure(plan)],
         }
         for weight, plan in plans.items()
     ]
