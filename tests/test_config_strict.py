@@ -327,7 +327,9 @@ def _field_kinds(model: type = Config, prefix: str = "") -> dict[str, tuple[str,
         members = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
         if typing.get_origin(annotation) is typing.Literal:
             members = [annotation]
-        if typing.get_origin(annotation) is list:  # a list of numbers (prune.head_weights)
+        if typing.get_origin(members[0]) is typing.Annotated:
+            members[0] = typing.get_args(members[0])[0]
+        if typing.get_origin(members[0]) is list:  # a list of numbers (prune.head_weights)
             kinds[f"{prefix}{name}"] = ("list", ())
             continue
         choices = typing.get_args(members[0]) if typing.get_origin(members[0]) is typing.Literal else ()

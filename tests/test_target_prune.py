@@ -364,6 +364,17 @@ def test_the_accuracy_benchmark_builds_structures_off_the_grids_the_search_could
     ]
 
 
+def test_unset_head_weights_compare_candidates_only_when_no_distillation_follows(parent):
+    from tinycompress.config.schema import RETRAINING_FREE_HEAD_WEIGHTS
+    from tinycompress.stages.prune_target import head_weights_of
+
+    assert len(RETRAINING_FREE_HEAD_WEIGHTS) > 1 and 1.0 in RETRAINING_FREE_HEAD_WEIGHTS
+    assert head_weights_of(_config(parent)) == list(RETRAINING_FREE_HEAD_WEIGHTS)  # recover_epochs 0
+    assert head_weights_of(_config(parent, **{"prune.recover_epochs": 2})) == [1.0]
+    given = {"prune.recover_epochs": 2, "prune.head_weights": [0.5, 2]}
+    assert head_weights_of(_config(parent, **given)) == [0.5, 2.0]
+
+
 def test_candidate_structures_are_scored_on_held_out_rows_and_the_lowest_loss_is_written(parent, monkeypatch):
     from tinycompress.checkpoint.hf import load_hf_model
     from tinycompress.pruning.importance import batch_loss_sum

@@ -12,6 +12,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+# The head weights a retraining-free prune to a target compares (prune.head_weights unset).
+RETRAINING_FREE_HEAD_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0)
+# One or more finite, positive weights.
+_HeadWeights = Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1)]
+
 
 class _Section(BaseModel):
     # Unknown keys are refused (typos must not be silently ignored); assignment is validated
@@ -130,13 +135,14 @@ class PruneSettings(_Section):
             "the measured speed-up fell from the cost table's prediction (0: trust the table)"
         ),
     )
-    head_weights: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
-        [0.25, 0.5, 1.0, 2.0, 4.0],
-        min_length=1,
+    head_weights: _HeadWeights | None = Field(
+        None,
         description=(
             "With a target: weights the search gives the heads' importance against the neurons', one candidate "
             "structure each; every distinct candidate is cut from the parent, rescaled by least squares and scored "
-            "on held-out training rows, and the lowest loss wins ([1.0]: take the scores as they are)"
+            "on held-out training rows, and the lowest loss wins ([1.0]: take the scores as they are; if unset: "
+            f"{' '.join(f'{w:g}' for w in RETRAINING_FREE_HEAD_WEIGHTS)} when no distillation follows "
+            "(--recover-epochs 0), else 1.0)"
         ),
     )
     selection_samples: int = Field(
