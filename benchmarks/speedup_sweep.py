@@ -65,7 +65,7 @@ def uniform_ratio(table, target: float, n_layers: int, heads: int, ffn: int, bat
     for _ in range(40):
         r = (low + high) / 2
         kept_heads, kept_ffn = round(heads * (1 - r)), round(ffn * (1 - r))
-        speedup = table.full_ms(batch) / table.predict_ms(batch, [kept_heads] * n_layers, [kept_ffn] * n_layers)
+        speedup = table.predict_speedup(batch, [kept_heads] * n_layers, [kept_ffn] * n_layers)
         low, high = (r, high) if speedup < target else (low, r)
     return round(high, 4)
 

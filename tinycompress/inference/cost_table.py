@@ -170,6 +170,10 @@ class CostTable:
             self.interaction_cost(batch_size),
         )
 
+    def predict_speedup(self, batch_size: int, head_counts: Sequence[int], ffn_sizes: Sequence[int]) -> float:
+        """How many times faster than the unpruned model this table predicts the structure runs."""
+        return self.full_ms(batch_size) / self.predict_ms(batch_size, head_counts, ffn_sizes)
+
     def head_bytes(self) -> Callable[[int], float]:
         per_head = self.size["bytes_per_head"]
         return lambda h: float(per_head * h)

@@ -207,7 +207,7 @@ def prune_to_target(model, job: PruneJob, config: Config):
         if plan.total_importance
         else None,
         "predicted_speedup": {
-            str(b): round(table.full_ms(b) / table.predict_ms(b, plan.head_counts, plan.ffn_sizes), 3)
+            str(b): round(table.predict_speedup(b, plan.head_counts, plan.ffn_sizes), 3)
             for b in (1, 32)
             if str(b) in table.latency
         },
@@ -252,7 +252,7 @@ def _chosen_weight(model, plans: dict, table, batch: int, job: PruneJob, config:
     def predicted(plan) -> float | None:
         if str(batch) not in table.latency:  # a size table
             return None
-        return round(table.full_ms(batch) / table.predict_ms(batch, plan.head_counts, plan.ffn_sizes), 3)
+        return round(table.predict_speedup(batch, plan.head_counts, plan.ffn_sizes), 3)
 
     def structure(plan) -> tuple:
         return tuple(map(tuple, plan.heads_keep)), tuple(map(tuple, plan.neurons_keep))
@@ -322,7 +322,7 @@ def _checked_plan(model, plan, budget: float, search, table, job: PruneJob, conf
     checks: list[dict[str, Any]] = []
     biases: list[float] = []
     for _ in range(config.prune.speedup_checks):
-        predicted = table.full_ms(batch) / table.predict_ms(batch, plan.head_counts, plan.ffn_sizes)
+        predicted = table.predict_speedup(batch, plan.head_counts, plan.ffn_sizes)
         # Timed by process 0 alone (processes sharing a machine would disturb each other), shared.
         measured = job.processes.on_main(lambda plan=plan: measured_plan_speedup(model, plan, job, config))
         checks.append(
