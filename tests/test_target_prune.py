@@ -58,12 +58,15 @@ def test_measured_table_has_every_block_and_predicts_the_full_model():
         }
         assert entry["joint_heads"] == [0, 1, 2, 3, 4] and entry["joint_ffn"] == [0, 32, 64, 96]
         # Every variant cut in both blocks is predicted exactly as measured (the interaction makes
-        # up the difference); the interaction is 0 where either block is whole.
+        # up the difference), except that a layer never costs less than nothing: on a model this
+        # small, timing noise can put a variant under the floor, and then the floor is predicted.
+        # The interaction is 0 where either block is whole.
         for h in range(4):
             for n in (0, 32, 64):
                 if h or n:
                     measured = entry["timings"][f"heads={h},ffn={n}"]["median_ms"]
-                    assert table.predict_ms(int(size), [h, h], [n, n]) == pytest.approx(measured, abs=2e-3)
+                    expected = max(measured, entry["floor_ms"])
+                    assert table.predict_ms(int(size), [h, h], [n, n]) == pytest.approx(expected, abs=2e-3)
         assert all(row[-1] == 0.0 for row in entry["interaction_ms"]) and set(entry["interaction_ms"][-1]) == {0.0}
     assert table.size["bytes_per_head"] > 0 and table.size["bytes_per_neuron"] > 0
     assert table.predict_bytes([4, 4], [96, 96], table.size["floor_bytes"]) == pytest.approx(table.size["full_bytes"])
